@@ -1,0 +1,99 @@
+"""Prometheus metrics for one replica, aggregated over its workers in multiprocess mode.
+
+In multiprocess mode (PROMETHEUS_MULTIPROC_DIR set before prometheus_client is
+imported, by gunicorn.conf.py) every worker writes its samples to files in that folder
+and /metrics merges them; gunicorn's child_exit hook marks dead workers. Without it,
+samples live in this object's own registry (tests, a single process).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The service's metrics; one instance per app."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, multiprocess_dir: str = "") -> None:
+        self._multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "prediction_http_requests",
+            "HTTP requests answered, by model, route and status.",
+            ["model", "route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "prediction_http_request_duration_seconds",
+            "Time from request received to response ready, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "prediction_http_requests_in_flight",
+            "Requests being handled now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.inference = Histogram(
+            "prediction_inference_duration_seconds",
+            "Time spent in the model's predict call, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.inference_rows = Histogram(
+            "prediction_inference_batch_rows",
+            "Rows per predict call, by model.",
+            ["model"],
+            buckets=ROWS_BUCKETS,
+            registry=registry,
+        )
+        self.cache_rows = Counter(
+            "prediction_cache_rows",
+            "Rows looked up in the result cache, by outcome.",
+            ["model", "result"],
+            registry=registry,
+        )
+        self._cache_children: dict[tuple[str, str], Counter] = {}
+
+    def observe_inference(self, model: str, rows: int, seconds: float) -> None:
+        """Record one predict call."""
+        self.inference.labels(model).observe(seconds)
+        self.inference_rows.labels(model).observe(rows)
+
+    def count_cache(self, model: str, result: str, rows: int) -> None:
+        """Count rows that hit, missed or bypassed the cache."""
+        if rows:
+            child = self._cache_children.get((model, result))
+            if child is None:
+                child = self._cache_children[(model, result)] = self.cache_rows.labels(model, result.lower())
+            child.inc(rows)
+
+    def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
+        """Record one answered HTTP request."""
+        self.requests.labels(model, route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every worker of this replica."""
+        if self._multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,231 @@
+"""The OpenAPI 3 document served at /openapi.json (used by clients and by the fuzz tests)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+}
+_VERSION = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    texts = {
+        400: "Malformed JSON, wrong shape, type or non-finite number",
+        404: "Unknown model or version",
+        413: "Body or batch too large",
+        415: "Content-Type is not JSON",
+        429: "Rate limited (from the balancer)",
+        503: "Not ready or overloaded",
+    }
+    return {str(c): _json(_ERROR, texts[c]) for c in codes}
+
+
+def _get(summary: str, schema: dict[str, Any], *codes: int, params: list[Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": _json(schema, "OK"), **_errors(*codes)}}
+    if params:
+        op["parameters"] = params
+    return {"get": op}
+
+
+def _post(summary: str, request: str, response: str, params: list[Any] | None = None) -> dict[str, Any]:
+    headers = {
+        h: {"schema": {"type": "string"}, "description": d}
+        for h, d in (
+            ("X-Cache", "HIT, MISS, PARTIAL or BYPASS"),
+            ("X-Served-By", "replica id"),
+            ("X-Request-ID", "the caller's id or a new one"),
+            ("X-Model-Version", "model version"),
+        )
+    }
+    ok = _json({"$ref": f"#/components/schemas/{response}"}, "Predictions")
+    ok["headers"] = headers
+    op: dict[str, Any] = {
+        "summary": summary,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
+        },
+        "responses": {"200": ok, **_errors(400, 404, 413, 415, 429, 503)},
+    }
+    if params:
+        op["parameters"] = params
+    return {"post": op}
+
+
+_ROW = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+_SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "V1Request": {
+        "type": "object",
+        "required": ["instances"],
+        "properties": {"instances": {"type": "array", "items": _ROW, "minItems": 1}},
+    },
+    "V1Response": {
+        "type": "object",
+        "required": ["predictions"],
+        "properties": {
+            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+            "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        },
+    },
+    "ShortcutRequest": {
+        "type": "object",
+        "properties": {"features": _ROW, "instances": {"type": "array", "items": _ROW, "minItems": 1}},
+    },
+    "ShortcutResponse": {
+        "type": "object",
+        "required": ["model", "version", "predictions"],
+        "properties": {
+            "model": {"type": "string"},
+            "version": {"type": "string"},
+            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+            "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        },
+    },
+    "Tensor": {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "datatype": {"type": "string", "enum": ["FP32", "FP64", "INT32", "INT64"]},
+            "parameters": {"type": "object"},
+            "data": {"type": "array"},
+        },
+    },
+    "OutputTensor": {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string"},
+            "data": {"type": "array"},
+        },
+    },
+    "V2InferRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/Tensor"}, "minItems": 1},
+            "outputs": {
+                "type": "array",
+                "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            },
+        },
+    },
+    "V2InferResponse": {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/OutputTensor"}},
+        },
+    },
+    "TensorMetadata": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+        },
+    },
+    "V2ModelMetadata": {
+        "type": "object",
+        "required": ["name", "platform", "inputs", "outputs"],
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
+            "parameters": {"type": "object"},
+        },
+    },
+}
+_READY = {
+    "type": "object",
+    "required": ["name", "ready"],
+    "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+}
+_META = {"$ref": "#/components/schemas/V2ModelMetadata"}
+
+
+@lru_cache(maxsize=4)
+def openapi_document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.0 document (built once per version)."""
+    status = {"type": "object"}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Prediction cluster API",
+            "version": version,
+            "description": "KServe V1, Open Inference Protocol (V2 REST) and /predict.",
+        },
+        "paths": {
+            "/healthz": _get("Process alive", status),
+            "/readyz": _get("Models loaded, not draining", status, 503),
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics of every worker",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": _get("This document", {"type": "object"}),
+            "/predict": _post("Predict with the default model", "ShortcutRequest", "ShortcutResponse"),
+            "/v1/models": _get(
+                "Served models",
+                {
+                    "type": "object",
+                    "required": ["models"],
+                    "properties": {"models": {"type": "array", "items": {"type": "string"}}},
+                },
+            ),
+            "/v1/models/{name}": _get("Model status", _READY, 404, params=[_NAME]),
+            "/v1/models/{name}:predict": _post("KServe V1 predict", "V1Request", "V1Response", [_NAME]),
+            "/v2": _get("Server metadata", {"type": "object", "required": ["name", "version", "extensions"]}),
+            "/v2/health/live": _get("Server live", {"type": "object"}),
+            "/v2/health/ready": _get("Server ready", {"type": "object"}, 503),
+            "/v2/models/{name}": _get("Model metadata", _META, 404, params=[_NAME]),
+            "/v2/models/{name}/versions/{version}": _get(
+                "Model version metadata", _META, 404, params=[_NAME, _VERSION]
+            ),
+            "/v2/models/{name}/ready": _get("Model ready", _READY, 404, params=[_NAME]),
+            "/v2/models/{name}/versions/{version}/ready": _get(
+                "Model version ready", _READY, 404, params=[_NAME, _VERSION]
+            ),
+            "/v2/models/{name}/infer": _post(
+                "Open Inference Protocol infer", "V2InferRequest", "V2InferResponse", [_NAME]
+            ),
+            "/v2/models/{name}/versions/{version}/infer": _post(
+                "Open Inference Protocol infer on a version", "V2InferRequest", "V2InferResponse", [_NAME, _VERSION]
+            ),
+        },
+        "components": {"schemas": _SCHEMAS},
+    }

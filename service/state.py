@@ -1,0 +1,26 @@
+"""Per-app state, kept in `app.extensions["prediction"]` rather than module globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.cache import RedisResultCache
+from service.inference import Predictor
+from service.metrics import Metrics
+from service.models import ModelRegistry
+from service.settings import Settings
+
+
+@dataclass
+class ServiceState:
+    """What the views need: settings, models, the data plane, metrics."""
+
+    settings: Settings
+    registry: ModelRegistry
+    predictor: Predictor
+    metrics: Metrics
+    cache: RedisResultCache | None
+
+    def is_ready(self) -> bool:
+        """Every model found has loaded (rescanning while not)."""
+        return self.registry.reload_if_not_ready()

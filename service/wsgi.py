@@ -1,0 +1,17 @@
+"""WSGI entry point: `gunicorn -c service/gunicorn.conf.py service.wsgi:app`.
+
+Gunicorn's gevent worker monkey-patches the standard library in each worker before it
+imports this module, so the sockets redis-py opens here are already cooperative.
+"""
+
+import logging
+
+from service.app import create_app
+from service.settings import Settings
+
+settings = Settings.from_env()
+logging.basicConfig(
+    level=settings.log_level.upper(),
+    format=f"%(asctime)s %(levelname)s [{settings.replica_id} pid %(process)d] %(name)s: %(message)s",
+)
+app = create_app(settings)

@@ -1,0 +1,152 @@
+"""Helpers for tests that run real servers: free ports, polling with a deadline, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy, or fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - polling tolerates anything until the deadline
+            last_error = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
+
+
+class Server:
+    """A real server process started by a test, logging to a file, stopped by pid."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Server:
+        """Start the process in its own process group."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The started process's pid."""
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the started process only."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL the whole process group after the timeout."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+    def log_text(self) -> str:
+        """What the server has written so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+def start_redis(tmp: Path, port: int | None = None, extra: Sequence[str] = ()) -> tuple[Server, int]:
+    """A throwaway redis-server on loopback, no persistence, ready when returned."""
+    port = port or free_port()
+    server = Server(
+        "redis",
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+            *extra,
+        ],
+        tmp / f"redis-{port}.log",
+    ).start()
+    wait_until(lambda: _redis_ping(port), 10, f"redis on port {port}")
+    return server, port
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(16).startswith(b"+PONG")
+
+
+def start_replica(tmp: Path, env: Mapping[str, str], wait_ready: bool = True) -> tuple[Server, str]:
+    """A real gunicorn (gevent) replica on a free port; returns it and its base URL."""
+    port = free_port()
+    replica_env = {
+        "SERVICE_BIND": f"127.0.0.1:{port}",
+        "SERVICE_REPLICA_ID": f"test-{port}",
+        "SERVICE_METRICS_DIR": str(tmp / f"metrics-{port}"),
+        "SERVICE_WORKERS": "2",
+        **env,
+    }
+    server = Server(
+        "gunicorn",
+        [str(VENV_BIN / "gunicorn"), "-c", "service/gunicorn.conf.py", "service.wsgi:app"],
+        tmp / f"replica-{port}.log",
+        replica_env,
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    check = (
+        (lambda: requests.get(f"{url}/readyz", timeout=1).status_code == 200)
+        if wait_ready
+        else (lambda: requests.get(f"{url}/healthz", timeout=1).status_code == 200)
+    )
+    try:
+        wait_until(check, 30, f"replica at {url}")
+    except TimeoutError:
+        print(server.log_text())
+        server.stop()
+        raise
+    return server, url

@@ -1,0 +1,136 @@
+"""The REST layer through Flask's test client (no Redis): routes, protocols, JSON errors."""
+
+import pytest
+from openapi_spec_validator import validate
+
+from service.app import create_app
+from service.settings import Settings
+
+SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]
+
+
+@pytest.fixture
+def client(models_dir, tmp_path):
+    settings = Settings(models_dir=models_dir, redis_url="", replica_id="unit", max_batch_rows=16, max_body_bytes=4096)
+    return create_app(settings).test_client()
+
+
+def test_v1_predict_and_headers(client):
+    response = client.post(
+        "/v1/models/iris:predict", json={"instances": [SETOSA, VIRGINICA]}, headers={"X-Request-ID": "abc-123"}
+    )
+    assert response.status_code == 200
+    assert response.json["predictions"] == ["setosa", "virginica"]
+    assert len(response.json["probabilities"]) == 2
+    assert response.headers["X-Cache"] == "BYPASS"
+    assert response.headers["X-Served-By"] == "unit"
+    assert response.headers["X-Request-ID"] == "abc-123"
+    assert response.headers["X-Model-Version"] == "1"
+
+
+def test_invalid_request_id_is_replaced(client):
+    response = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert response.headers["X-Request-ID"] not in ("", "bad id\twith spaces")
+
+
+def test_v2_infer_follows_the_open_inference_protocol(client):
+    body = {
+        "id": "req-1",
+        "inputs": [{"name": "input-0", "shape": [2, 4], "datatype": "FP64", "data": SETOSA + VIRGINICA}],
+    }
+    response = client.post("/v2/models/iris/versions/1/infer", json=body)
+    assert response.status_code == 200
+    payload = response.json
+    assert (payload["model_name"], payload["model_version"], payload["id"]) == ("iris", "1", "req-1")
+    predict, proba = payload["outputs"]
+    assert predict == {"name": "predict", "datatype": "BYTES", "shape": [2], "data": ["setosa", "virginica"]}
+    assert proba["name"] == "predict_proba" and proba["shape"] == [2, 3] and len(proba["data"]) == 6
+    only = client.post(
+        "/v2/models/digits/infer",
+        json={
+            "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}],
+            "outputs": [{"name": "predict"}],
+        },
+    )
+    assert only.status_code == 200 and [o["name"] for o in only.json["outputs"]] == ["predict"]
+    assert only.json["outputs"][0]["datatype"] == "INT64"
+
+
+def test_v2_metadata_and_health(client):
+    assert client.get("/v2").json["name"] == "prediction-cluster"
+    assert client.get("/v2/health/live").json == {"live": True}
+    assert client.get("/v2/health/ready").json == {"ready": True}
+    meta = client.get("/v2/models/digits").json
+    assert meta["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 64]}]
+    assert meta["versions"] == ["1"] and meta["platform"] == "sklearn"
+    assert client.get("/v2/models/iris/versions/1/ready").json == {"name": "iris", "ready": True}
+    assert client.get("/v2/models/iris/versions/9/ready").status_code == 404
+
+
+def test_v1_discovery_and_shortcut(client):
+    assert client.get("/v1/models").json == {"models": ["digits", "iris"]}
+    assert client.get("/v1/models/digits").json == {"name": "digits", "ready": True}
+    response = client.post("/predict", json={"features": SETOSA})
+    assert response.json["predictions"] == ["setosa"] and response.json["model"] == "iris"
+
+
+ERRORS = [
+    ("post", "/v1/models/iris:predict", {"data": b"{bad", "content_type": "application/json"}, 400),
+    ("post", "/v1/models/iris:predict", {"json": {"instances": [[1, 2]]}}, 400),
+    ("post", "/v1/models/iris:predict", {"data": b"{}", "content_type": "text/plain"}, 415),
+    ("post", "/v1/models/iris:predict", {"data": b"{}"}, 415),
+    ("post", "/v1/models/iris:predict", {"json": {"instances": [SETOSA] * 17}}, 413),
+    ("post", "/v1/models/iris:predict", {"data": b"[" + b" " * 5000 + b"]", "content_type": "application/json"}, 413),
+    ("post", "/v1/models/nope:predict", {"json": {"instances": [SETOSA]}}, 404),
+    ("post", "/v2/models/iris/versions/7/infer", {"json": {}}, 404),
+    ("get", "/v1/models/nope", {}, 404),
+    ("get", "/no/such/route", {}, 404),
+    ("get", "/v1/models/iris:predict", {}, 405),
+    ("delete", "/predict", {}, 405),
+    ("post", "/metrics", {}, 405),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status"), ERRORS)
+def test_errors_are_json(client, method, path, kwargs, status):
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status
+    assert response.mimetype == "application/json"
+    assert set(response.json) == {"error"} and response.json["error"]
+
+
+def test_405_keeps_allow_header(client):
+    assert "POST" in client.get("/predict").headers["Allow"]
+
+
+def test_metrics_count_requests(client):
+    for _ in range(3):
+        client.post("/predict", json={"features": SETOSA})
+    client.post("/predict", json={"features": [1]})
+    text = client.get("/metrics").data.decode()
+    assert 'prediction_http_requests_total{model="iris",route="/predict",status="200"} 3.0' in text
+    assert 'prediction_http_requests_total{model="iris",route="/predict",status="400"} 1.0' in text
+    assert 'prediction_cache_rows_total{model="iris",result="bypass"} 3.0' in text
+    assert 'prediction_inference_duration_seconds_count{model="iris"} 3.0' in text
+
+
+def test_not_ready_without_models(tmp_path):
+    app = create_app(Settings(models_dir=tmp_path, redis_url=""))
+    client = app.test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503 and "no models found" in response.json["error"]
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/healthz").status_code == 200
+    unavailable = client.post("/predict", json={"features": SETOSA})
+    assert unavailable.status_code == 503 and "not ready" in unavailable.json["error"]
+
+
+def test_openapi_document_is_valid_and_lists_every_route(client):
+    document = client.get("/openapi.json").json
+    validate(document)
+    app_rules = {
+        r.rule.replace("<model:name>", "{name}").replace("<model:version>", "{version}")
+        for r in client.application.url_map.iter_rules()
+        if r.endpoint != "static"
+    }
+    assert app_rules == set(document["paths"])

@@ -1,0 +1,42 @@
+"""The circuit breaker, driven by a fake clock."""
+
+from service.cache import CircuitBreaker
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_breaker_opens_probes_once_and_closes():
+    clock = FakeClock()
+    breaker = CircuitBreaker(1.0, 4.0, clock)
+    assert breaker.allow() and not breaker.is_open
+    breaker.record_failure()
+    assert breaker.is_open and not breaker.allow()
+    clock.now += 1.0
+    assert breaker.allow(), "after the back-off one caller probes"
+    assert not breaker.allow(), "only one probe at a time"
+    breaker.record_success()
+    assert not breaker.is_open and breaker.allow()
+
+
+def test_backoff_doubles_up_to_the_ceiling_and_resets():
+    clock = FakeClock()
+    breaker = CircuitBreaker(1.0, 4.0, clock)
+    waits = []
+    for _ in range(5):
+        breaker.allow()
+        breaker.record_failure()
+        start = clock.now
+        while not breaker.allow():
+            clock.now += 0.25
+        waits.append(clock.now - start)
+    assert waits == [1.0, 2.0, 4.0, 4.0, 4.0]
+    breaker.record_success()
+    breaker.record_failure()
+    clock.now += 1.0
+    assert breaker.allow()
