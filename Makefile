@@ -1,5 +1,20 @@
 # Thin targets: the work is in scripts/ (each one `set -euo pipefail`).
-.PHONY: setup models test lint replica clean
+REPLICAS ?= 4
+PORT ?= 8080
+
+.PHONY: up down status scale setup models test lint replica clean
+
+up:  ## install what is missing, start Redis + REPLICAS replicas + nginx on PORT
+	scripts/cluster up --replicas $(REPLICAS) --port $(PORT)
+
+down:  ## stop everything `up` started
+	scripts/cluster down
+
+status:  ## each component: pid, port, health
+	scripts/cluster status
+
+scale:  ## change the replica count of the running cluster: make scale REPLICAS=n
+	scripts/cluster scale $(REPLICAS)
 
 setup:  ## venv with dependencies, OS packages when root, demo models
 	scripts/bootstrap
@@ -11,7 +26,9 @@ test:  ## the whole suite (what CI runs)
 	scripts/test
 
 lint:
-	.venv/bin/ruff check service tests scripts && .venv/bin/ruff format --check service tests scripts && .venv/bin/mypy
+	.venv/bin/ruff check service balancer tests scripts
+	.venv/bin/ruff format --check service balancer tests scripts
+	.venv/bin/mypy
 
 replica:  ## one replica in the foreground on SERVICE_BIND (default 127.0.0.1:8000)
 	.venv/bin/gunicorn -c service/gunicorn.conf.py service.wsgi:app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -150,3 +151,26 @@ def start_replica(tmp: Path, env: Mapping[str, str], wait_ready: bool = True) ->
         server.stop()
         raise
     return server, url
+
+
+H2LOAD_RESULT = re.compile(
+    r"requests: (?P<total>\d+) total, \d+ started, (?P<done>\d+) done, (?P<succeeded>\d+) succeeded, "
+    r"(?P<failed>\d+) failed, (?P<errored>\d+) errored, (?P<timeout>\d+) timeout"
+)
+H2LOAD_CODES = re.compile(r"status codes: (?P<s2xx>\d+) 2xx, (?P<s3xx>\d+) 3xx, (?P<s4xx>\d+) 4xx, (?P<s5xx>\d+) 5xx")
+
+
+def h2load_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:
+    """A bounded HTTP/1.1 h2load run: `requests_total` requests over `clients` connections."""
+    argv = ["h2load", "--h1", "-n", str(requests_total), "-c", str(clients), "-m", "1", "-T", "10"]
+    if body is not None:
+        argv += ["-d", str(body), "-H", "Content-Type: application/json"]
+    return [*argv, url]
+
+
+def h2load_counts(output: str) -> dict[str, int]:
+    """Totals and status classes from h2load's summary."""
+    result, codes = H2LOAD_RESULT.search(output), H2LOAD_CODES.search(output)
+    if not result or not codes:
+        raise AssertionError(f"unexpected h2load output:\n{output}")
+    return {k: int(v) for k, v in {**result.groupdict(), **codes.groupdict()}.items()}

@@ -1,0 +1,173 @@
+"""Render balancer/nginx.conf.template from BALANCER_* settings.
+
+Only `${BALANCER_*}` placeholders are substituted (the nginx image's envsubst filter
+does the same in containers), so nginx's own `$variables` survive. A placeholder
+without a value is an error, never an empty string.
+
+    python -m balancer.render --replicas 127.0.0.1:8001,127.0.0.1:8002 > nginx.conf
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
+PLACEHOLDER = re.compile(r"\$\{(BALANCER_[A-Z0-9_]+)\}")
+
+
+class RenderError(ValueError):
+    """The settings cannot make a valid configuration."""
+
+
+def _setting(default: str, doc: str) -> str:
+    return field(default=default, metadata={"doc": doc})  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BalancerSettings:
+    """Every BALANCER_* setting; the field name upper-cased with the prefix is its variable."""
+
+    listen: str = _setting("8080", "Public listener (port or address:port).")
+    status_listen: str = _setting("127.0.0.1:8081", "stub_status listener; keep it on loopback.")
+    worker_processes: str = _setting("auto", "nginx worker processes (one per core).")
+    worker_connections: str = _setting("4096", "Connections per nginx worker (client + upstream).")
+    upstream_keepalive: str = _setting("64", "Idle connections per nginx worker kept to the replicas.")
+    upstream_keepalive_timeout_s: str = _setting(
+        "60", "Idle upstream connection lifetime; below gunicorn's SERVICE_KEEPALIVE_S (75)."
+    )
+    max_fails: str = _setting("2", "Failures within fail_timeout that take a replica out of rotation.")
+    fail_timeout_s: str = _setting("5", "How long a failed replica stays out before nginx tries it again.")
+    next_upstream_tries: str = _setting("3", "Most replicas one request is tried on.")
+    next_upstream_timeout_s: str = _setting("15", "Most time spent trying replicas for one request.")
+    proxy_connect_timeout_ms: str = _setting("500", "Connecting to a replica (loopback/LAN: fast or dead).")
+    proxy_read_timeout_s: str = _setting("10", "Longest wait for a replica's answer before trying the next.")
+    client_keepalive_timeout_s: str = _setting("75", "Idle client keep-alive.")
+    client_timeout_s: str = _setting("10", "Client header/body/send timeouts (cuts off slow clients).")
+    max_body_size: str = _setting("1m", "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.")
+    gzip_min_length: str = _setting("1024", "Smallest JSON response that is gzipped.")
+    rate_limit: str = _setting("200r/s", "Requests per second per client address (nginx rate syntax).")
+    rate_limit_burst: str = _setting("400", "Requests above the rate a client may burst before 429s.")
+    rate_limit_exempt: str = _setting(
+        "127.0.0.0/8 ::1/128",
+        "Space-separated networks never rate limited (load generators); empty: limit everyone.",
+    )
+    internal_networks: str = _setting(
+        "127.0.0.0/8 ::1/128", "Space-separated networks that may read /metrics through the public port."
+    )
+    upstream_servers: str = _setting(
+        "127.0.0.1:8001", "Space-separated replica addresses (host:port); or a DNS name with resolve."
+    )
+    upstream_resolve: str = _setting("off", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
+    resolver: str = _setting("", "DNS server for resolve (127.0.0.11 under compose); empty: none.")
+    pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
+    error_log: str = _setting("stderr", "nginx error log.")
+    access_log: str = _setting("/dev/stdout", "JSON access log.")
+    temp_dir: str = _setting("/tmp/nginx", "Folder for nginx's temp files.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: str) -> BalancerSettings:
+        """Defaults, then BALANCER_* variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values = {f.name: env[env_name(f.name)] for f in fields(cls) if env_name(f.name) in env}
+        values.update(overrides)
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    """BALANCER_<FIELD>."""
+    return f"BALANCER_{field_name.upper()}"
+
+
+def _networks(value: str, what: str) -> list[str]:
+    networks = value.split()
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise RenderError(f"{what}: {network!r} is not an address or network") from None
+    return networks
+
+
+def _upstream_lines(settings: BalancerSettings) -> str:
+    servers = settings.upstream_servers.split()
+    if not servers:
+        raise RenderError("BALANCER_UPSTREAM_SERVERS: at least one replica is needed")
+    resolve = settings.upstream_resolve.lower() == "on"
+    if resolve and not settings.resolver:
+        raise RenderError("BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER")
+    lines = []
+    for server in servers:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d+", server):
+            raise RenderError(f"BALANCER_UPSTREAM_SERVERS: {server!r} is not host:port")
+        options = f"max_fails={settings.max_fails} fail_timeout={settings.fail_timeout_s}s"
+        lines.append(f"server {server} {options}{' resolve' if resolve else ''};")
+    return "\n        ".join(lines)
+
+
+def template_values(settings: BalancerSettings) -> dict[str, str]:
+    """Every placeholder's value: the settings plus the lines derived from them."""
+    values = {env_name(f.name): getattr(settings, f.name) for f in fields(settings)}
+    exempt = _networks(settings.rate_limit_exempt, "BALANCER_RATE_LIMIT_EXEMPT")
+    internal = _networks(settings.internal_networks, "BALANCER_INTERNAL_NETWORKS")
+    values["BALANCER_RATE_LIMIT_EXEMPT_GEO"] = " ".join(f"{n} 1;" for n in exempt)
+    values["BALANCER_INTERNAL_GEO"] = " ".join(f"{n} 1;" for n in internal)
+    values["BALANCER_UPSTREAM_SERVERS"] = _upstream_lines(settings)
+    values["BALANCER_RESOLVER"] = f"resolver {settings.resolver} valid=5s ipv6=off;" if settings.resolver else ""
+    if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
+        raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
+    return values
+
+
+def substitute(template: str, values: Mapping[str, str]) -> str:
+    """Replace ${BALANCER_*} placeholders; any other `$` text is left for nginx."""
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise RenderError(f"template needs {name}, which has no value")
+        return values[name]
+
+    return PLACEHOLDER.sub(value_of, template)
+
+
+def render(settings: BalancerSettings, template: Path = TEMPLATE) -> str:
+    """The nginx.conf for these settings."""
+    return substitute(template.read_text(encoding="utf-8"), template_values(settings))
+
+
+def settings_table() -> str:
+    """Markdown table of every BALANCER_* setting, for the README."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(BalancerSettings):
+        default = f"`{f.default}`" if f.default else "(empty)"
+        rows.append(f"| `{env_name(f.name)}` | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the rendered configuration (or the settings table)."""
+    parser = argparse.ArgumentParser(description="Render the balancer's nginx.conf from BALANCER_* settings.")
+    parser.add_argument("--replicas", help="comma-separated host:port list (overrides BALANCER_UPSTREAM_SERVERS)")
+    parser.add_argument("--table", action="store_true", help="print the settings table (README)")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(settings_table())
+        return 0
+    overrides = {"upstream_servers": args.replicas.replace(",", " ")} if args.replicas else {}
+    try:
+        sys.stdout.write(render(BalancerSettings.from_env(**overrides)))
+    except RenderError as exc:
+        print(f"render: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The local cluster through scripts/cluster: real redis-server, gunicorn replicas and nginx."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from tests.support import ROOT, free_port, h2load_argv, h2load_counts, wait_until
+
+pytestmark = pytest.mark.integration
+
+REPLICAS = 4
+SETOSA = [5.1, 3.5, 1.4, 0.2]
+
+
+class LocalCluster:
+    """Drives scripts/cluster with its own run directory and free ports."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "CLUSTER_RUN_DIR": str(run_dir),
+            # 127.0.0.1 is exempt (the tests' load generator); 127.0.0.2 is an ordinary client.
+            "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
+            "BALANCER_RATE_LIMIT": "5r/s",
+            "BALANCER_RATE_LIMIT_BURST": "5",
+        }
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "scripts/cluster.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cluster {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def up(self, replicas: int = REPLICAS) -> None:
+        ports = [free_port() for _ in range(2)]
+        base = free_port()
+        while any(not _free(p) for p in range(base, base + 8)):
+            base = free_port()
+        self.run(
+            "up",
+            "--replicas",
+            str(replicas),
+            "--port",
+            str(self.port),
+            "--status-port",
+            str(ports[0]),
+            "--redis-port",
+            str(ports[1]),
+            "--replica-base-port",
+            str(base),
+        )
+
+    def status(self) -> dict:
+        return json.loads(self.run("status", "--json", check=False).stdout)
+
+    def component(self, name: str) -> dict:
+        return next(c for c in self.status()["components"] if c["name"] == name)
+
+    def logs(self) -> str:
+        parts = []
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            parts.append(f"----- {log.name} -----\n{log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, models_dir, request):
+    local = LocalCluster(tmp_path_factory.mktemp("cluster") / "run")
+    failed_before = request.session.testsfailed
+    try:
+        local.up()
+        yield local
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(local.logs())
+        local.run("down", check=False)
+
+
+def predict(url: str, rows, session=None, **kwargs):
+    return (session or requests).post(f"{url}/v1/models/iris:predict", json={"instances": rows}, timeout=10, **kwargs)
+
+
+def test_status_reflects_the_running_cluster(cluster):
+    status = cluster.status()
+    names = sorted(c["name"] for c in status["components"])
+    assert names == ["nginx", "redis"] + [f"replica-{i}" for i in range(1, REPLICAS + 1)]
+    assert all(c["running"] and c["healthy"] for c in status["components"])
+    assert status["balancer"] == cluster.url
+    for component in status["components"]:
+        os.kill(component["pid"], 0)
+
+
+def test_requests_spread_evenly_and_keepalive_is_honoured(cluster):
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(pool_connections=1, pool_maxsize=1))
+    served = collections.Counter()
+    for i in range(200):
+        response = predict(cluster.url, [[float(i), 1.0, 1.0, 1.0]], session)
+        assert response.status_code == 200
+        served[response.headers["X-Served-By"]] += 1
+    assert sorted(served) == [f"replica-{i}" for i in range(1, REPLICAS + 1)]
+    assert max(served.values()) - min(served.values()) <= 4, served
+    # One client connection carried every request: the access log counts them on it.
+    lines = [json.loads(line) for line in (cluster.run_dir / "logs" / "access.log").read_text().splitlines()]
+    assert max(line["connection_requests"] for line in lines) >= 200
+
+
+def test_a_row_cached_through_one_replica_hits_through_another(cluster):
+    row = [[3.3, 2.2, 1.1, 0.123]]
+    first = predict(cluster.url, row)
+    assert first.headers["X-Cache"] == "MISS"
+    seen = {first.headers["X-Served-By"]}
+    for _ in range(REPLICAS):
+        again = predict(cluster.url, row)
+        assert again.headers["X-Cache"] == "HIT"
+        seen.add(again.headers["X-Served-By"])
+    assert len(seen) > 1, "round-robin sent the repeats to other replicas"
+
+
+def test_gzip_for_large_json_only_when_accepted(cluster):
+    rows = [[float(i % 7), 1.0, 2.0, 3.0] for i in range(500)]
+    gzipped = predict(cluster.url, rows, headers={"Accept-Encoding": "gzip"})
+    assert gzipped.headers.get("Content-Encoding") == "gzip"
+    assert "Accept-Encoding" in gzipped.headers.get("Vary", "")
+    assert len(gzipped.json()["predictions"]) == 500
+    plain = predict(cluster.url, rows, headers={"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in plain.headers
+    small = predict(cluster.url, [SETOSA], headers={"Accept-Encoding": "gzip"})
+    assert "Content-Encoding" not in small.headers, "tiny bodies are not worth compressing"
+
+
+def test_nginx_errors_are_json(cluster):
+    too_big = requests.post(
+        f"{cluster.url}/predict", data=b"x" * 2_000_000, headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert too_big.status_code == 413 and "too large" in too_big.json()["error"]
+    unknown = requests.get(f"{cluster.url}/no/such/path", timeout=10)
+    assert unknown.status_code == 404 and unknown.headers["Content-Type"] == "application/json"
+    assert "error" in unknown.json()
+    assert requests.get(f"{cluster.url}/metrics", timeout=10).status_code == 200, "loopback is internal"
+
+
+def test_request_ids_are_passed_through_or_made(cluster):
+    mine = predict(cluster.url, [SETOSA], headers={"X-Request-ID": "trace-42"})
+    assert mine.headers["X-Request-ID"] == "trace-42"
+    made = predict(cluster.url, [SETOSA])
+    assert len(made.headers["X-Request-ID"]) == 32
+    assert made.headers.get("Server") == "nginx", "no version in Server"
+
+
+def test_rate_limit_answers_429_json_but_not_for_exempt_networks(cluster):
+    limited = requests.Session()
+    limited.mount("http://", _SourceAddressAdapter("127.0.0.2"))
+    statuses = collections.Counter()
+    retry_after = None
+    for _ in range(30):
+        response = limited.get(f"{cluster.url}/healthz", timeout=10)
+        statuses[response.status_code] += 1
+        if response.status_code == 429:
+            retry_after = response.headers.get("Retry-After")
+            assert response.json()["error"].startswith("rate limited")
+            assert response.headers["Content-Type"] == "application/json"
+    assert statuses[429] >= 15 and statuses[200] >= 5, statuses
+    assert retry_after == "1"
+    exempt = collections.Counter(requests.get(f"{cluster.url}/healthz", timeout=10).status_code for _ in range(30))
+    assert exempt == {200: 30}
+
+
+class _SourceAddressAdapter(HTTPAdapter):
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["source_address"] = (self.source, 0)
+        return super().init_poolmanager(*args, **kwargs)
+
+
+def _bounded_load(cluster, tmp_path: Path, total: int, clients: int = 16) -> subprocess.Popen[str]:
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"instances": [SETOSA]}))
+    argv = h2load_argv(f"{cluster.url}/v1/models/iris:predict", body, total, clients)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _access_lines(cluster) -> int:
+    with (cluster.run_dir / "logs" / "access.log").open("rb") as log:
+        return sum(1 for _ in log)
+
+
+def _finish(load: subprocess.Popen[str]) -> dict[str, int]:
+    output, _ = load.communicate(timeout=180)
+    counts = h2load_counts(output)
+    print(f"h2load: {counts}")
+    return counts
+
+
+def test_sigkilled_replica_fails_no_request(cluster, tmp_path):
+    start = _access_lines(cluster)
+    load = _bounded_load(cluster, tmp_path, 6000)
+    wait_until(lambda: _access_lines(cluster) - start > 1000, 60, "load to get going")
+    victim = cluster.component("replica-2")
+    # The whole replica, master and worker, as when its container or host dies.
+    os.killpg(victim["pid"], signal.SIGKILL)
+    killed_at = _access_lines(cluster)
+    counts = _finish(load)
+    assert counts["succeeded"] == counts["s2xx"] == 6000, counts
+    assert counts["failed"] == counts["errored"] == counts["timeout"] == 0
+    lines = (cluster.run_dir / "logs" / "access.log").read_text().splitlines()[killed_at + 50 :]
+    served_after = collections.Counter(json.loads(line)["served_by"] for line in lines)
+    assert "replica-2" not in served_after and len(served_after) == REPLICAS - 1, served_after
+    status = cluster.component("replica-2")
+    assert not status["running"]
+    cluster.up()  # idempotent: restarts only what is missing
+    assert cluster.component("replica-2")["running"]
+    assert cluster.component("replica-1")["pid"] != victim["pid"]
+
+
+def test_scale_down_and_up_under_load_fails_no_request(cluster, tmp_path):
+    before = {c["name"]: c["pid"] for c in cluster.status()["components"]}
+    start = _access_lines(cluster)
+    load = _bounded_load(cluster, tmp_path, 12000)
+    wait_until(lambda: _access_lines(cluster) - start > 500, 60, "load to get going")
+    cluster.run("scale", "2")
+    assert cluster.status()["replicas"] == 2
+    cluster.run("scale", str(REPLICAS))
+    counts = _finish(load)
+    assert counts["succeeded"] == counts["s2xx"] == 12000, counts
+    status = cluster.status()
+    assert status["replicas"] == REPLICAS and all(c["healthy"] for c in status["components"])
+    after = {c["name"]: c["pid"] for c in status["components"]}
+    assert after["replica-1"] == before["replica-1"] and after["nginx"] == before["nginx"]
+    assert after["replica-4"] != before["replica-4"], "replica-4 was drained, stopped and started again"
+
+
+def test_redis_killed_during_load_means_bypass_not_errors(cluster, tmp_path):
+    redis = cluster.component("redis")
+    os.kill(redis["pid"], signal.SIGKILL)
+    load = _bounded_load(cluster, tmp_path, 3000)
+    during = [predict(cluster.url, [[float(i), 9.0, 9.0, 9.0]]) for i in range(20)]
+    counts = _finish(load)
+    assert counts["s5xx"] == 0 and counts["s2xx"] == 3000, counts
+    assert {(r.status_code, r.headers["X-Cache"]) for r in during} == {(200, "BYPASS")}
+    cluster.up()
+    row = [[8.8, 8.8, 8.8, 8.8]]
+    wait_until(
+        lambda: all(predict(cluster.url, row).headers["X-Cache"] == "HIT" for _ in range(REPLICAS)),
+        30,
+        "every replica to cache again after Redis returned",
+    )
+
+
+def test_down_leaves_nothing_running(tmp_path, models_dir):
+    local = LocalCluster(tmp_path / "run")
+    local.up(replicas=1)
+    pids = [c["pid"] for c in local.status()["components"]]
+    ports = [c["port"] for c in local.status()["components"]]
+    local.run("down")
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+    assert all(_free(port) for port in ports)
+    assert local.status()["components"] == []
+    assert not list(local.run_dir.rglob("*.pid")) and not (local.run_dir / "cluster.json").exists()

@@ -1,0 +1,99 @@
+"""The balancer template: rendering is a tested function, and nginx accepts every variant."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from balancer.render import PLACEHOLDER, TEMPLATE, BalancerSettings, RenderError, render, settings_table, substitute
+
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def local(tmp_path, **overrides: str) -> BalancerSettings:
+    return BalancerSettings.from_env(
+        {},
+        pid_file=str(tmp_path / "nginx.pid"),
+        error_log=str(tmp_path / "error.log"),
+        access_log=str(tmp_path / "access.log"),
+        temp_dir=str(tmp_path),
+        **overrides,
+    )
+
+
+def test_every_placeholder_is_filled_and_nginx_variables_survive(tmp_path):
+    text = render(local(tmp_path, upstream_servers="127.0.0.1:8001 127.0.0.1:8002"))
+    assert not PLACEHOLDER.search(text)
+    for nginx_variable in ("$request_id", "$binary_remote_addr", "$upstream_addr", "$req_id"):
+        assert nginx_variable in text
+    assert "server 127.0.0.1:8001 max_fails=2 fail_timeout=5s;" in text
+    assert "server 127.0.0.1:8002 max_fails=2 fail_timeout=5s;" in text
+    assert "127.0.0.0/8 1; ::1/128 1;" in text
+    assert "non_idempotent" in text and "keepalive_timeout 60s;" in text
+
+
+def test_settings_come_from_the_environment():
+    settings = BalancerSettings.from_env({"BALANCER_RATE_LIMIT": "9r/s", "OTHER": "x"})
+    assert settings.rate_limit == "9r/s"
+
+
+def test_resolve_variant_for_compose(tmp_path):
+    text = render(local(tmp_path, upstream_servers="api:8000", upstream_resolve="on", resolver="127.0.0.11"))
+    assert "server api:8000 max_fails=2 fail_timeout=5s resolve;" in text
+    assert "resolver 127.0.0.11 valid=5s ipv6=off;" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"upstream_servers": ""}, "at least one replica"),
+        ({"upstream_servers": "no-port"}, "not host:port"),
+        ({"rate_limit_exempt": "10.0.0.0/33"}, "not an address"),
+        ({"rate_limit": "fast"}, "not like 200r/s"),
+        ({"upstream_resolve": "on"}, "needs BALANCER_RESOLVER"),
+    ],
+)
+def test_bad_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(RenderError, match=message):
+        render(local(tmp_path, **overrides))
+
+
+def test_a_placeholder_without_a_value_is_an_error():
+    with pytest.raises(RenderError, match="BALANCER_NOPE"):
+        substitute("listen ${BALANCER_NOPE}; $host", {})
+
+
+def test_template_uses_only_known_placeholders(tmp_path):
+    names = set(PLACEHOLDER.findall(TEMPLATE.read_text()))
+    assert names, "the template has placeholders"
+    render(local(tmp_path))  # would raise on any unknown one
+
+
+VARIANTS = {
+    "one replica": {},
+    "eight replicas": {"upstream_servers": " ".join(f"127.0.0.1:{8001 + i}" for i in range(8))},
+    "nobody exempt": {"rate_limit_exempt": "", "internal_networks": ""},
+    "tuned": {"rate_limit": "50r/m", "rate_limit_burst": "1", "max_body_size": "64k", "worker_processes": "1"},
+}
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/bootstrap --os-only installs it)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_nginx_accepts_every_local_variant(tmp_path, variant):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render(local(tmp_path, **VARIANTS[variant])))
+    result = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_documents_every_balancer_setting():
+    readme = (TEMPLATE.parent.parent / "README.md").read_text()
+    for line in settings_table().splitlines()[2:]:
+        variable = line.split("`")[1]
+        assert f"`{variable}`" in readme, f"README does not document {variable}"
