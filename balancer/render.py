@@ -66,6 +66,7 @@ class BalancerSettings:
     )
     upstream_resolve: str = _setting("off", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
     resolver: str = _setting("", "DNS server for resolve (127.0.0.11 under compose); empty: none.")
+    resolver_valid_s: str = _setting("5", "How long a resolved address list is trusted; scaling shows within it.")
     pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
     error_log: str = _setting("stderr", "nginx error log.")
     access_log: str = _setting("/dev/stdout", "JSON access log.")
@@ -119,7 +120,9 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     values["BALANCER_RATE_LIMIT_EXEMPT_GEO"] = " ".join(f"{n} 1;" for n in exempt)
     values["BALANCER_INTERNAL_GEO"] = " ".join(f"{n} 1;" for n in internal)
     values["BALANCER_UPSTREAM_SERVERS"] = _upstream_lines(settings)
-    values["BALANCER_RESOLVER"] = f"resolver {settings.resolver} valid=5s ipv6=off;" if settings.resolver else ""
+    values["BALANCER_RESOLVER"] = (
+        f"resolver {settings.resolver} valid={settings.resolver_valid_s}s ipv6=off;" if settings.resolver else ""
+    )
     if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
         raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
     return values

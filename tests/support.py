@@ -122,23 +122,25 @@ def _redis_ping(port: int) -> bool:
         return sock.recv(16).startswith(b"+PONG")
 
 
-def start_replica(tmp: Path, env: Mapping[str, str], wait_ready: bool = True) -> tuple[Server, str]:
+def start_replica(
+    tmp: Path, env: Mapping[str, str], wait_ready: bool = True, host: str = "127.0.0.1", port: int | None = None
+) -> tuple[Server, str]:
     """A real gunicorn (gevent) replica on a free port; returns it and its base URL."""
-    port = free_port()
+    port = port or free_port()
     replica_env = {
-        "SERVICE_BIND": f"127.0.0.1:{port}",
-        "SERVICE_REPLICA_ID": f"test-{port}",
-        "SERVICE_METRICS_DIR": str(tmp / f"metrics-{port}"),
+        "SERVICE_BIND": f"{host}:{port}",
+        "SERVICE_REPLICA_ID": f"test-{host}-{port}" if host != "127.0.0.1" else f"test-{port}",
+        "SERVICE_METRICS_DIR": str(tmp / f"metrics-{host}-{port}"),
         "SERVICE_WORKERS": "2",
         **env,
     }
     server = Server(
         "gunicorn",
         [str(VENV_BIN / "gunicorn"), "-c", "service/gunicorn.conf.py", "service.wsgi:app"],
-        tmp / f"replica-{port}.log",
+        tmp / f"replica-{host}-{port}.log",
         replica_env,
     ).start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     check = (
         (lambda: requests.get(f"{url}/readyz", timeout=1).status_code == 200)
         if wait_ready
