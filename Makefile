@@ -2,7 +2,7 @@
 REPLICAS ?= 4
 PORT ?= 8080
 
-.PHONY: up down status scale setup models test lint replica clean
+.PHONY: up down status scale bench setup models test lint replica clean
 
 up:  ## install what is missing, start Redis + REPLICAS replicas + nginx on PORT
 	scripts/cluster up --replicas $(REPLICAS) --port $(PORT)
@@ -15,6 +15,9 @@ status:  ## each component: pid, port, health
 
 scale:  ## change the replica count of the running cluster: make scale REPLICAS=n
 	scripts/cluster scale $(REPLICAS)
+
+bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html (QUICK=1: a smoke run)
+	scripts/bench $(if $(QUICK),--quick,)
 
 setup:  ## venv with dependencies, OS packages when root, demo models
 	scripts/bootstrap

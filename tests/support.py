@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -176,3 +177,75 @@ def h2load_counts(output: str) -> dict[str, int]:
     if not result or not codes:
         raise AssertionError(f"unexpected h2load output:\n{output}")
     return {k: int(v) for k, v in {**result.groupdict(), **codes.groupdict()}.items()}
+
+
+class LocalCluster:
+    """Drives scripts/cluster with its own run directory and free ports."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "CLUSTER_RUN_DIR": str(run_dir),
+            # 127.0.0.1 is exempt (the tests' load generator); 127.0.0.2 is an ordinary client.
+            "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
+            "BALANCER_RATE_LIMIT": "5r/s",
+            "BALANCER_RATE_LIMIT_BURST": "5",
+        }
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "scripts/cluster.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"cluster {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def up(self, replicas: int = 4) -> None:
+        ports = [free_port() for _ in range(2)]
+        base = free_port()
+        while any(not port_free(p) for p in range(base, base + 8)):
+            base = free_port()
+        self.run(
+            "up",
+            "--replicas",
+            str(replicas),
+            "--port",
+            str(self.port),
+            "--status-port",
+            str(ports[0]),
+            "--redis-port",
+            str(ports[1]),
+            "--replica-base-port",
+            str(base),
+        )
+
+    def status(self) -> dict:
+        return json.loads(self.run("status", "--json", check=False).stdout)
+
+    def component(self, name: str) -> dict:
+        return next(c for c in self.status()["components"] if c["name"] == name)
+
+    def logs(self) -> str:
+        parts = []
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            parts.append(f"----- {log.name} -----\n{log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on this loopback port (TIME_WAIT does not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

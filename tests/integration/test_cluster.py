@@ -6,92 +6,19 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from tests.support import ROOT, free_port, h2load_argv, h2load_counts, wait_until
+from tests.support import ROOT, VENV_BIN, LocalCluster, h2load_argv, h2load_counts, port_free, wait_until
 
 pytestmark = pytest.mark.integration
 
 REPLICAS = 4
 SETOSA = [5.1, 3.5, 1.4, 0.2]
-
-
-class LocalCluster:
-    """Drives scripts/cluster with its own run directory and free ports."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "CLUSTER_RUN_DIR": str(run_dir),
-            # 127.0.0.1 is exempt (the tests' load generator); 127.0.0.2 is an ordinary client.
-            "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
-            "BALANCER_RATE_LIMIT": "5r/s",
-            "BALANCER_RATE_LIMIT_BURST": "5",
-        }
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "scripts/cluster.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"cluster {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def up(self, replicas: int = REPLICAS) -> None:
-        ports = [free_port() for _ in range(2)]
-        base = free_port()
-        while any(not _free(p) for p in range(base, base + 8)):
-            base = free_port()
-        self.run(
-            "up",
-            "--replicas",
-            str(replicas),
-            "--port",
-            str(self.port),
-            "--status-port",
-            str(ports[0]),
-            "--redis-port",
-            str(ports[1]),
-            "--replica-base-port",
-            str(base),
-        )
-
-    def status(self) -> dict:
-        return json.loads(self.run("status", "--json", check=False).stdout)
-
-    def component(self, name: str) -> dict:
-        return next(c for c in self.status()["components"] if c["name"] == name)
-
-    def logs(self) -> str:
-        parts = []
-        for log in sorted((self.run_dir / "logs").glob("*.log")):
-            parts.append(f"----- {log.name} -----\n{log.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +216,31 @@ def test_down_leaves_nothing_running(tmp_path, models_dir):
     local.run("down")
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
-    assert all(_free(port) for port in ports)
+    assert all(port_free(port) for port in ports)
     assert local.status()["components"] == []
     assert not list(local.run_dir.rglob("*.pid")) and not (local.run_dir / "cluster.json").exists()
+
+
+def test_h2load_scenario_writes_output_and_percentiles(cluster, tmp_path):
+    result = subprocess.run(
+        ["loadtest/h2load.sh", "iris-single", "--url", cluster.url, "-n", "400", "-c", "8", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "400 succeeded" in (tmp_path / "h2load.txt").read_text()
+    assert len((tmp_path / "requests.log").read_text().splitlines()) == 400
+    assert "latency ms: p50" in result.stdout
+
+
+@pytest.mark.parametrize(("min_rps", "exit_code"), [(1, 0), (10**9, 1)])
+def test_locust_thresholds_set_the_exit_code(cluster, tmp_path, min_rps, exit_code):
+    result = subprocess.run(
+        [str(VENV_BIN / "locust"), "-f", "loadtest/locustfile.py", "--host", cluster.url, "--headless",
+         "-u", "4", "-r", "4", "-t", "3s", "--hit-ratio", "0.5", "--min-rps", str(min_rps),
+         "--csv", str(tmp_path / "locust"), "--only-summary", "MixUser"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == exit_code, result.stdout[-2000:] + result.stderr[-2000:]
+    stats = (tmp_path / "locust_stats.csv").read_text()
+    assert "v1 iris 1 row" in stats and "v2 iris infer" in stats
+    assert "X-Cache mix:" in result.stdout + result.stderr

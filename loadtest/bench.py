@@ -1,0 +1,415 @@
+"""The benchmark sweep: replicas × concurrency × cache-hit ratio × model against the local
+cluster, the tutorials' baseline measured in the same run, an h2load raw-throughput
+comparison and a Locust mix; then the report.
+
+    python -m loadtest.bench [--quick] [--out reports/<timestamp>] [...]   (make bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from balancer.render import BalancerSettings
+from loadtest import report
+from loadtest.baseline import BASELINE_WORKERS, Baseline
+from loadtest.generators import h2load_argv, pool_batches, predict_path, write_wrk_payloads, wrk_argv
+from loadtest.parsers import (
+    parse_h2load,
+    parse_h2load_log,
+    parse_locust_stats,
+    parse_stub_status,
+    parse_wrk,
+    summarize_access_log,
+)
+from loadtest.payloads import Mix, pool_row
+from loadtest.procstat import snapshot
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the sweep measures."""
+
+    replicas: tuple[int, ...] = (1, 2, 4)
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    hit_ratios: tuple[float, ...] = (0.0, 0.9, 1.0)
+    models: tuple[str, ...] = ("iris", "digits")
+    seconds: float = 6.0
+    baseline: bool = True
+    pool_size: int = 1000
+    skew: str = "zipf"
+    locust_seconds: float = 15.0
+
+    @property
+    def headline_concurrency(self) -> int:
+        """The concurrency the summary compares at: 32, or the nearest planned."""
+        return min(self.concurrency, key=lambda c: abs(c - 32))
+
+
+QUICK = Plan(replicas=(1, 2), concurrency=(8, 32), hit_ratios=(0.0, 1.0), models=("iris",), seconds=3.0,
+             locust_seconds=5.0)  # fmt: skip
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, **kwargs)
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        result = _run(argv, timeout=10)
+    except OSError:
+        return "not found"
+    text = (result.stdout + result.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """scripts/cluster as a library: status, up, scale, down (in its own run directory)."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.env = {**os.environ}
+        if run_dir is not None:
+            self.env["CLUSTER_RUN_DIR"] = str(run_dir)
+
+    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run scripts/cluster.py; fail loudly."""
+        result = _run([sys.executable, str(ROOT / "scripts" / "cluster.py"), *args], env=self.env, cwd=ROOT)
+        if result.returncode != 0 and args[0] != "status":
+            raise RuntimeError(f"cluster {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """status --json."""
+        return json.loads(self.command("status", "--json").stdout)
+
+    def running(self) -> bool:
+        """Whether a balancer is up."""
+        return any(c["kind"] == "nginx" and c["running"] for c in self.status()["components"])
+
+
+class Sweep:
+    """Runs every point and writes raw results; report.py turns them into the report."""
+
+    def __init__(self, plan: Plan, out: Path, cluster: Cluster, port: int | None) -> None:
+        self.plan = plan
+        self.out = out
+        self.cluster = cluster
+        self.port = port
+        self.points: list[dict[str, Any]] = []
+        self.commands: list[str] = []
+        self.started = time.monotonic()
+        self.done = 0
+        self.h2load_results: list[dict[str, Any]] = []
+        self.total = len(plan.replicas) * len(plan.concurrency) * len(plan.hit_ratios) * len(plan.models)
+        if plan.baseline:
+            self.total += len(plan.concurrency) * len(plan.models)
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+
+    # progress ---------------------------------------------------------------------------
+    def progress(self, what: str) -> None:
+        """One line: how far, what runs now, and an estimate of what is left."""
+        elapsed = time.monotonic() - self.started
+        left = (elapsed / self.done) * (self.total - self.done) if self.done else self.total * (self.plan.seconds + 2)
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
+        line = f"{bar}  {what}  ~{int(left) // 60}m{int(left) % 60:02d}s left"
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"\x1b[2K{line}{end}" if end == "\r" else f"{line}\n")
+        sys.stderr.flush()
+
+    # one point --------------------------------------------------------------------------
+    def warm(self, url: str, model: str, mix: Mix) -> None:
+        """Put the pool into the cache so that choosing a pool row is a hit."""
+        for body in pool_batches(model, mix):
+            request = urllib.request.Request(
+                f"{url}{predict_path(model)}", data=body.encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+
+    def measure(self, kind: str, url: str, components: dict[str, int], access_log: Path, status_url: str | None,
+                replicas: int, concurrency: int, hit_ratio: float, model: str) -> dict[str, Any]:  # fmt: skip
+        """Run wrk for one point and collect everything the report shows about it."""
+        mix = Mix(pool_size=self.plan.pool_size, hit_ratio=hit_ratio, skew=self.plan.skew)
+        if hit_ratio > 0:
+            self.warm(url, model, mix)
+        nonce = random.SystemRandom().randint(10**5, 10**6 - 1)
+        tag = f"{kind}-r{replicas}-c{concurrency}-h{int(hit_ratio * 100)}-{model}"
+        payloads = write_wrk_payloads(self.out / "raw" / f"{tag}.lua", model, mix, nonce)
+        argv = wrk_argv(url, concurrency, self.plan.seconds)
+        log_offset = access_log.stat().st_size if access_log.exists() else 0
+        stub_before = self._stub(status_url)
+        cpu_before = snapshot(components)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = _run(argv, env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=self.plan.seconds + 60)
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu_after = snapshot(components)
+        stub_after = self._stub(status_url)
+        (self.out / "raw" / f"{tag}.wrk.txt").write_text(result.stdout + result.stderr)
+        payloads.unlink()
+        parsed = parse_wrk(result.stdout)
+        seconds = parsed["seconds"] or self.plan.seconds
+        cpu = {name: (cpu_after.get(name, 0.0) - cpu_before.get(name, 0.0)) / seconds for name in cpu_before}
+        cpu["load generator"] = (
+            children_after.ru_utime + children_after.ru_stime - children_before.ru_utime - children_before.ru_stime
+        ) / seconds
+        with access_log.open("rb") as log:
+            log.seek(log_offset)
+            access = summarize_access_log(line.decode(errors="replace") for line in log)
+        stub = None
+        if stub_before and stub_after:
+            stub = {k: stub_after[k] - stub_before[k] for k in ("accepts", "handled", "requests")}
+            stub["active_after"] = stub_after["active"]
+        self.commands.append(f"WRK_PAYLOADS=raw/{tag}.lua " + " ".join(argv))
+        return {
+            "kind": kind, "replicas": replicas, "concurrency": concurrency, "hit_ratio": hit_ratio,
+            "model": model, **parsed, "access_log": access, "cpu_cores": cpu, "stub_status": stub,
+            "command": self.commands[-1],
+        }  # fmt: skip
+
+    def _stub(self, url: str | None) -> dict[str, int] | None:
+        if not url:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return parse_stub_status(response.read().decode())
+        except (OSError, ValueError):
+            return None
+
+    # the cluster ------------------------------------------------------------------------
+    def cluster_components(self) -> tuple[str, dict[str, int], Path, str]:
+        """Balancer URL, process trees to account CPU to, the access log, stub_status URL."""
+        status = self.cluster.status()
+        pids = {c["name"]: c["pid"] for c in status["components"] if c["running"]}
+        nginx = next(c for c in status["components"] if c["kind"] == "nginx")
+        return status["balancer"], pids, Path(status["logs"]) / "access.log", nginx["health"]
+
+    def run_cluster(self) -> None:
+        """Every replicas × concurrency × hit ratio × model point."""
+        for replicas in self.plan.replicas:
+            self.progress(f"scaling the cluster to {replicas} replica(s)")
+            self.cluster.command("scale", str(replicas))
+            self._wait_for_spread(replicas)
+            url, pids, access_log, status_url = self.cluster_components()
+            for model in self.plan.models:
+                for hit_ratio in self.plan.hit_ratios:
+                    for concurrency in self.plan.concurrency:
+                        self.progress(f"cluster: {replicas} replica(s), c={concurrency}, hits {hit_ratio:.0%}, {model}")
+                        self.points.append(self.measure("cluster", url, pids, access_log, status_url, replicas,
+                                                        concurrency, hit_ratio, model))  # fmt: skip
+                        self.done += 1
+
+    def _wait_for_spread(self, replicas: int) -> None:
+        """After scaling up, nginx finds a new replica within fail_timeout: wait for it."""
+        url = self.cluster.status()["balancer"]
+        wanted = {f"replica-{i}" for i in range(1, replicas + 1)}
+        deadline = time.monotonic() + 30
+        seen: set[str] = set()
+        body = json.dumps({"instances": [pool_row("iris", 0)]}).encode()
+        while time.monotonic() < deadline and not wanted <= seen:
+            request = urllib.request.Request(
+                f"{url}{predict_path('iris')}", data=body, headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                seen.add(response.headers.get("X-Served-By", ""))
+
+    # the baseline -----------------------------------------------------------------------
+    def run_baseline(self) -> dict[str, list[str]]:
+        """The tutorials' set-up on its own ports, same points at hit ratio 0 (no cache)."""
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
+        baseline = Baseline(self.out / "baseline-run", _free_port(), _free_port(), nginx)
+        self.progress("starting the baseline (gunicorn sync, no cache, no upstream keepalive)")
+        baseline.start()
+        try:
+            for model in self.plan.models:
+                for concurrency in self.plan.concurrency:
+                    self.progress(f"baseline: c={concurrency}, {model}")
+                    self.points.append(self.measure("baseline", baseline.url, baseline.pids(),
+                                                    baseline.run_dir / "access.log", None, 1, concurrency, 0.0,
+                                                    model))  # fmt: skip
+                    self.done += 1
+            self.progress("h2load: baseline, iris, all hits, c=32")
+            raw = self.h2load("baseline", baseline.url)
+        finally:
+            baseline.stop()
+        self.h2load_results.append(raw)
+        return baseline.argv()
+
+    def h2load(self, kind: str, url: str, connections: int = 32) -> dict[str, Any]:
+        """Raw throughput: h2load, one fixed iris row (all hits on the cluster)."""
+        body = self.out / "raw" / "h2load-body.json"
+        body.write_text(json.dumps({"instances": [pool_row("iris", 0)]}))
+        log = self.out / "raw" / f"h2load-{kind}.log"
+        argv = h2load_argv(f"{url}{predict_path('iris')}", body, connections, self.plan.seconds, log)
+        result = _run(argv, timeout=self.plan.seconds + 60)
+        (self.out / "raw" / f"h2load-{kind}.txt").write_text(result.stdout + result.stderr)
+        summary = parse_h2load(result.stdout)
+        latency = parse_h2load_log(log.read_text())
+        self.commands.append(" ".join(argv))
+        return {"kind": kind, "concurrency": connections, **summary, **latency, "command": " ".join(argv)}
+
+    def run_locust(self, url: str) -> dict[str, Any]:
+        """A short realistic mix with Locust (its CSV and HTML go into the report folder)."""
+        users = 16
+        argv = [
+            str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
+            "--host", url, "--headless", "-u", str(users), "-r", str(users),
+            "-t", f"{max(1, round(self.plan.locust_seconds))}s", "--hit-ratio", "0.9",
+            "--csv", str(self.out / "locust"), "--html", str(self.out / "locust.html"), "--only-summary",
+            "MixUser",
+        ]  # fmt: skip
+        result = _run(argv, timeout=self.plan.locust_seconds + 120, cwd=ROOT)
+        (self.out / "raw" / "locust.txt").write_text(result.stdout + result.stderr)
+        self.commands.append(" ".join(argv))
+        stats_file = self.out / "locust_stats.csv"
+        rows = parse_locust_stats(stats_file.read_text()) if stats_file.exists() else []
+        mix = re.search(r"X-Cache mix: (\{.*\})", result.stdout + result.stderr)
+        return {"users": users, "exit_code": result.returncode, "rows": rows, "cache_mix": mix.group(1) if mix else "",
+                "command": " ".join(argv)}  # fmt: skip
+
+
+def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None) -> dict[str, Any]:
+    """Everything needed to trust or reproduce the numbers."""
+    sha = _run(["git", "rev-parse", "HEAD"], cwd=ROOT).stdout.strip() or "unknown"
+    dirty = bool(_run(["git", "status", "--porcelain"], cwd=ROOT).stdout.strip())
+    cpu_model = "unknown"
+    try:
+        cpu_model = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )  # fmt: skip
+    except (OSError, StopIteration):
+        pass
+    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
+    service = Settings.from_env()
+    balancer = BalancerSettings.from_env()
+    return {
+        "git_sha": sha + (" (uncommitted changes)" if dirty else ""),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_model": cpu_model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "versions": {
+            "python": platform.python_version(),
+            "nginx": _version([nginx, "-v"]),
+            "redis": _version(["redis-server", "--version"]),
+            "gunicorn": _version([str(Path(sys.executable).parent / "gunicorn"), "--version"]),
+            "wrk": _version(["wrk", "-v"]),
+            "h2load": _version(["h2load", "--version"]),
+            "locust": _version([str(Path(sys.executable).parent / "locust"), "--version"]),
+        },
+        "plan": asdict(plan),
+        "service_settings": {k: str(v) for k, v in asdict(service).items()},
+        "balancer_settings": asdict(balancer),
+        "cluster_env": {k: v for k, v in os.environ.items() if k.startswith(("CLUSTER_", "SERVICE_", "BALANCER_"))},
+        "baseline": {"workers": BASELINE_WORKERS, "commands": baseline_argv},
+    }
+
+
+def write_csv(points: list[dict[str, Any]], path: Path) -> None:
+    """One row per point, flat."""
+    columns = ["kind", "replicas", "concurrency", "hit_ratio", "model", "rps", "p50_ms", "p90_ms", "p99_ms",
+               "max_ms", "requests", "non_2xx", "socket_errors"]  # fmt: skip
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow([*columns, "cache", "served_by", "nginx_p50_ms", "upstream_p50_ms", "cpu_cores"])
+        for p in points:
+            writer.writerow([*(p[c] for c in columns), json.dumps(p["cache"]), json.dumps(p["served_by"]),
+                             p["access_log"]["nginx_p50_ms"], p["access_log"]["upstream_p50_ms"],
+                             json.dumps({k: round(v, 3) for k, v in p["cpu_cores"].items()})])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer points, shorter (< 2 min)")
+    parser.add_argument("--replicas", type=_ints, help="e.g. 1,2,4")
+    parser.add_argument("--concurrency", type=_ints, help="e.g. 1,8,32,128")
+    parser.add_argument("--hit-ratios", type=_floats, help="e.g. 0,0.9,1")
+    parser.add_argument("--models", type=lambda s: tuple(s.split(",")), help="e.g. iris,digits")
+    parser.add_argument("--seconds", type=float, help="duration of each point")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
+    parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.quick else Plan()
+    overrides = {k: v for k, v in {"replicas": args.replicas, "concurrency": args.concurrency,
+                                   "hit_ratios": args.hit_ratios, "models": args.models,
+                                   "seconds": args.seconds}.items() if v is not None}  # fmt: skip
+    plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline})
+    out = args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+
+    cluster = Cluster(None)
+    reused = cluster.running()
+    before = cluster.status()["replicas"] if reused else None
+    if not reused:
+        sys.stderr.write("bench: starting the local cluster (scripts/cluster up)\n")
+        cluster.command("up", "--replicas", str(max(plan.replicas)))
+    sweep = Sweep(plan, out, cluster, None)
+    baseline_argv = None
+    try:
+        sweep.run_cluster()
+        url = cluster.status()["balancer"]
+        sweep.progress("h2load: cluster, iris, all hits, c=32")
+        sweep.h2load_results.append(sweep.h2load("cluster", url))
+        if plan.baseline:
+            baseline_argv = sweep.run_baseline()
+        sweep.progress("Locust: a realistic mix")
+        locust = sweep.run_locust(url)
+    finally:
+        if reused and before:
+            cluster.command("scale", str(before))
+        elif not reused:
+            cluster.command("down")
+    results = {
+        "environment": environment(plan, baseline_argv),
+        "points": sweep.points,
+        "h2load": sweep.h2load_results,
+        "locust": locust,
+        "commands": sweep.commands,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_csv(sweep.points, out / "points.csv")
+    sys.stderr.write("\n")
+    paths = report.build(out)
+    print(f"report: {paths['md']}\n        {paths['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

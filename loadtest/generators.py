@@ -1,0 +1,68 @@
+"""Command lines and payload files for the load generators (wrk, h2load, Locust)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest.payloads import Mix, pool_row
+
+LOADTEST = Path(__file__).resolve().parent
+WRK_SCRIPT = LOADTEST / "wrk_mix.lua"
+
+
+def predict_path(model: str) -> str:
+    """The KServe V1 predict path of a model."""
+    return f"/v1/models/{model}:predict"
+
+
+def _lua_string(text: str) -> str:
+    assert "]==]" not in text
+    return f"[==[{text}]==]"
+
+
+def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: int = 50_000) -> Path:
+    """The Lua data file wrk_mix.lua loads: pool bodies, pre-drawn choices, fresh-row templates."""
+    pool = [json.dumps({"instances": [pool_row(model, i)]}, separators=(",", ":")) for i in range(mix.pool_size)]
+    tails = []
+    for i in range(min(mix.pool_size, 64)):
+        rest = ",".join(json.dumps(v) for v in pool_row(model, i)[1:])
+        tails.append(f",{rest}]]}}")
+    drawn = mix.choices(choices, seed=nonce)
+    lua = [
+        "return {",
+        f"  path = {_lua_string(predict_path(model))},",
+        f"  fresh_head = {_lua_string(chr(123) + chr(34) + 'instances' + chr(34) + ':[[' + str(nonce))},",
+        "  pool = {" + ",".join(_lua_string(body) for body in pool) + "},",
+        "  tails = {" + ",".join(_lua_string(tail) for tail in tails) + "},",
+        "  choices = {" + ",".join(str(c) for c in drawn) + "},",
+        "}",
+    ]
+    path.write_text("\n".join(lua) + "\n")
+    return path
+
+
+def pool_batches(model: str, mix: Mix, batch_rows: int = 500) -> list[str]:
+    """The pool as V1 batch bodies, to warm it into the cache before a run."""
+    rows = [pool_row(model, i) for i in range(mix.pool_size)]
+    return [
+        json.dumps({"instances": rows[i : i + batch_rows]}, separators=(",", ":"))
+        for i in range(0, len(rows), batch_rows)
+    ]
+
+
+def wrk_argv(url: str, connections: int, seconds: float, timeout_s: float = 10.0) -> list[str]:
+    """wrk with one thread (plenty on loopback) and the hit-ratio script."""
+    return [
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s:g}s",
+        "-s", str(WRK_SCRIPT), url,
+    ]  # fmt: skip
+
+
+def h2load_argv(url: str, body: Path, connections: int, seconds: float, log_file: Path) -> list[str]:
+    """A time-bounded HTTP/1.1 h2load run with its per-request log."""
+    return [
+        "h2load", "--h1", "-c", str(connections), "-m", "1", "-D", str(max(1, round(seconds))),
+        "--warm-up-time", "1", "-T", "10", "-d", str(body), "-H", "Content-Type: application/json",
+        "--log-file", str(log_file), url,
+    ]  # fmt: skip

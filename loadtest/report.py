@@ -1,0 +1,355 @@
+"""The throughput report: report.md and a self-contained report.html with plots, built
+from the raw results of a sweep (so it can be rebuilt at any time).
+
+    python -m loadtest.report reports/<timestamp>
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+Block = tuple[Any, ...]
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "–"
+
+
+class Results:
+    """Lookups over the points of one sweep."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.env = raw["environment"]
+        self.plan = self.env["plan"]
+        self.points = raw["points"]
+        self.cluster = [p for p in self.points if p["kind"] == "cluster"]
+        self.baseline = [p for p in self.points if p["kind"] == "baseline"]
+        self.max_replicas = max(self.plan["replicas"])
+        self.headline_c = min(self.plan["concurrency"], key=lambda c: abs(c - 32))
+
+    def get(self, kind: str, **where: Any) -> dict[str, Any]:
+        """Like find, for a point known to exist."""
+        point = self.find(kind, **where)
+        assert point is not None, (kind, where)
+        return point
+
+    def find(self, kind: str, **where: Any) -> dict[str, Any] | None:
+        """The one point of `kind` matching every field in `where`."""
+        for point in self.points:
+            if point["kind"] == kind and all(point[k] == v for k, v in where.items()):
+                return point
+        return None
+
+
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tuple[str, list, list, str]],
+          bar: bool = False, logx: bool = False) -> Path:  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    series = list(series)
+    if bar:
+        labels, values = series[0][1], series[0][2]
+        ax.bar([str(x) for x in labels], values, color="#4c72b0")
+    else:
+        for label, xs, ys, style in series:
+            ax.plot(xs, ys, style, label=label, marker="o" if "--" not in style else None)
+        ax.legend(fontsize=8)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if not bar:
+        ticks = sorted({x for _, xs, _, _ in series for x in xs})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plots(results: Results, folder: Path) -> list[tuple[Path, str]]:
+    """Every plot of the report, as (PNG path, caption)."""
+    folder.mkdir(exist_ok=True)
+    made = []
+    c, rmax = results.headline_c, results.max_replicas
+    series = []
+    for model in results.plan["models"]:
+        for hit in results.plan["hit_ratios"]:
+            xs = [r for r in results.plan["replicas"] if results.find("cluster", model=model, hit_ratio=hit,
+                                                                      concurrency=c, replicas=r)]  # fmt: skip
+            ys = [results.get("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=r)["rps"] for r in xs]
+            series.append((f"{model}, {hit:.0%} hits", xs, ys, "-"))
+        base = results.find("baseline", model=model, concurrency=c)
+        if base:
+            xs = list(results.plan["replicas"])
+            series.append((f"{model}, tutorial baseline", xs, [base["rps"]] * len(xs), "--"))
+    made.append((_plot(folder / "throughput_vs_replicas.png", f"Throughput vs replicas (c={c})", "replicas",
+                       "requests/s", series), f"Requests/s against the number of replicas at {c} connections; "
+                 "dashed: the tutorials' set-up measured in the same run."))  # fmt: skip
+
+    for model in results.plan["models"]:
+        hit = min(results.plan["hit_ratios"])
+        series = []
+        for q in ("p50_ms", "p90_ms", "p99_ms"):
+            xs = [cc for cc in results.plan["concurrency"] if results.find("cluster", model=model, hit_ratio=hit,
+                                                                          concurrency=cc, replicas=rmax)]  # fmt: skip
+            ys = [results.get("cluster", model=model, hit_ratio=hit, concurrency=cc, replicas=rmax)[q] for cc in xs]
+            series.append((f"cluster {q[:3]}", xs, ys, "-"))
+        xs = [cc for cc in results.plan["concurrency"] if results.find("baseline", model=model, concurrency=cc)]
+        if xs:
+            series.append(("baseline p99", xs, [results.get("baseline", model=model, concurrency=cc)["p99_ms"]
+                                                for cc in xs], "--"))  # fmt: skip
+        made.append((_plot(folder / f"latency_vs_concurrency_{model}.png",
+                           f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)", "connections",
+                           "ms", series, logx=True),
+                     f"Latency percentiles of {model} against concurrency, {rmax} replicas, "
+                     f"{hit:.0%} cache hits."))  # fmt: skip
+
+    series = []
+    for model in results.plan["models"]:
+        xs = [h for h in results.plan["hit_ratios"] if results.find("cluster", model=model, hit_ratio=h,
+                                                                    concurrency=c, replicas=rmax)]  # fmt: skip
+        ys = [results.get("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)["rps"] for h in xs]
+        series.append((model, [x * 100 for x in xs], ys, "-"))
+    made.append((_plot(folder / "cache_effect.png", f"What the cache buys ({rmax} replicas, c={c})",
+                       "cache-hit ratio (%)", "requests/s", series),
+                 "Requests/s against the share of requests whose row is already cached."))  # fmt: skip
+
+    point = results.find("cluster", model=results.plan["models"][0], hit_ratio=max(results.plan["hit_ratios"]),
+                         concurrency=c, replicas=rmax)  # fmt: skip
+    if point:
+        names = sorted(point["served_by"])
+        made.append((_plot(folder / "replica_distribution.png", f"Requests per replica ({rmax} replicas, c={c})",
+                           "replica", "requests", [("", names, [point["served_by"][n] for n in names], "")],
+                           bar=True), "How evenly nginx spread one point's requests over the replicas."))  # fmt: skip
+    return made
+
+
+def _headline(results: Results) -> tuple[list[str], list[list[str]]]:
+    headers = ["model", "cache hits", "cluster req/s", "baseline req/s", "throughput ×", "cluster p99 ms",
+               "baseline p99 ms", "p99 ×"]  # fmt: skip
+    rows = []
+    for model in results.plan["models"]:
+        base = results.find("baseline", model=model, concurrency=results.headline_c)
+        for hit in results.plan["hit_ratios"]:
+            point = results.find("cluster", model=model, hit_ratio=hit, concurrency=results.headline_c,
+                                 replicas=results.max_replicas)  # fmt: skip
+            if not point:
+                continue
+            rows.append([model, f"{hit:.0%}", _fmt(point["rps"]), _fmt(base["rps"]) if base else "–",
+                         _ratio(point["rps"], base["rps"]) if base else "–", _fmt(point["p99_ms"], 1),
+                         _fmt(base["p99_ms"], 1) if base else "–",
+                         _ratio(point["p99_ms"], base["p99_ms"]) if base else "–"])  # fmt: skip
+    return headers, rows
+
+
+def interpretation(results: Results) -> list[str]:
+    """A few sentences on what the numbers mean, computed from them."""
+    sentences = []
+    cores = results.env["cores"]
+    c, rmax = results.headline_c, results.max_replicas
+    model = results.plan["models"][0]
+    hit = max(results.plan["hit_ratios"])
+    one = results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=min(results.plan["replicas"]))
+    top = results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=rmax)
+    if one and top and one["rps"]:
+        sentences.append(
+            f"Scaling: {model} at {hit:.0%} hits goes from {_fmt(one['rps'])} req/s with "
+            f"{one['replicas']} replica(s) to {_fmt(top['rps'])} with {rmax} ({top['rps'] / one['rps']:.2f}×) on "
+            f"{cores} cores; replicas beyond the core count share the same CPUs, so more of them add "
+            "resilience and smoother tails rather than throughput here."
+        )
+    busiest = max(results.cluster, key=lambda p: p["rps"], default=None)
+    if busiest:
+        cpu = busiest["cpu_cores"]
+        replicas_cpu = sum(v for k, v in cpu.items() if k.startswith("replica"))
+        parts = {"replicas": replicas_cpu, "nginx": cpu.get("nginx", 0.0), "redis": cpu.get("redis", 0.0),
+                 "load generator": cpu.get("load generator", 0.0)}  # fmt: skip
+        total = sum(parts.values())
+        verdict = "CPU-bound" if total > 0.85 * cores else "not CPU-bound (look at latency and connections)"
+        shares = ", ".join(f"{name} {value:.2f}" for name, value in sorted(parts.items(), key=lambda kv: -kv[1]))
+        sentences.append(
+            f"Where the time goes: at the fastest point ({busiest['model']}, {busiest['replicas']} replicas, "
+            f"c={busiest['concurrency']}, {busiest['hit_ratio']:.0%} hits, {_fmt(busiest['rps'])} req/s) the machine "
+            f"is {verdict}: cores used — {shares} of {cores}. The replicas (gunicorn, gevent, Flask, the model) "
+            "are the bottleneck when they take most of it; nginx's own share shows what balancing costs."
+        )
+        access = busiest["access_log"]
+        sentences.append(
+            f"nginx vs replicas: nginx's total time per request was {_fmt(access['nginx_p50_ms'], 2)} ms at the "
+            f"median, of which the replica took {_fmt(access['upstream_p50_ms'], 2)} ms; the client measured "
+            f"{_fmt(busiest['p50_ms'], 2)} ms."
+        )
+    for model in results.plan["models"]:
+        low, high = min(results.plan["hit_ratios"]), max(results.plan["hit_ratios"])
+        miss = results.find("cluster", model=model, hit_ratio=low, concurrency=c, replicas=rmax)
+        hits = results.find("cluster", model=model, hit_ratio=high, concurrency=c, replicas=rmax)
+        if miss and hits and low != high and miss["rps"]:
+            gain = hits["rps"] / miss["rps"]
+            meaning = ("the cache pays for itself" if gain > 1.1 else
+                       "a cache lookup costs about what the prediction does" if gain > 0.9 else
+                       "for this model a prediction is cheaper than a cache round trip")  # fmt: skip
+            sentences.append(
+                f"The cache, {model}: {high:.0%} hits give {_fmt(hits['rps'])} req/s against "
+                f"{_fmt(miss['rps'])} at {low:.0%} ({gain:.2f}×): {meaning}."
+            )
+    failures = sum(p["non_2xx"] + p["socket_errors"] for p in results.points)
+    sentences.append(
+        "Errors: none in any point."
+        if not failures
+        else f"Errors: {failures} non-2xx or socket errors in all; see the table."
+    )
+    return sentences
+
+
+def blocks(results: Results, folder: Path) -> list[Block]:
+    """The report's content, rendered to Markdown and HTML alike."""
+    env = results.env
+    out: list[Block] = [("h1", "Throughput report")]
+    out.append(("p", f"{env['date_utc']} UTC · git {env['git_sha']} · {env['cpu_model']} · {env['cores']} cores"))
+    out.append(("h2", f"Summary: cluster ({results.max_replicas} replicas) vs the tutorials' set-up, "
+                      f"c={results.headline_c}"))  # fmt: skip
+    out.append(("p", "Both measured side by side in this run on this machine; absolute numbers on shared "
+                     "machines drift, the ratios are what to compare. Baseline: gunicorn sync workers "
+                     f"({env['baseline']['workers']}), no result cache, "
+                     "nginx without upstream keepalive."))  # fmt: skip
+    out.append(("table", *_headline(results)))
+    for sentence in interpretation(results):
+        out.append(("p", sentence))
+    if results.raw.get("h2load"):
+        out.append(("h2", "Raw throughput (h2load, one iris row, all hits, c=32)"))
+        rows = [[h["kind"], _fmt(h["rps"]), _fmt(h["p50_ms"], 1), _fmt(h["p90_ms"], 1), _fmt(h["p99_ms"], 1),
+                 _fmt(h["max_ms"], 1), str(h["s2xx"]), str(h["failed"] + h["errored"])]
+                for h in results.raw["h2load"]]  # fmt: skip
+        out.append(("table", ["set-up", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "2xx", "failed"], rows))
+    out.append(("h2", "Plots"))
+    for path, caption in plots(results, folder / "plots"):
+        out.append(("img", path, caption))
+    out.append(("h2", "Every point"))
+    headers = ["set-up", "replicas", "c", "hits", "model", "req/s", "p50", "p90", "p99", "max", "errors",
+               "X-Cache", "per replica", "nginx p50", "upstream p50", "cores used"]  # fmt: skip
+    rows = []
+    for p in results.points:
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["cpu_cores"].items()) if v >= 0.01)
+        rows.append([p["kind"], str(p["replicas"]), str(p["concurrency"]), f"{p['hit_ratio']:.0%}", p["model"],
+                     _fmt(p["rps"]), _fmt(p["p50_ms"], 1), _fmt(p["p90_ms"], 1), _fmt(p["p99_ms"], 1),
+                     _fmt(p["max_ms"], 1), str(p["non_2xx"] + p["socket_errors"]),
+                     " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
+                     " ".join(str(v) for _, v in sorted(p["served_by"].items())),
+                     _fmt(p["access_log"]["nginx_p50_ms"], 2),
+                     _fmt(p["access_log"]["upstream_p50_ms"], 2), cpu])  # fmt: skip
+    out.append(("table", headers, rows))
+    out.append(("p", "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
+                     "($request_time vs $upstream_response_time). Cores used: CPU seconds per second of each "
+                     "process tree, from /proc."))  # fmt: skip
+    locust = results.raw.get("locust")
+    if locust and locust.get("rows"):
+        out.append(("h2", f"A realistic mix (Locust, {locust['users']} users, 90 % hits)"))
+        rows = [[r["name"], str(r["requests"]), str(r["failures"]), _fmt(r["rps"]), _fmt(r["median_ms"]),
+                 _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["max_ms"])] for r in locust["rows"]]  # fmt: skip
+        out.append(("table", ["request", "count", "failures", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
+        out.append(("p", f"X-Cache mix: {locust['cache_mix']}. Locust's own report: locust.html; its CSV: "
+                         "locust_stats.csv."))  # fmt: skip
+    out.append(("h2", "Environment"))
+    versions = ", ".join(f"{k}: {v}" for k, v in env["versions"].items())
+    out.append(("p", f"{env['platform']}. {versions}."))
+    out.append(("pre", json.dumps({"plan": env["plan"], "service settings": env["service_settings"],
+                                   "balancer settings": env["balancer_settings"],
+                                   "environment overrides": env["cluster_env"], "baseline": env["baseline"]},
+                                  indent=1)))  # fmt: skip
+    out.append(("h2", "Commands"))
+    out.append(("pre", "\n".join(results.raw["commands"])))
+    out.append(("p", "Rebuild this report from its raw data: python -m loadtest.report <this folder>. "
+                     "Raw data: results.json, points.csv, raw/."))  # fmt: skip
+    return out
+
+
+def to_markdown(content: list[Block], folder: Path) -> str:
+    """Markdown, plots as files beside it."""
+    lines = []
+    for block in content:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            lines.append(f"{'#' * int(kind[1])} {block[1]}\n")
+        elif kind == "p":
+            lines.append(f"{block[1]}\n")
+        elif kind == "pre":
+            lines.append(f"```\n{block[1]}\n```\n")
+        elif kind == "img":
+            lines.append(f"![{block[2]}]({block[1].relative_to(folder)})\n\n{block[2]}\n")
+        elif kind == "table":
+            headers, rows = block[1], block[2]
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "---|" * len(headers))
+            lines.extend("| " + " | ".join(row) + " |" for row in rows)
+            lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(content: list[Block]) -> str:
+    """One self-contained HTML file: styles inline, plots embedded as data URIs."""
+    body = []
+    for block in content:
+        kind = block[0]
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "pre":
+            body.append(f"<pre>{html.escape(block[1])}</pre>")
+        elif kind == "img":
+            data = base64.b64encode(block[1].read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")  # fmt: skip
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
+             "padding:3px 6px;text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;"
+             "overflow:auto;font-size:12px}img{max-width:100%}figcaption{font-size:13px;color:#555}")  # fmt: skip
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Throughput report</title>'
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+
+
+def build(folder: Path) -> dict[str, Path]:
+    """Write report.md, report.html and plots/ from folder/results.json."""
+    results = Results(json.loads((folder / "results.json").read_text()))
+    content = blocks(results, folder)
+    md, page = folder / "report.md", folder / "report.html"
+    md.write_text(to_markdown(content, folder))
+    page.write_text(to_html(content))
+    return {"md": md, "html": page}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild a report from its folder."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not (Path(args[0]) / "results.json").exists():
+        print("usage: python -m loadtest.report reports/<timestamp>  (a folder with results.json)", file=sys.stderr)
+        return 2
+    paths = build(Path(args[0]))
+    print(f"report: {paths['md']}\n        {paths['html']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Load-test logic without servers: payload mixes, parsers on captured output, the report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadtest import report
+from loadtest.generators import write_wrk_payloads
+from loadtest.parsers import (
+    parse_h2load,
+    parse_h2load_log,
+    parse_locust_stats,
+    parse_stub_status,
+    parse_wrk,
+    percentile,
+    summarize_access_log,
+)
+from loadtest.payloads import FRESH, Mix, fresh_row, pool_row
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_mix_draws_the_requested_hit_ratio_and_skew():
+    choices = Mix(pool_size=100, hit_ratio=0.9, skew="zipf").choices(20_000)
+    fresh = sum(1 for c in choices if c == FRESH) / len(choices)
+    assert 0.08 < fresh < 0.12
+    picks = [c for c in choices if c != FRESH]
+    assert picks.count(0) > 5 * picks.count(50), "zipf favours the first rows"
+    uniform = [c for c in Mix(pool_size=100, hit_ratio=1.0, skew="uniform").choices(20_000)]
+    assert FRESH not in uniform and uniform.count(0) < 3 * uniform.count(50)
+    assert Mix(hit_ratio=0.0).choices(1000) == [FRESH] * 1000
+
+
+def test_pool_rows_are_distinct_and_fresh_rows_are_not_in_the_pool():
+    pool = {tuple(pool_row("iris", i)) for i in range(1000)}
+    assert len(pool) == 1000 and all(len(r) == 4 for r in pool)
+    assert len(pool_row("digits", 3)) == 64
+    assert tuple(fresh_row("iris", 123456, 1)) not in pool
+    with pytest.raises(ValueError):
+        Mix(hit_ratio=1.5)
+
+
+def test_wrk_payload_file_is_lua(tmp_path):
+    path = write_wrk_payloads(tmp_path / "p.lua", "iris", Mix(pool_size=10, hit_ratio=0.5), nonce=42, choices=100)
+    text = path.read_text()
+    assert text.startswith("return {") and "/v1/models/iris:predict" in text
+    assert text.count("[==[") == 1 + 1 + 10 + 10
+
+
+def test_parse_h2load_summary_and_log():
+    summary = parse_h2load((FIXTURES / "h2load.txt").read_text())
+    assert summary["total"] == summary["s2xx"] == 2000 and summary["failed"] == 0
+    assert summary["rps"] > 0 and summary["seconds"] > 0
+    log = parse_h2load_log((FIXTURES / "h2load.log").read_text())
+    assert log["requests"] == 300 and log["statuses"] == {"200": 300}
+    assert 0 < log["p50_ms"] <= log["p90_ms"] <= log["p99_ms"] <= log["max_ms"]
+    with pytest.raises(ValueError):
+        parse_h2load("nothing here")
+
+
+def test_parse_wrk_json_line():
+    result = parse_wrk((FIXTURES / "wrk.txt").read_text())
+    assert result["requests"] == 4891 and result["non_2xx"] == 0 and result["socket_errors"] == 0
+    assert result["cache"] == {"MISS": 507, "HIT": 4384}
+    assert set(result["served_by"]) == {"replica-1", "replica-2"}
+    assert result["p50_ms"] == 9.63 and round(result["rps"]) == 1628
+
+
+def test_parse_locust_stats():
+    rows = parse_locust_stats((FIXTURES / "locust_stats.csv").read_text())
+    names = [r["name"] for r in rows]
+    assert "Aggregated" in names and "v1 digits 1 row" in names
+    total = next(r for r in rows if r["name"] == "Aggregated")
+    assert total["requests"] == sum(r["requests"] for r in rows if r["name"] != "Aggregated")
+    assert total["failures"] == 0 and total["p99_ms"] >= total["median_ms"]
+
+
+def test_access_log_and_stub_status():
+    summary = summarize_access_log((FIXTURES / "access.log").read_text().splitlines() + ["not json"])
+    assert summary["requests"] == 40
+    assert summary["upstream_p50_ms"] <= summary["nginx_p50_ms"] + 1
+    assert set(summary["served_by"]) <= {"replica-1", "replica-2", "nginx"}
+    stub = parse_stub_status((FIXTURES / "stub_status.txt").read_text())
+    assert stub["accepts"] >= stub["handled"] > 0 and stub["requests"] >= stub["accepts"]
+
+
+def test_percentile_nearest_rank():
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([5], 99) == 5 and percentile(list(range(1, 101)), 99) == 99
+
+
+def test_report_builds_from_captured_results(tmp_path):
+    shutil.copy(FIXTURES / "results.json", tmp_path / "results.json")
+    paths = report.build(tmp_path)
+    markdown = paths["md"].read_text()
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert "## Summary" in markdown and "throughput ×" in markdown and "Scaling:" in markdown
+    every_point = markdown.split("## Every point")[1].split("##")[0]
+    assert every_point.count("\n| ") - 1 == len(raw["points"])
+    for plot in ("throughput_vs_replicas", "cache_effect", "replica_distribution", "latency_vs_concurrency_iris"):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 5000
+    page = paths["html"].read_text()
+    assert page.count("data:image/png;base64,") == 4 and "http" not in page.split("<body>")[0]
+    assert raw["environment"]["git_sha"][:7] in page
