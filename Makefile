@@ -2,7 +2,7 @@
 REPLICAS ?= 4
 PORT ?= 8080
 
-.PHONY: up down status scale bench setup models test lint replica clean
+.PHONY: up down status scale bench bench-targets setup models test lint replica clean
 
 up:  ## install what is missing, start Redis + REPLICAS replicas + nginx on PORT
 	scripts/cluster up --replicas $(REPLICAS) --port $(PORT)
@@ -18,6 +18,9 @@ scale:  ## change the replica count of the running cluster: make scale REPLICAS=
 
 bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html (QUICK=1: a smoke run)
 	scripts/bench $(if $(QUICK),--quick,)
+
+bench-targets:  ## only the performance targets' points, one line per target (a benchmark, not a test)
+	scripts/bench --targets
 
 setup:  ## venv with dependencies, OS packages when root, demo models
 	scripts/bootstrap

@@ -39,7 +39,7 @@ from loadtest.parsers import (
     summarize_access_log,
 )
 from loadtest.payloads import Mix, pool_row
-from loadtest.procstat import snapshot
+from loadtest.procstat import memory, snapshot
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +178,7 @@ class Sweep:
         result = _run(argv, env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=self.plan.seconds + 60)
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_after = snapshot(components)
+        rss_mb = memory(components)
         stub_after = self._stub(status_url)
         (self.out / "raw" / f"{tag}.wrk.txt").write_text(result.stdout + result.stderr)
         payloads.unlink()
@@ -197,7 +198,11 @@ class Sweep:
         self.commands.append(f"WRK_PAYLOADS=raw/{tag}.lua " + " ".join(argv))
         return {
             "kind": kind, "replicas": replicas, "concurrency": concurrency, "hit_ratio": hit_ratio,
-            "model": model, **parsed, "access_log": access, "cpu_cores": cpu, "stub_status": stub,
+            "model": model, **parsed, "access_log": access, "cpu_cores": cpu, "stub_status": stub, "rss_mb": rss_mb,
+            "cpu_ms_per_request": {
+                name: round(value * seconds * 1000 / parsed["requests"], 3) if parsed["requests"] else None
+                for name, value in cpu.items()
+            },
             "command": self.commands[-1],
         }  # fmt: skip
 
@@ -302,6 +307,81 @@ class Sweep:
                 "command": " ".join(argv)}  # fmt: skip
 
 
+def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency: int, replicas: int) -> None:
+    """The same cluster with SERVICE_BATCHING=off, in a run directory and on ports of its own."""
+    other = Cluster(sweep.out / "nobatch-run")
+    other.env["SERVICE_BATCHING"] = "off"
+    base = _free_port()
+    while any(not _port_free(p) for p in range(base, base + 8)):
+        base = _free_port()
+    other.command("up", "--replicas", str(replicas), "--port", str(_free_port()), "--status-port", str(_free_port()),
+                  "--redis-port", str(_free_port()), "--replica-base-port", str(base))  # fmt: skip
+    try:
+        sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
+        status = other.status()
+        pids = {c["name"]: c["pid"] for c in status["components"] if c["running"]}
+        nginx = next(c for c in status["components"] if c["kind"] == "nginx")
+        point = sweep.measure("cluster, batching off", status["balancer"], pids, Path(status["logs"]) / "access.log",
+                              nginx["health"], replicas, concurrency, hit_ratio, model)  # fmt: skip
+        sweep.points.append(point)
+        sweep.done += 1
+    finally:
+        other.command("down")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def evaluate_targets(points: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
+    """The performance targets (issue 5), each with its measured ratio and a verdict."""
+
+    def point(kind: str, model: str, hit: float) -> dict[str, Any] | None:
+        return next((p for p in points if p["kind"] == kind and p["model"] == model and p["hit_ratio"] == hit
+                     and p["concurrency"] == concurrency), None)  # fmt: skip
+
+    targets = []
+
+    def add(name: str, measured: float | None, goal: float, at_least: bool) -> None:
+        met = measured is not None and (measured >= goal if at_least else measured <= goal)
+        targets.append({"target": name, "measured": measured, "goal": goal, "at_least": at_least, "met": met})
+
+    base = {m: next((p for p in points if p["kind"] == "baseline" and p["model"] == m
+                     and p["concurrency"] == concurrency), None) for m in ("iris", "digits")}  # fmt: skip
+    for hit, goal, label in ((1.0, 1.8, "all hits"), (0.0, 1.3, "all misses")):
+        ours = point("cluster", "iris", hit)
+        if ours and base["iris"]:
+            add(f"iris, {label}: req/s vs baseline", ours["rps"] / base["iris"]["rps"], goal, True)
+            if hit == 1.0:
+                add("iris, all hits: p99 vs baseline", ours["p99_ms"] / base["iris"]["p99_ms"], 1.0, False)
+    batched, unbatched = point("cluster", "digits", 0.0), point("cluster, batching off", "digits", 0.0)
+    if batched and unbatched:
+        add("digits, all misses: req/s, batching on vs off", batched["rps"] / unbatched["rps"], 5.0, True)
+        add("digits, all misses: p99, batching on vs off", batched["p99_ms"] / unbatched["p99_ms"], 1.0, False)
+    for p in points:
+        if p["kind"] == "cluster" and p["concurrency"] == concurrency:
+            add(f"fair tails, {p['model']} {p['hit_ratio']:.0%} hits: p99 / p50", p["p99_ms"] / p["p50_ms"], 3.0, False)
+    return targets
+
+
+def print_targets(targets: list[dict[str, Any]]) -> str:
+    """One line per target: measured, goal, met or not."""
+    lines = []
+    for t in targets:
+        sign = ">=" if t["at_least"] else "<="
+        measured = f"{t['measured']:.2f}" if t["measured"] is not None else "n/a"
+        lines.append(
+            f"{'MET ' if t['met'] else 'MISS'}  {t['target']:<52} {measured:>7}  (target {sign} {t['goal']:g})"
+        )
+    return "\n".join(lines)
+
+
 def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None) -> dict[str, Any]:
     """Everything needed to trust or reproduce the numbers."""
     sha = _run(["git", "rev-parse", "HEAD"], cwd=ROOT).stdout.strip() or "unknown"
@@ -364,9 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="duration of each point")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
     parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="only the performance targets' points, then one line per target (make bench-targets)",
+    )
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else Plan()
+    if args.targets:
+        plan = Plan(replicas=(os.cpu_count() or 2,), concurrency=(32,), hit_ratios=(0.0, 1.0),
+                    models=("iris", "digits"), seconds=8.0, locust_seconds=0.0)  # fmt: skip
     overrides = {k: v for k, v in {"replicas": args.replicas, "concurrency": args.concurrency,
                                    "hit_ratios": args.hit_ratios, "models": args.models,
                                    "seconds": args.seconds}.items() if v is not None}  # fmt: skip
@@ -381,32 +469,42 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("bench: starting the local cluster (scripts/cluster up)\n")
         cluster.command("up", "--replicas", str(max(plan.replicas)))
     sweep = Sweep(plan, out, cluster, None)
+    if args.targets:
+        sweep.total += 1
     baseline_argv = None
+    locust = None
     try:
         sweep.run_cluster()
         url = cluster.status()["balancer"]
         sweep.progress("h2load: cluster, iris, all hits, c=32")
         sweep.h2load_results.append(sweep.h2load("cluster", url))
+        if args.targets:
+            run_without_batching(sweep, "digits", 0.0, plan.headline_concurrency, max(plan.replicas))
         if plan.baseline:
             baseline_argv = sweep.run_baseline()
-        sweep.progress("Locust: a realistic mix")
-        locust = sweep.run_locust(url)
+        if plan.locust_seconds > 0:
+            sweep.progress("Locust: a realistic mix")
+            locust = sweep.run_locust(url)
     finally:
         if reused and before:
             cluster.command("scale", str(before))
         elif not reused:
             cluster.command("down")
-    results = {
+    results: dict[str, Any] = {
         "environment": environment(plan, baseline_argv),
         "points": sweep.points,
         "h2load": sweep.h2load_results,
         "locust": locust,
         "commands": sweep.commands,
     }
+    if args.targets:
+        results["targets"] = evaluate_targets(sweep.points, plan.headline_concurrency)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(sweep.points, out / "points.csv")
     sys.stderr.write("\n")
     paths = report.build(out)
+    if args.targets:
+        print(print_targets(results["targets"]))
     print(f"report: {paths['md']}\n        {paths['html']}")
     return 0
 

@@ -44,3 +44,25 @@ def snapshot(components: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of each named process tree."""
     tree = children_map()
     return {name: tree_cpu_seconds(pid, tree) for name, pid in components.items()}
+
+
+def tree_rss_mb(pid: int, tree: dict[int, list[int]]) -> float:
+    """Resident memory (MiB) of a process and its live descendants."""
+    total_kb = 0
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            pass
+        stack.extend(tree.get(current, []))
+    return total_kb / 1024
+
+
+def memory(components: dict[str, int]) -> dict[str, float]:
+    """Resident MiB of each named process tree now."""
+    tree = children_map()
+    return {name: round(tree_rss_mb(pid, tree), 1) for name, pid in components.items()}

@@ -221,6 +221,20 @@ def interpretation(results: Results) -> list[str]:
     return sentences
 
 
+def _app_cpu_ms(point: dict[str, Any]) -> float:
+    """CPU ms per request spent in the app processes (replicas, or the baseline's gunicorn)."""
+    per_request = point.get("cpu_ms_per_request") or {}
+    values = [v for k, v in per_request.items() if (k.startswith("replica") or k == "baseline app") and v is not None]
+    return sum(values) if values else math.nan
+
+
+def _replica_mib(point: dict[str, Any]) -> float:
+    """Mean resident memory of one replica (all its processes)."""
+    rss = point.get("rss_mb") or {}
+    values = [v for k, v in rss.items() if k.startswith("replica") or k == "baseline app"]
+    return sum(values) / len(values) if values else math.nan
+
+
 def blocks(results: Results, folder: Path) -> list[Block]:
     """The report's content, rendered to Markdown and HTML alike."""
     env = results.env
@@ -233,6 +247,11 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                      f"({env['baseline']['workers']}), no result cache, "
                      "nginx without upstream keepalive."))  # fmt: skip
     out.append(("table", *_headline(results)))
+    if results.raw.get("targets"):
+        out.append(("h2", "Performance targets"))
+        rows = [["met" if t["met"] else "NOT met", t["target"], _fmt(t["measured"], 2),
+                 f"{'≥' if t['at_least'] else '≤'} {t['goal']:g}"] for t in results.raw["targets"]]  # fmt: skip
+        out.append(("table", ["", "target", "measured", "goal"], rows))
     for sentence in interpretation(results):
         out.append(("p", sentence))
     if results.raw.get("h2load"):
@@ -246,7 +265,8 @@ def blocks(results: Results, folder: Path) -> list[Block]:
         out.append(("img", path, caption))
     out.append(("h2", "Every point"))
     headers = ["set-up", "replicas", "c", "hits", "model", "req/s", "p50", "p90", "p99", "max", "errors",
-               "X-Cache", "per replica", "nginx p50", "upstream p50", "cores used"]  # fmt: skip
+               "X-Cache", "per replica", "nginx p50", "upstream p50", "app CPU ms/req", "MiB/replica",
+               "cores used"]  # fmt: skip
     rows = []
     for p in results.points:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["cpu_cores"].items()) if v >= 0.01)
@@ -256,11 +276,14 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                      " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
                      " ".join(str(v) for _, v in sorted(p["served_by"].items())),
                      _fmt(p["access_log"]["nginx_p50_ms"], 2),
-                     _fmt(p["access_log"]["upstream_p50_ms"], 2), cpu])  # fmt: skip
+                     _fmt(p["access_log"]["upstream_p50_ms"], 2), _fmt(_app_cpu_ms(p), 3),
+                     _fmt(_replica_mib(p)), cpu])  # fmt: skip
     out.append(("table", headers, rows))
     out.append(("p", "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
-                     "($request_time vs $upstream_response_time). Cores used: CPU seconds per second of each "
-                     "process tree, from /proc."))  # fmt: skip
+                     "($request_time vs $upstream_response_time). App CPU ms/req: CPU time of the replicas (or the "
+                     "baseline's gunicorn) per request. MiB/replica: resident memory of one replica's processes, "
+                     "each worker holding the models once. Cores used: CPU seconds per second of each process "
+                     "tree, from /proc."))  # fmt: skip
     locust = results.raw.get("locust")
     if locust and locust.get("rows"):
         out.append(("h2", f"A realistic mix (Locust, {locust['users']} users, 90 % hits)"))

@@ -6,9 +6,9 @@ Routes follow KServe V1, the Open Inference Protocol (V2 REST), and the tutorial
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from flask import Blueprint, Response, current_app, request
 from werkzeug.routing import BaseConverter
 
@@ -43,8 +43,7 @@ def _state() -> ServiceState:
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A compact JSON response."""
-    body = json.dumps(payload, separators=(",", ":"))
-    return Response(body, status=status, headers=headers, mimetype="application/json")
+    return Response(orjson.dumps(payload), status=status, headers=headers, mimetype="application/json")
 
 
 def _json_body() -> Any:

@@ -48,7 +48,15 @@ def create_app(
             breaker=CircuitBreaker(settings.breaker_backoff_s, settings.breaker_max_backoff_s),
         )
     metrics = Metrics(settings.prometheus_multiproc_dir)
-    predictor = Predictor(cache, metrics, settings.cache_key_prefix, settings.cache_enabled_for)
+    predictor = Predictor(
+        cache,
+        metrics,
+        settings.cache_key_prefix,
+        settings.cache_policy_for,
+        batching=settings.batching == "on",
+        batch_max_rows=settings.batch_max_rows,
+        batch_max_wait_s=settings.batch_max_wait_ms / 1000,
+    )
     app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache)
     app.register_blueprint(bp)
     _register_hooks(app, settings, metrics)

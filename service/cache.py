@@ -88,6 +88,9 @@ class ResultCache(Protocol):
     def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values; failures are swallowed (a cache never breaks a request)."""
 
+    def round_trip_ms(self) -> float | None:
+        """Time of a trivial command, or None when the cache is unavailable."""
+
 
 class RedisResultCache:
     """ResultCache on Redis with bounded timeouts and a circuit breaker."""
@@ -141,6 +144,23 @@ class RedisResultCache:
             self.breaker.record_failure()
             return
         self.breaker.record_success()
+
+    def round_trip_ms(self, samples: int = 5) -> float | None:
+        """Fastest of a few PINGs (what a lookup costs at least, whatever else the worker
+        is doing meanwhile), or None if Redis fails."""
+        if not self.breaker.allow():
+            return None
+        times = []
+        try:
+            for _ in range(samples):
+                started = time.perf_counter()
+                self._client.ping()
+                times.append((time.perf_counter() - started) * 1000)
+        except (redis.RedisError, OSError):
+            self.breaker.record_failure()
+            return None
+        self.breaker.record_success()
+        return min(times)
 
     def close(self) -> None:
         """Release the connection pool."""

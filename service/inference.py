@@ -1,4 +1,4 @@
-"""The data plane: rows in, predictions out, through the shared result cache.
+"""The data plane: rows in, predictions out, through the shared result cache and batching.
 
 Knows nothing of HTTP. Cache status per request: HIT (every row cached), MISS (none),
 PARTIAL (some), BYPASS (cache off for this model, or unavailable).
@@ -6,18 +6,24 @@ PARTIAL (some), BYPASS (cache off for this model, or unavailable).
 
 from __future__ import annotations
 
-import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
+from service.batching import Batcher
 from service.cache import ResultCache, row_keys
 from service.metrics import Metrics
 from service.models import LoadedModel
 
+log = logging.getLogger(__name__)
+
 HIT, MISS, PARTIAL, BYPASS = "HIT", "MISS", "PARTIAL", "BYPASS"
+Result = tuple[list[Any], list[list[float]] | None]
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class Prediction:
 
 
 def _encode(label: Any, proba: list[float] | None) -> bytes:
-    return json.dumps([label, proba], separators=(",", ":")).encode()
+    return orjson.dumps([label, proba])
 
 
 class Predictor:
@@ -41,27 +47,83 @@ class Predictor:
         cache: ResultCache | None,
         metrics: Metrics,
         key_prefix: str,
-        cache_enabled_for: Any,
+        cache_policy_for: Callable[[str], str],
+        batching: bool = True,
+        batch_max_rows: int = 64,
+        batch_max_wait_s: float = 0.005,
     ) -> None:
         self._cache = cache
         self._metrics = metrics
         self._key_prefix = key_prefix
-        self._cache_enabled_for = cache_enabled_for
+        self._cache_policy_for = cache_policy_for
+        self._batching = batching
+        self._batch_max_rows = batch_max_rows
+        self._batch_max_wait_s = batch_max_wait_s
+        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._uses_cache: dict[tuple[str, str], bool] = {}
+        self._deciding = False
 
-    def _infer(self, model: LoadedModel, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
+    def _timed_predict(self, model: LoadedModel, rows: np.ndarray) -> Result:
         started = time.perf_counter()
         result = model.predict(rows)
         self._metrics.observe_inference(model.name, len(rows), time.perf_counter() - started)
         return result
 
+    def _infer(self, model: LoadedModel, rows: np.ndarray) -> Result:
+        if not self._batching:
+            return self._timed_predict(model, rows)
+        key = (model.name, model.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+
+            def observe(requests: int, _rows: int, name: str = model.name) -> None:
+                self._metrics.observe_batch(name, requests)
+
+            batcher = self._batchers[key] = Batcher(
+                lambda batch: self._timed_predict(model, batch), self._batch_max_rows, self._batch_max_wait_s, observe
+            )
+        return batcher.predict(rows)
+
+    def cache_decision(self, model: LoadedModel) -> bool | None:
+        """Whether this model's results go through the cache (None: auto, not decided yet)."""
+        return self._uses_cache.get((model.name, model.version))
+
+    def _cache_pays(self, model: LoadedModel) -> bool:
+        key = (model.name, model.version)
+        decided = self._uses_cache.get(key)
+        if decided is not None:
+            return decided
+        policy = self._cache_policy_for(model.name)
+        if self._cache is None or policy == "off":
+            decided = False
+        elif policy == "on":
+            decided = True
+        else:
+            if self._deciding:
+                return False  # another request is measuring Redis: bypass meanwhile
+            self._deciding = True
+            try:
+                round_trip = self._cache.round_trip_ms()
+            finally:
+                self._deciding = False
+            if round_trip is None:
+                return False  # Redis unavailable: bypass now, decide once it answers
+            cost = model.predict_ms
+            # A miss pays an MGET and a SET; a hit saves one predict.
+            decided = cost > 2 * round_trip
+            log.info(
+                "cache auto for %s %s: predict %.3f ms vs two Redis round trips %.3f ms -> %s",
+                model.name, model.version, cost, 2 * round_trip, "on" if decided else "off",
+            )  # fmt: skip
+        self._uses_cache[key] = decided
+        return decided
+
     def predict(self, model: LoadedModel, rows: np.ndarray) -> Prediction:
         """Predict every row, taking cached rows from the cache and caching the rest."""
-        if self._cache is None or not self._cache_enabled_for(model.name):
-            labels, proba = self._infer(model, rows)
-            self._metrics.count_cache(model.name, BYPASS, len(rows))
-            return Prediction(labels, proba, BYPASS)
-        keys = row_keys(self._key_prefix, model.name, model.version, rows)
-        cached = self._cache.get_many(keys)
+        cached = None
+        if self._cache is not None and self._cache_pays(model):
+            keys = row_keys(self._key_prefix, model.name, model.version, rows)
+            cached = self._cache.get_many(keys)
         if cached is None:
             labels, proba = self._infer(model, rows)
             self._metrics.count_cache(model.name, BYPASS, len(rows))
@@ -74,7 +136,7 @@ class Predictor:
         proba_out: list[Any] = [None] * len(rows)
         for i, value in enumerate(cached):
             if value is not None:
-                labels_out[i], proba_out[i] = json.loads(value)
+                labels_out[i], proba_out[i] = orjson.loads(value)
         if missing:
             new_labels, new_proba = self._infer(model, rows[missing])
             writes = []
@@ -82,6 +144,7 @@ class Predictor:
                 row_proba = new_proba[n] if new_proba is not None else None
                 labels_out[i], proba_out[i] = new_labels[n], row_proba
                 writes.append((keys[i], _encode(new_labels[n], row_proba)))
+            assert self._cache is not None
             self._cache.set_many(writes)
         status = HIT if not missing else MISS if not hits else PARTIAL
         return Prediction(labels_out, proba_out if model.has_proba else None, status)

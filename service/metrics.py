@@ -64,6 +64,13 @@ class Metrics:
             buckets=ROWS_BUCKETS,
             registry=registry,
         )
+        self.batch_requests = Histogram(
+            "prediction_batch_requests",
+            "Requests that shared one batched predict call, by model.",
+            ["model"],
+            buckets=ROWS_BUCKETS,
+            registry=registry,
+        )
         self.cache_rows = Counter(
             "prediction_cache_rows",
             "Rows looked up in the result cache, by outcome.",
@@ -71,11 +78,16 @@ class Metrics:
             registry=registry,
         )
         self._cache_children: dict[tuple[str, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe_inference(self, model: str, rows: int, seconds: float) -> None:
         """Record one predict call."""
         self.inference.labels(model).observe(seconds)
         self.inference_rows.labels(model).observe(rows)
+
+    def observe_batch(self, model: str, requests: int) -> None:
+        """Record how many requests one batched predict call served."""
+        self.batch_requests.labels(model).observe(requests)
 
     def count_cache(self, model: str, result: str, rows: int) -> None:
         """Count rows that hit, missed or bypassed the cache."""
@@ -87,8 +99,13 @@ class Metrics:
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Record one answered HTTP request."""
-        self.requests.labels(model, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (model, route, status)
+        children = self._request_children.get(key)
+        if children is None:  # resolving labels costs more than the increment: do it once
+            children = (self.requests.labels(model, route, str(status)), self.latency.labels(route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every worker of this replica."""

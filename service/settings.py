@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-CACHE_POLICIES = ("on", "off")
+CACHE_POLICIES = ("on", "off", "auto")
 
 
 class SettingsError(ValueError):
@@ -35,9 +35,9 @@ def _parse_cache_policy(raw: str) -> dict[str, str]:
             name, value = "*", name
         name, value = name.strip(), value.strip().lower()
         if value not in CACHE_POLICIES or not name:
-            raise SettingsError(f"cache policy item {item!r}: expected 'on', 'off' or 'model=on|off'")
+            raise SettingsError(f"cache policy item {item!r}: expected on, off, auto or model=on|off|auto")
         policy[name] = value
-    policy.setdefault("*", "on")
+    policy.setdefault("*", "auto")
     return policy
 
 
@@ -61,8 +61,9 @@ class Settings:
     )
     redis_timeout_ms: int = _setting(
         "SERVICE_REDIS_TIMEOUT_MS",
-        50,
-        "Socket connect/read timeout for the cache; the most a request waits on Redis.",
+        100,
+        "Socket connect/read timeout for the cache; the most a request waits on Redis. Keep it above the "
+        "longest batched predict, which holds the worker's event loop (and so the timer) meanwhile.",
     )
     redis_max_connections: int = _setting(
         "SERVICE_REDIS_MAX_CONNECTIONS",
@@ -73,7 +74,8 @@ class Settings:
     cache_policy: dict[str, str] = _setting(
         "SERVICE_CACHE_POLICY",
         None,
-        "Cache on/off per model: 'on', 'off' or 'iris=off,*=on' (default 'on').",
+        "Cache per model: on, off or auto (cache only models whose predict costs more than a "
+        "miss's two Redis round trips), e.g. 'iris=off,*=auto'.",
     )
     cache_key_prefix: str = _setting("SERVICE_CACHE_KEY_PREFIX", "pred", "Prefix of every cache key in Redis.")
     breaker_backoff_s: float = _setting(
@@ -118,11 +120,22 @@ class Settings:
         "",
         "Set by gunicorn.conf.py from SERVICE_METRICS_DIR; non-empty: workers share metrics.",
     )
+    batching: str = _setting(
+        "SERVICE_BATCHING", "on", "on: concurrent requests in a worker share one predict call; off: one each."
+    )
+    batch_max_rows: int = _setting(
+        "SERVICE_BATCH_MAX_ROWS", 64, "Most rows one batched predict call takes (a batch runs at once when full)."
+    )
+    batch_max_wait_ms: float = _setting(
+        "SERVICE_BATCH_MAX_WAIT_MS",
+        5.0,
+        "Longest a request waits for others to join its batch (it runs sooner when the worker is idle).",
+    )
     log_level: str = _setting("SERVICE_LOG_LEVEL", "info", "Python log level.")
 
     def __post_init__(self) -> None:
         if self.cache_policy is None:
-            object.__setattr__(self, "cache_policy", {"*": "on"})
+            object.__setattr__(self, "cache_policy", {"*": "auto"})
         if not self.replica_id:
             object.__setattr__(self, "replica_id", socket.gethostname())
         if self.metrics_dir is None:
@@ -146,6 +159,10 @@ class Settings:
             raise SettingsError("SERVICE_REDIS_MAX_CONNECTIONS must be >= 0")
         if self.breaker_backoff_s <= 0 or self.breaker_max_backoff_s < self.breaker_backoff_s:
             raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be > 0 and <= SERVICE_BREAKER_MAX_BACKOFF_S")
+        if self.batching not in ("on", "off"):
+            raise SettingsError(f"SERVICE_BATCHING must be on or off, got {self.batching!r}")
+        if self.batch_max_rows <= 0 or self.batch_max_wait_ms < 0:
+            raise SettingsError("SERVICE_BATCH_MAX_ROWS must be positive and SERVICE_BATCH_MAX_WAIT_MS >= 0")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(f"SERVICE_LOG_LEVEL: unknown level {self.log_level!r}")
 
@@ -154,11 +171,11 @@ class Settings:
         """Connections per worker: one per concurrent greenlet is enough, never more."""
         return self.redis_max_connections or self.worker_connections
 
-    def cache_enabled_for(self, model: str) -> bool:
-        """Whether results of `model` go through the shared cache."""
+    def cache_policy_for(self, model: str) -> str:
+        """on, off or auto for `model` (off whenever there is no Redis)."""
         if not self.redis_url:
-            return False
-        return self.cache_policy.get(model, self.cache_policy["*"]) == "on"
+            return "off"
+        return self.cache_policy.get(model, self.cache_policy["*"])
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests, tools)."""
@@ -203,7 +220,7 @@ def settings_table() -> str:
     for f in fields(Settings):
         default = f.default
         if f.name == "cache_policy":
-            default = "on"
+            default = "auto"
         elif f.name == "replica_id":
             default = "host name"
         elif f.name == "metrics_dir":

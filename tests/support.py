@@ -193,6 +193,7 @@ class LocalCluster:
             "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
             "BALANCER_RATE_LIMIT": "5r/s",
             "BALANCER_RATE_LIMIT_BURST": "5",
+            "SERVICE_CACHE_POLICY": "on",  # the tests follow iris rows through the cache
         }
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -37,6 +37,7 @@ def _start(servers, models_dir, tmp_path):
             "SERVICE_BREAKER_BACKOFF_S": str(BREAKER_BACKOFF_S),
             "SERVICE_BREAKER_MAX_BACKOFF_S": "1",
             "SERVICE_CACHE_KEY_PREFIX": f"t{redis_port}",
+            "SERVICE_CACHE_POLICY": "on",  # iris is cheap: auto would not cache it
         },
     )
     servers.append(replica)

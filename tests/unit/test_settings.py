@@ -32,10 +32,12 @@ def test_bad_values_fail_fast(env, message):
 
 def test_cache_policy_per_model():
     settings = Settings.from_env({"SERVICE_CACHE_POLICY": "iris=off, *=on"})
-    assert not settings.cache_enabled_for("iris")
-    assert settings.cache_enabled_for("digits")
-    assert not Settings.from_env({"SERVICE_CACHE_POLICY": "off"}).cache_enabled_for("digits")
-    assert not Settings.from_env({"REDIS_URL": ""}).cache_enabled_for("digits")
+    assert settings.cache_policy_for("iris") == "off"
+    assert settings.cache_policy_for("digits") == "on"
+    assert Settings.from_env({"SERVICE_CACHE_POLICY": "off"}).cache_policy_for("digits") == "off"
+    assert Settings.from_env({"SERVICE_CACHE_POLICY": "digits=on"}).cache_policy_for("iris") == "auto"
+    assert Settings.from_env({}).cache_policy_for("iris") == "auto", "auto is the default"
+    assert Settings.from_env({"REDIS_URL": ""}).cache_policy_for("digits") == "off"
 
 
 def test_readme_documents_every_setting():

@@ -1,0 +1,95 @@
+"""Adaptive batching and the cache policy: pure logic with gevent greenlets, no servers."""
+
+from __future__ import annotations
+
+import gevent
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.inference import BYPASS, Predictor
+from service.metrics import Metrics
+
+
+class CountingModel:
+    """Stands in for an estimator: labels are the rows' first values; counts calls."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[int] = []
+        self.fail = fail
+
+    def __call__(self, rows: np.ndarray):
+        self.calls.append(len(rows))
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return rows[:, 0].tolist(), [[1.0, 0.0]] * len(rows)
+
+
+def test_concurrent_callers_share_one_predict_call_and_get_their_own_rows():
+    model, observed = CountingModel(), []
+    batcher = Batcher(model, max_rows=64, max_wait_s=1.0, observe=lambda req, rows: observed.append((req, rows)))
+    jobs = [gevent.spawn(batcher.predict, np.array([[float(i), 0.0]] * (1 + i % 3))) for i in range(10)]
+    gevent.joinall(jobs, raise_error=True)
+    assert model.calls == [sum(1 + i % 3 for i in range(10))], "one call for everyone who was waiting"
+    assert observed == [(10, sum(1 + i % 3 for i in range(10)))]
+    for i, job in enumerate(jobs):
+        labels, proba = job.value
+        assert labels == [float(i)] * (1 + i % 3) and len(proba) == len(labels)
+
+
+def test_a_full_batch_runs_at_once_and_the_rest_follow():
+    model = CountingModel()
+    batcher = Batcher(model, max_rows=4, max_wait_s=1.0, observe=lambda *_: None)
+    jobs = [gevent.spawn(batcher.predict, np.array([[float(i), 0.0]])) for i in range(10)]
+    gevent.joinall(jobs, raise_error=True)
+    assert model.calls == [4, 4, 2]
+    assert [job.value[0] for job in jobs] == [[float(i)] for i in range(10)]
+
+
+def test_a_lone_request_is_not_held_for_the_max_wait():
+    batcher = Batcher(CountingModel(), max_rows=64, max_wait_s=30.0, observe=lambda *_: None)
+    with gevent.Timeout(5):  # the idle check flushes it, long before 30 s
+        assert batcher.predict(np.array([[7.0, 0.0]]))[0] == [7.0]
+
+
+def test_an_error_reaches_every_waiting_caller():
+    batcher = Batcher(CountingModel(fail=True), max_rows=64, max_wait_s=1.0, observe=lambda *_: None)
+    jobs = [gevent.spawn(batcher.predict, np.array([[1.0, 0.0]])) for _ in range(3)]
+    gevent.joinall(jobs)
+    assert all(isinstance(job.exception, RuntimeError) for job in jobs)
+    with pytest.raises(RuntimeError):
+        batcher.predict(np.zeros((100, 2)))  # larger than a batch: runs alone, raises to its caller
+
+
+class FakeCache:
+    """A cache that is always empty and answers PING in a given time."""
+
+    def __init__(self, round_trip_ms: float | None) -> None:
+        self.rtt = round_trip_ms
+        self.reads = 0
+
+    def get_many(self, keys):
+        self.reads += 1
+        return [None] * len(keys)
+
+    def set_many(self, items) -> None:
+        pass
+
+    def round_trip_ms(self):
+        return self.rtt
+
+
+@pytest.mark.parametrize(("round_trip_ms", "expected"), [(0.0001, True), (1000.0, False), (None, None)])
+def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_trip_ms, expected):
+    from service.models import ModelRegistry
+
+    registry = ModelRegistry(models_dir, "iris")
+    registry.load()
+    model = registry.get("iris")
+    cache = FakeCache(round_trip_ms)
+    predictor = Predictor(cache, Metrics(), "t", lambda name: "auto", batching=False)
+    prediction = predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
+    assert prediction.labels == ["setosa"]
+    assert predictor.cache_decision(model) is expected
+    assert (prediction.cache_status == BYPASS) is (expected is not True)
+    assert cache.reads == (1 if expected else 0)
