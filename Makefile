@@ -2,7 +2,7 @@
 REPLICAS ?= 4
 PORT ?= 8080
 
-.PHONY: up down status scale bench bench-targets setup models test lint replica clean
+.PHONY: up down status scale bench bench-targets audit setup models test lint replica clean
 
 up:  ## install what is missing, start Redis + REPLICAS replicas + nginx on PORT
 	scripts/cluster up --replicas $(REPLICAS) --port $(PORT)
@@ -21,6 +21,9 @@ bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html 
 
 bench-targets:  ## only the performance targets' points, one line per target (a benchmark, not a test)
 	scripts/bench --targets
+
+audit:  ## known vulnerabilities in the installed dependencies (needs PyPI's JSON API or OSV)
+	.venv/bin/pip-audit --progress-spinner off
 
 setup:  ## venv with dependencies, OS packages when root, demo models
 	scripts/bootstrap

@@ -3,6 +3,7 @@
     scripts/cluster up [--replicas N] [--port P]   start what is not running, wait, summarize
     scripts/cluster status [--json]                each component: pid, port, health
     scripts/cluster scale N                        add or drain-and-remove replicas, no failed request
+    scripts/cluster restart --rolling              restart replicas one at a time, no failed request
     scripts/cluster down                           stop everything started, by pid
 
 State (pids, ports) lives in <run dir>/cluster.json, logs in <run dir>/logs/. The run
@@ -449,6 +450,38 @@ class Cluster:
         extra = [c for c in self.state.replicas() if int(c.name.rsplit("-", 1)[1]) > replicas]
         self._drain_and_stop(extra)
 
+    def restart_rolling(self) -> None:
+        """Restart every replica, one at a time, never leaving nginx without a live one."""
+        nginx = self.state.components.get("nginx")
+        if not (nginx and nginx.running):
+            raise ClusterError("the cluster is not running; start it with `scripts/cluster up`")
+        count = len(self.state.replicas())
+        spare = count == 1
+        if spare:  # one replica: bring a second up first, so someone always answers
+            self._scale(2)
+            self._wait_routed("replica-2")
+        for number in range(1, count + 1):
+            component = self.state.components[f"replica-{number}"]
+            self._stop(component, signal.SIGTERM, 60)
+            started = self._start_replica(number)
+            self._check_started(started, functools.partial(self._replica_ready, started), 60)
+            self._wait_routed(started.name)
+        if spare:
+            self._scale(1)
+
+    def _wait_routed(self, name: str, timeout_s: float = 30) -> None:
+        """Until nginx sends requests to `name` again (it retries a failed slot after fail_timeout)."""
+        url = f"http://127.0.0.1:{self.state.port}/v2/health/ready"
+
+        def routed() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.headers.get("X-Served-By") == name
+            except OSError:
+                return False
+
+        _wait_until(routed, timeout_s, f"nginx to route to {name} again")
+
     def _drain_and_stop(self, replicas: list[Component]) -> None:
         """SIGTERM: a replica finishes in-flight requests and closes idle connections; nginx
         retries anything that races the close on another replica."""
@@ -528,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     scale = sub.add_parser("scale", help="change the replica count of a running cluster")
     scale.add_argument("replicas", type=int)
+    restart = sub.add_parser("restart", help="restart the replicas (new code, models or settings)")
+    restart.add_argument("--rolling", action="store_true", required=True, help="one at a time, no failed request")
     sub.add_parser("down", help="stop everything `up` started")
     args = parser.parse_args(argv)
 
@@ -549,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "scale":
                 cluster.scale(args.replicas)
                 print(f"scaled to {args.replicas} replica(s)")
+            elif args.command == "restart":
+                cluster.restart_rolling()
+                print("every replica restarted")
             else:
                 cluster.down()
                 print("cluster stopped")

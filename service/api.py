@@ -87,7 +87,8 @@ def readyz() -> Response:
     state = _state()
     if state.is_ready():
         return json_response({"status": "ready", "models": state.registry.names()})
-    return json_response({"error": f"not ready: {'; '.join(state.registry.errors)}"}, 503)
+    reason = "draining (shutting down)" if state.draining else "; ".join(state.registry.errors)
+    return json_response({"error": f"not ready: {reason}"}, 503)
 
 
 @bp.get("/metrics")
@@ -99,7 +100,9 @@ def metrics() -> Response:
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """OpenAPI 3 description of this API."""
-    return json_response(openapi_document(__version__))
+    registry = _state().registry
+    versions = sorted({v for name in registry.names() for v in registry.versions(name)})
+    return json_response(openapi_document(__version__, tuple(registry.names()), tuple(versions)))
 
 
 # --- KServe V1 ------------------------------------------------------------------------

@@ -6,18 +6,13 @@ from functools import lru_cache
 from typing import Any
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_NAME = {
-    "name": "name",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-}
-_VERSION = {
-    "name": "version",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
-}
+_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+def _path_parameter(name: str, served: tuple[str, ...]) -> dict[str, Any]:
+    # The served names as an enum: clients (and the fuzzer) see what exists here.
+    schema = {"type": "string", "enum": list(served)} if served else {"type": "string", "pattern": _PATTERN}
+    return {"name": name, "in": "path", "required": True, "schema": schema}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -87,6 +82,7 @@ _SCHEMAS: dict[str, Any] = {
     "ShortcutRequest": {
         "type": "object",
         "properties": {"features": _ROW, "instances": {"type": "array", "items": _ROW, "minItems": 1}},
+        "anyOf": [{"required": ["features"]}, {"required": ["instances"]}],
     },
     "ShortcutResponse": {
         "type": "object",
@@ -172,9 +168,10 @@ _READY = {
 _META = {"$ref": "#/components/schemas/V2ModelMetadata"}
 
 
-@lru_cache(maxsize=4)
-def openapi_document(version: str) -> dict[str, Any]:
-    """The OpenAPI 3.0 document (built once per version)."""
+@lru_cache(maxsize=16)
+def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.0 document for the served models and versions (built once for each)."""
+    _NAME, _VERSION = _path_parameter("name", models), _path_parameter("version", versions)  # noqa: N806
     status = {"type": "object"}
     return {
         "openapi": "3.0.3",

@@ -109,6 +109,12 @@ class Settings:
         30,
         "Time in-flight requests get to finish on SIGTERM before workers are killed.",
     )
+    drain_delay_s: float = _setting(
+        "SERVICE_DRAIN_DELAY_S",
+        0.0,
+        "On SIGTERM, /readyz answers 503 and the replica keeps serving this long before it stops "
+        "accepting (time for a balancer that reads readiness or DNS to move away).",
+    )
     timeout_s: int = _setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.")
     metrics_dir: Path = _setting(
         "SERVICE_METRICS_DIR",
@@ -159,6 +165,8 @@ class Settings:
             raise SettingsError("SERVICE_REDIS_MAX_CONNECTIONS must be >= 0")
         if self.breaker_backoff_s <= 0 or self.breaker_max_backoff_s < self.breaker_backoff_s:
             raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be > 0 and <= SERVICE_BREAKER_MAX_BACKOFF_S")
+        if self.drain_delay_s < 0 or self.drain_delay_s >= self.graceful_timeout_s:
+            raise SettingsError("SERVICE_DRAIN_DELAY_S must be >= 0 and below SERVICE_GRACEFUL_TIMEOUT_S")
         if self.batching not in ("on", "off"):
             raise SettingsError(f"SERVICE_BATCHING must be on or off, got {self.batching!r}")
         if self.batch_max_rows <= 0 or self.batch_max_wait_ms < 0:

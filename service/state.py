@@ -20,7 +20,8 @@ class ServiceState:
     predictor: Predictor
     metrics: Metrics
     cache: RedisResultCache | None
+    draining: bool = False  # set on SIGTERM by service.worker
 
     def is_ready(self) -> bool:
-        """Every model found has loaded (rescanning while not)."""
-        return self.registry.reload_if_not_ready()
+        """Every model found has loaded (rescanning while not), and not draining."""
+        return not self.draining and self.registry.reload_if_not_ready()

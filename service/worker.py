@@ -6,7 +6,8 @@ them to every replica) never close by themselves before `keepalive`, so every st
 scale-down or rolling restart would cost the whole graceful timeout. This worker
 shuts down the connections that are waiting for their next request; connections
 with a request in flight finish it and then close (gunicorn closes them once the
-worker is no longer alive). The balancer retries a request that races the close.
+worker is no longer alive). The balancer retries a request that races the close. It also
+sends each response in one piece (see _OneSendPerResponse).
 """
 
 from __future__ import annotations
@@ -18,6 +19,36 @@ from typing import Any
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
+
+
+class _OneSendPerResponse:
+    """A client socket that holds a response's head until its body is written, so both
+    leave in one send. gunicorn writes them separately; a replica frozen between the two
+    (a SIGSTOP, a long GC pause) leaves nginx holding a header it has already passed on,
+    and the request can then no longer be retried elsewhere. One send makes a response
+    all-or-nothing for nginx, and saves a system call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._head = b""
+
+    def sendall(self, data: bytes, *args: Any) -> None:
+        """Send, holding a response head (not 100 Continue) for the body that follows."""
+        if not self._head and data[:5] == b"HTTP/" and data.endswith(b"\r\n\r\n") and b" 100 " not in data[:13]:
+            self._head = bytes(data)
+            return
+        if self._head:
+            data, self._head = self._head + bytes(data), b""
+        self._sock.sendall(data, *args)
+
+    def flush(self) -> None:
+        """Send a held head whose response had no body."""
+        if self._head:
+            head, self._head = self._head, b""
+            self._sock.sendall(head)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class GracefulGeventWorker(GeventWorker):
@@ -32,12 +63,21 @@ class GracefulGeventWorker(GeventWorker):
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
         """Serve one connection, remembering its socket while it is open."""
         current = gevent.getcurrent()
+        client = _OneSendPerResponse(client)  # type: ignore[assignment]
         self._clients[current] = client
         try:
             super().handle(listener, client, addr)
         finally:
             self._clients.pop(current, None)
             self._idle.discard(current)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        """Serve one request; send a held response head if no body followed it."""
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            if isinstance(sock, _OneSendPerResponse):
+                sock.flush()
 
     @contextmanager
     def timeout_ctx(self) -> Iterator[None]:
@@ -51,9 +91,21 @@ class GracefulGeventWorker(GeventWorker):
             self._idle.discard(current)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        """SIGTERM: stop accepting (gunicorn) and close idle connections (here)."""
+        """SIGTERM: /readyz turns 503, serve on for the drain delay, then stop accepting
+        (gunicorn) and close idle connections (here); in-flight requests finish."""
+        # The signal may arrive while the app is still loading (no self.wsgi yet).
+        state = getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
+        delay = 0.0
+        if state is not None:
+            state.draining = True
+            delay = state.settings.drain_delay_s
+        gevent.spawn(self._stop_after, delay, sig, frame)
+
+    def _stop_after(self, delay_s: float, sig: int, frame: Any) -> None:
+        if delay_s:
+            gevent.sleep(delay_s)
         super().handle_exit(sig, frame)
-        gevent.spawn(self._close_idle_connections)
+        self._close_idle_connections()
 
     def _close_idle_connections(self) -> None:
         for greenlet in list(self._idle):

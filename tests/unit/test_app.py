@@ -134,3 +134,17 @@ def test_openapi_document_is_valid_and_lists_every_route(client):
         if r.endpoint != "static"
     }
     assert app_rules == set(document["paths"])
+
+
+def test_an_unexpected_error_is_a_json_500_without_a_stack_trace(models_dir, tmp_path, caplog):
+    app = create_app(Settings(models_dir=models_dir, redis_url=""))
+    assert not app.debug and not app.testing
+
+    def explode():
+        raise ZeroDivisionError("secret internals")
+
+    app.add_url_rule("/explode", view_func=explode)
+    response = app.test_client().get("/explode")
+    assert response.status_code == 500 and response.json == {"error": "internal error"}
+    assert b"Traceback" not in response.data and b"secret" not in response.data
+    assert "ZeroDivisionError" in caplog.text, "the stack trace goes to the log, not to the client"

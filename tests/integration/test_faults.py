@@ -1,0 +1,249 @@
+"""The fault matrix: each fault under a bounded load on a real local cluster, every
+response counted. Prints one FAULT line per fault: sent, succeeded, failed, worst latency.
+(Also covered elsewhere: replica SIGKILL, scale 4→2→4 and Redis killed under h2load in
+test_cluster.py; Redis frozen and Redis restarted in test_replica.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.support import VENV_BIN, LocalCluster, ThreadedLoad, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+READ_TIMEOUT_S = 2
+CLIENT_TIMEOUT_S = 2
+REDIS_PASSWORD = "fault-test-secret"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, models_dir, request):
+    local = LocalCluster(tmp_path_factory.mktemp("faults") / "run")
+    local.env.update({
+        "BALANCER_PROXY_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
+        "BALANCER_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+        "BALANCER_RATE_LIMIT": "20r/s",
+        "BALANCER_RATE_LIMIT_BURST": "10",
+        "BALANCER_INTERNAL_NETWORKS": "127.0.0.1/32",
+        "SERVICE_DRAIN_DELAY_S": "2",
+        "CLUSTER_REDIS_PASSWORD": REDIS_PASSWORD,
+        "CLUSTER_REDIS_MAXMEMORY": "3mb",
+    })  # fmt: skip
+    failed_before = request.session.testsfailed
+    try:
+        local.up(replicas=3)
+        yield local
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(local.logs())
+        local.run("down", check=False)
+
+
+def _restore(cluster) -> None:
+    cluster.run("up", "--replicas", "3")
+
+
+def test_sigterm_drains_gracefully(cluster):
+    victim = cluster.component("replica-2")
+    direct = f"http://127.0.0.1:{victim['port']}"
+    with ThreadedLoad(cluster.url) as load:
+        time.sleep(1)
+        os.kill(victim["pid"], signal.SIGTERM)
+        # /readyz turns 503 first, while the replica still answers predictions.
+        readiness = requests.get(f"{direct}/readyz", timeout=5)
+        assert readiness.status_code == 503 and "draining" in readiness.json()["error"]
+        assert requests.post(f"{direct}/predict", json={"features": [1, 2, 3, 4]}, timeout=5).status_code == 200
+        wait_until(lambda: not cluster.component("replica-2")["running"], 40, "replica-2 to stop")
+        time.sleep(1)
+    summary = load.summary("replica SIGTERMed")
+    assert summary["sent"] > 100 and summary["failed"] == {}, summary
+    _restore(cluster)
+
+
+def test_rolling_restart_fails_no_request(cluster):
+    before = {c["name"]: c["pid"] for c in cluster.status()["components"]}
+    with ThreadedLoad(cluster.url) as load:
+        cluster.run("restart", "--rolling")
+    summary = load.summary("rolling restart of every replica")
+    assert summary["sent"] > 100 and summary["failed"] == {}, summary
+    after = {c["name"]: c["pid"] for c in cluster.status()["components"]}
+    assert all(after[f"replica-{i}"] != before[f"replica-{i}"] for i in (1, 2, 3))
+    assert after["nginx"] == before["nginx"] and after["redis"] == before["redis"]
+
+
+def test_frozen_replica_is_routed_around_within_the_read_timeout(cluster):
+    victim = cluster.component("replica-3")
+    with ThreadedLoad(cluster.url) as load:
+        time.sleep(0.5)
+        os.killpg(victim["pid"], signal.SIGSTOP)
+        try:
+            time.sleep(10)
+        finally:
+            os.killpg(victim["pid"], signal.SIGCONT)
+        time.sleep(1)
+    summary = load.summary("replica frozen (SIGSTOP) 10 s")
+    assert summary["failed"] == {}, summary
+    # A request caught on the frozen replica waits the read timeout, then another answers.
+    assert summary["worst_latency_s"] < READ_TIMEOUT_S + 1.5, summary
+
+
+def _redis(cluster, *command: str) -> str:
+    port = cluster.component("redis")["port"]
+    result = subprocess.run(["redis-cli", "-p", str(port), "--no-auth-warning", "-a", REDIS_PASSWORD, *command],
+                            capture_output=True, text=True, timeout=10)  # fmt: skip
+    return result.stdout
+
+
+def test_redis_at_maxmemory_evicts_without_errors(cluster):
+    statuses = []
+    for batch in range(30):  # 30 000 new rows: several times the 3 MB the cache may hold
+        rows = [[float(batch), float(i), 1.0, 2.0] for i in range(1000)]
+        statuses.append(requests.post(f"{cluster.url}/v1/models/iris:predict", json={"instances": rows},
+                                      timeout=30).status_code)  # fmt: skip
+    assert set(statuses) == {200}
+    stats = dict(line.split(":", 1) for line in _redis(cluster, "INFO", "stats").split() if ":" in line)
+    assert int(stats["evicted_keys"]) > 0
+    line = {"fault": "Redis at maxmemory", "sent": 30, "succeeded": statuses.count(200),
+            "evicted_keys": int(stats["evicted_keys"])}  # fmt: skip
+    print(f"FAULT {json.dumps(line)}")
+
+
+def test_redis_needs_its_password_and_listens_on_loopback_only(cluster):
+    port = cluster.component("redis")["port"]
+    unauthenticated = subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True)
+    assert "NOAUTH" in unauthenticated.stdout + unauthenticated.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", port), timeout=1).close()
+
+
+def test_nginx_reloads_fail_no_request(cluster):
+    nginx = cluster.component("nginx")
+    clients, reloads = 8, 5
+    with ThreadedLoad(cluster.url, clients=clients) as load:
+        for _ in range(reloads):
+            time.sleep(1)
+            os.kill(nginx["pid"], signal.SIGHUP)  # what `nginx -s reload` sends
+        time.sleep(1)
+    summary = load.summary("nginx reloaded 5 times")
+    assert summary["sent"] > 100
+    # No request gets an error answer. But nginx's old workers close idle client keep-alive
+    # connections when a reload begins; a client that sends on one at that instant gets a
+    # reset (nginx/nginx#437, declined upstream: RFC 9112 9.3.1 leaves the retry to the
+    # client). That race is all that may fail, and rarely: the cluster itself never
+    # reloads nginx to scale (see scripts/cluster.py).
+    # Each reload closes each client's idle connection at most once.
+    assert set(summary["failed"]) <= {"ConnectionError"}, summary
+    assert sum(summary["failed"].values()) <= clients * reloads, summary
+
+
+def test_slow_clients_are_cut_off_and_others_still_served(cluster):
+    port = int(cluster.url.rsplit(":", 1)[1])
+    slow = []
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        slow.append(sock)
+    with ThreadedLoad(cluster.url, clients=4) as load:
+        time.sleep(1)
+        for sock in slow:  # trickle: one header byte each, well inside the timeout
+            sock.sendall(b"X")
+        time.sleep(CLIENT_TIMEOUT_S + 1.5)
+    summary = load.summary("200 slow clients (slowloris)")
+    assert summary["failed"] == {} and summary["worst_latency_s"] < 1.0, summary
+    cut_off = 0
+    for sock in slow:
+        try:
+            reply = sock.recv(4096)
+            cut_off += reply == b"" or b" 408 " in reply.split(b"\r\n")[0]
+        except OSError:
+            cut_off += 1
+        sock.close()
+    assert cut_off == 200, f"only {cut_off} of 200 slow clients were cut off"
+
+
+def test_a_client_over_its_rate_limit_does_not_slow_others(cluster):
+    with (
+        ThreadedLoad(cluster.url, clients=4) as others,
+        ThreadedLoad(cluster.url, clients=4, source="127.0.0.2") as hog,
+    ):
+        time.sleep(4)
+    hogged = hog.summary("one client over its rate limit (the limited client)")
+    served = others.summary("one client over its rate limit (another client)")
+    assert hogged["failed"].get("429", 0) > hogged["succeeded"], hogged
+    assert served["failed"] == {} and served["worst_latency_s"] < 1.0, served
+
+
+def test_malformed_http_gets_nginx_4xx_and_never_reaches_a_replica(cluster):
+    port = int(cluster.url.rsplit(":", 1)[1])
+    access_log = cluster.run_dir / "logs" / "access.log"
+    before = len(access_log.read_text().splitlines())
+    cases = {
+        "garbage request line": b"\x16\x03\x01 garbage \x00\r\n\r\n",
+        "oversized header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        "invalid chunked body": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\n{}\r\n0\r\n\r\n",
+    }
+    for name, raw in cases.items():
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(raw)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            status_line = reply.split(b"\r\n")[0]
+            assert status_line.startswith(b"HTTP/1.1 4"), (name, status_line)
+            assert b"Content-Type: application/json" in reply, (name, reply[:400])
+    time.sleep(0.5)
+    entries = [json.loads(line) for line in access_log.read_text().splitlines()[before:]]
+    assert entries and all(entry["upstream_addr"] == "" for entry in entries), entries
+
+
+def test_metrics_and_stub_status_are_internal_only(cluster):
+    outsider = requests.Session()
+    from requests.adapters import HTTPAdapter
+
+    class Bound(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["source_address"] = ("127.0.0.2", 0)
+            return super().init_poolmanager(*args, **kwargs)
+
+    outsider.mount("http://", Bound())
+    refused = outsider.get(f"{cluster.url}/metrics", timeout=5)
+    assert refused.status_code == 403 and "internal" in refused.json()["error"]
+    assert requests.get(f"{cluster.url}/metrics", timeout=5).status_code == 200
+    status_port = int(cluster.component("nginx")["health"].split(":")[2].split("/")[0])
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", status_port), timeout=1).close()
+
+
+FUZZ_EXAMPLES = 50
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(cluster, tmp_path):
+    """schemathesis against /openapi.json through the balancer: every check but one.
+
+    Left out: positive_data_acceptance ("a schema-valid request must succeed"). A row's
+    width depends on the model named in the path, which a static schema cannot say, so
+    schema-valid rows of the wrong width are rightly refused with 400."""
+    result = subprocess.run(
+        [str(VENV_BIN / "schemathesis"), "run", f"{cluster.url}/openapi.json", "--checks", "all",
+         "--exclude-checks", "positive_data_acceptance", "--max-examples", str(FUZZ_EXAMPLES), "--workers", "2",
+         "--seed", "20261122", "--report", "junit", "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    tail = result.stdout[-3000:]
+    print(tail)
+    assert result.returncode == 0, tail
+    assert "16/16" in result.stdout, "every operation of the OpenAPI document was tested"
+    log = (cluster.run_dir / "logs" / "access.log").read_text()
+    assert '"status":5' not in log, "no 5xx, from nginx or a replica, during the whole matrix"
