@@ -204,6 +204,14 @@ def interpretation(results: Results) -> list[str]:
         miss = results.find("cluster", model=model, hit_ratio=low, concurrency=c, replicas=rmax)
         hits = results.find("cluster", model=model, hit_ratio=high, concurrency=c, replicas=rmax)
         if miss and hits and low != high and miss["rps"]:
+            bypassed = hits["cache"].get("BYPASS", 0) > sum(hits["cache"].values()) / 2
+            if bypassed:
+                sentences.append(
+                    f"The cache, {model}: off for this model (X-Cache: BYPASS; the auto policy found a predict "
+                    f"cheaper than two Redis round trips), so the {high:.0%}-hit and {low:.0%}-hit points "
+                    f"({_fmt(hits['rps'])} and {_fmt(miss['rps'])} req/s) differ by their rows, not by the cache."
+                )
+                continue
             gain = hits["rps"] / miss["rps"]
             meaning = ("the cache pays for itself" if gain > 1.1 else
                        "a cache lookup costs about what the prediction does" if gain > 0.9 else
