@@ -40,6 +40,7 @@ from loadtest.parsers import (
 )
 from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import memory, snapshot
+from scripts.cluster import port_free
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,9 +217,9 @@ class Sweep:
             return None
 
     # the cluster ------------------------------------------------------------------------
-    def cluster_components(self) -> tuple[str, dict[str, int], Path, str]:
+    def cluster_components(self, cluster: Cluster | None = None) -> tuple[str, dict[str, int], Path, str]:
         """Balancer URL, process trees to account CPU to, the access log, stub_status URL."""
-        status = self.cluster.status()
+        status = (cluster or self.cluster).status()
         pids = {c["name"]: c["pid"] for c in status["components"] if c["running"]}
         nginx = next(c for c in status["components"] if c["kind"] == "nginx")
         return status["balancer"], pids, Path(status["logs"]) / "access.log", nginx["health"]
@@ -312,31 +313,19 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
     other = Cluster(sweep.out / "nobatch-run")
     other.env["SERVICE_BATCHING"] = "off"
     base = _free_port()
-    while any(not _port_free(p) for p in range(base, base + 8)):
+    while any(not port_free(p) for p in range(base, base + 8)):
         base = _free_port()
     other.command("up", "--replicas", str(replicas), "--port", str(_free_port()), "--status-port", str(_free_port()),
                   "--redis-port", str(_free_port()), "--replica-base-port", str(base))  # fmt: skip
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
-        status = other.status()
-        pids = {c["name"]: c["pid"] for c in status["components"] if c["running"]}
-        nginx = next(c for c in status["components"] if c["kind"] == "nginx")
-        point = sweep.measure("cluster, batching off", status["balancer"], pids, Path(status["logs"]) / "access.log",
-                              nginx["health"], replicas, concurrency, hit_ratio, model)  # fmt: skip
+        url, pids, access_log, status_url = sweep.cluster_components(other)
+        point = sweep.measure("cluster, batching off", url, pids, access_log, status_url, replicas, concurrency,
+                              hit_ratio, model)  # fmt: skip
         sweep.points.append(point)
         sweep.done += 1
     finally:
         other.command("down")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def evaluate_targets(points: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:

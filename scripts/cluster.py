@@ -87,7 +87,8 @@ def _wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
         time.sleep(0.1)
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Nothing listens on this loopback port (TIME_WAIT does not count)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -211,7 +212,7 @@ class Cluster:
         log_path = self.logs / f"{component.name}.log"
         try:
             # A replica killed a moment ago may leave a worker holding the port for ~1 s.
-            _wait_until(lambda: _port_free(component.port), 5, f"port {component.port}")
+            _wait_until(lambda: port_free(component.port), 5, f"port {component.port}")
         except ClusterError:
             raise ClusterError(
                 f"{component.name}: port {component.port} is in use by another program; "
@@ -497,7 +498,7 @@ class Cluster:
             except ClusterError:
                 os.killpg(component.pid, signal.SIGKILL)
                 _wait_until(lambda: not component.running, 10, f"{component.name} to die")
-        _wait_until(lambda: _port_free(component.port), 15, f"port {component.port} to be free")
+        _wait_until(lambda: port_free(component.port), 15, f"port {component.port} to be free")
         self.state.components.pop(component.name, None)
         self._save()
 

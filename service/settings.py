@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +184,6 @@ class Settings:
         if not self.redis_url:
             return "off"
         return self.cache_policy.get(model, self.cache_policy["*"])
-
-    def with_overrides(self, **changes: Any) -> Settings:
-        """A copy with some fields changed (tests, tools)."""
-        return replace(self, **changes)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
