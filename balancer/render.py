@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
+ENVSH = Path(__file__).resolve().parent / "docker-entrypoint.d" / "15-balancer-settings.envsh"
 PLACEHOLDER = re.compile(r"\$\{(BALANCER_[A-Z0-9_]+)\}")
 
 
@@ -34,7 +35,11 @@ def _setting(default: str, doc: str) -> str:
 class BalancerSettings:
     """Every BALANCER_* setting; the field name upper-cased with the prefix is its variable."""
 
-    listen: str = _setting("8080", "Public listener (port or address:port).")
+    listen: str = _setting("8080", "Public listener (port or address:port): rate limited, no /metrics.")
+    internal_listen: str = _setting(
+        "8082",
+        "Internal listener for load generators and scrapers: not rate limited, serves /metrics. Never publish it.",
+    )
     status_listen: str = _setting("127.0.0.1:8081", "stub_status listener; keep it on loopback.")
     worker_processes: str = _setting("auto", "nginx worker processes (one per core).")
     worker_connections: str = _setting("4096", "Connections per nginx worker (client + upstream).")
@@ -56,16 +61,17 @@ class BalancerSettings:
     rate_limit_burst: str = _setting("400", "Requests above the rate a client may burst before 429s.")
     rate_limit_exempt: str = _setting(
         "127.0.0.0/8 ::1/128",
-        "Space-separated networks never rate limited (load generators); empty: limit everyone.",
+        "Source networks not rate limited on the public listener (locally: loopback); empty: limit everyone.",
     )
     internal_networks: str = _setting(
-        "127.0.0.0/8 ::1/128", "Space-separated networks that may read /metrics through the public port."
+        "127.0.0.0/8 ::1/128",
+        "Source networks that may read /metrics on the public listener (locally: loopback); empty: nobody.",
     )
     upstream_servers: str = _setting(
         "127.0.0.1:8001", "Space-separated replica addresses (host:port); or a DNS name with resolve."
     )
     upstream_resolve: str = _setting("off", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
-    resolver: str = _setting("", "DNS server for resolve (127.0.0.11 under compose); empty: none.")
+    resolver: str = _setting("", "DNS server for resolve (Docker: 127.0.0.11); empty: none.")
     resolver_valid_s: str = _setting("5", "How long a resolved address list is trusted; scaling shows within it.")
     pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
     error_log: str = _setting("stderr", "nginx error log.")
@@ -79,6 +85,19 @@ class BalancerSettings:
         values = {f.name: env[env_name(f.name)] for f in fields(cls) if env_name(f.name) in env}
         values.update(overrides)
         return cls(**values)
+
+
+# What the balancer image changes from the defaults above: a pid file the non-root nginx
+# user may write on a read-only root filesystem, and no trusted source networks. Under a
+# container engine a host client arrives from whichever gateway the engine's port
+# forwarding picks, so trust goes by listener: the internal one is never published.
+CONTAINER_DEFAULTS = {"pid_file": "/tmp/nginx/nginx.pid", "rate_limit_exempt": "", "internal_networks": ""}
+
+
+def container_settings(environ: Mapping[str, str], **overrides: str) -> BalancerSettings:
+    """The settings the balancer image renders with: CONTAINER_DEFAULTS under `environ`."""
+    defaults = {env_name(name): value for name, value in CONTAINER_DEFAULTS.items()}
+    return BalancerSettings.from_env({**defaults, **environ}, **overrides)
 
 
 def env_name(field_name: str) -> str:
@@ -112,9 +131,22 @@ def _upstream_lines(settings: BalancerSettings) -> str:
     return "\n        ".join(lines)
 
 
+def listen_port(listen: str, what: str) -> str:
+    """The port of an nginx `listen` value (`8080`, `127.0.0.1:8080`, `[::]:8080`)."""
+    port = listen.rsplit(":", 1)[-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise RenderError(f"{what}: {listen!r} is not a port or address:port")
+    return port
+
+
 def template_values(settings: BalancerSettings) -> dict[str, str]:
     """Every placeholder's value: the settings plus the lines derived from them."""
     values = {env_name(f.name): getattr(settings, f.name) for f in fields(settings)}
+    # The internal listener is told apart by its port ($server_port), so the ports differ.
+    internal_port = listen_port(settings.internal_listen, "BALANCER_INTERNAL_LISTEN")
+    if internal_port == listen_port(settings.listen, "BALANCER_LISTEN"):
+        raise RenderError("BALANCER_INTERNAL_LISTEN needs a port of its own, not BALANCER_LISTEN's")
+    values["BALANCER_INTERNAL_PORT"] = internal_port
     exempt = _networks(settings.rate_limit_exempt, "BALANCER_RATE_LIMIT_EXEMPT")
     internal = _networks(settings.internal_networks, "BALANCER_INTERNAL_NETWORKS")
     values["BALANCER_RATE_LIMIT_EXEMPT_GEO"] = " ".join(f"{n} 1;" for n in exempt)
@@ -145,6 +177,74 @@ def render(settings: BalancerSettings, template: Path = TEMPLATE) -> str:
     return substitute(template.read_text(encoding="utf-8"), template_values(settings))
 
 
+_ENVSH_HEAD = """\
+#!/bin/sh
+# GENERATED by `python -m balancer.render --envsh > {path}`
+# from balancer/render.py: change that file, not this one.
+#
+# The nginx image's /docker-entrypoint.sh sources this (only because it is executable)
+# before 20-envsubst-on-templates.sh renders the template: every BALANCER_* setting gets
+# render.py's default (CONTAINER_DEFAULTS in a container), then the placeholders that
+# render.py derives are computed the same way. tests/unit/test_containers.py runs the
+# image's real entrypoint chain over this file and compares the result with render.py's.
+
+"""
+
+# The shell twin of template_values(); render.py validates more, nginx -t the rest.
+_ENVSH_DERIVED = """
+balancer_geo() {
+    entries=""
+    for network in $1; do
+        entries="${entries:+$entries }$network 1;"
+    done
+    printf '%s' "$entries"
+}
+
+balancer_upstream() {
+    resolve=""
+    [ "$BALANCER_UPSTREAM_RESOLVE" = "on" ] && resolve=" resolve"
+    lines=""
+    for server in $BALANCER_UPSTREAM_SERVERS; do
+        line="server $server max_fails=$BALANCER_MAX_FAILS fail_timeout=${BALANCER_FAIL_TIMEOUT_S}s$resolve;"
+        lines="${lines:+$lines
+        }$line"
+    done
+    printf '%s' "$lines"
+}
+
+BALANCER_INTERNAL_PORT="${BALANCER_INTERNAL_LISTEN##*:}"
+if [ "$BALANCER_INTERNAL_PORT" = "${BALANCER_LISTEN##*:}" ]; then
+    echo "15-balancer-settings.envsh: BALANCER_INTERNAL_LISTEN needs a port of its own, not BALANCER_LISTEN's" >&2
+    exit 1
+fi
+if [ "$BALANCER_UPSTREAM_RESOLVE" = "on" ] && [ -z "$BALANCER_RESOLVER" ]; then
+    echo "15-balancer-settings.envsh: BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER" >&2
+    exit 1
+fi
+BALANCER_RATE_LIMIT_EXEMPT_GEO="$(balancer_geo "$BALANCER_RATE_LIMIT_EXEMPT")"
+BALANCER_INTERNAL_GEO="$(balancer_geo "$BALANCER_INTERNAL_NETWORKS")"
+BALANCER_UPSTREAM_SERVERS="$(balancer_upstream)"
+if [ -n "$BALANCER_RESOLVER" ]; then
+    BALANCER_RESOLVER="resolver $BALANCER_RESOLVER valid=${BALANCER_RESOLVER_VALID_S}s ipv6=off;"
+fi
+export BALANCER_INTERNAL_PORT BALANCER_RATE_LIMIT_EXEMPT_GEO BALANCER_INTERNAL_GEO BALANCER_UPSTREAM_SERVERS \\
+    BALANCER_RESOLVER
+mkdir -p "$BALANCER_TEMP_DIR" "$(dirname "$BALANCER_PID_FILE")"
+"""
+
+
+def envsh() -> str:
+    """The balancer image's entrypoint script: render.py's defaults and derivations in sh."""
+    defaults = {f.name: f.default for f in fields(BalancerSettings)} | CONTAINER_DEFAULTS
+    lines = []
+    for name, default in defaults.items():
+        if re.search(r'["$`\\}]', str(default)):
+            raise RenderError(f"{env_name(name)}: default {default!r} cannot be written in sh")
+        lines.append(f'export {env_name(name)}="${{{env_name(name)}-{default}}}"')
+    path = ENVSH.relative_to(ENVSH.parent.parent.parent)
+    return _ENVSH_HEAD.format(path=path) + "\n".join(lines) + "\n" + _ENVSH_DERIVED
+
+
 def settings_table() -> str:
     """Markdown table of every BALANCER_* setting, for the README."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
@@ -159,9 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render the balancer's nginx.conf from BALANCER_* settings.")
     parser.add_argument("--replicas", help="comma-separated host:port list (overrides BALANCER_UPSTREAM_SERVERS)")
     parser.add_argument("--table", action="store_true", help="print the settings table (README)")
+    parser.add_argument("--envsh", action="store_true", help=f"print the image's {ENVSH.name}")
     args = parser.parse_args(argv)
     if args.table:
         print(settings_table())
+        return 0
+    if args.envsh:
+        sys.stdout.write(envsh())
         return 0
     overrides = {"upstream_servers": args.replicas.replace(",", " ")} if args.replicas else {}
     try:

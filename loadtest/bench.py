@@ -316,7 +316,8 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
     while any(not port_free(p) for p in range(base, base + 8)):
         base = _free_port()
     other.command("up", "--replicas", str(replicas), "--port", str(_free_port()), "--status-port", str(_free_port()),
-                  "--redis-port", str(_free_port()), "--replica-base-port", str(base))  # fmt: skip
+                  "--internal-port", str(_free_port()), "--redis-port", str(_free_port()),
+                  "--replica-base-port", str(base))  # fmt: skip
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
         url, pids, access_log, status_url = sweep.cluster_components(other)

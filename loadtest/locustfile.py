@@ -37,14 +37,41 @@ cache_mix: collections.Counter[str] = collections.Counter()
 
 @events.init_command_line_parser.add_listener
 def _options(parser: Any) -> None:
+    # Each option also reads LOCUST_<OPTION> (as Locust's own do), so compose can set them.
     group = parser.add_argument_group("prediction cluster")
-    group.add_argument("--hit-ratio", type=float, default=0.9, help="share of requests that reuse a pool row")
-    group.add_argument("--pool-size", type=int, default=1000, help="rows in the warmed pool")
-    group.add_argument("--skew", choices=["zipf", "uniform"], default="zipf", help="how pool rows are chosen")
-    group.add_argument("--batch-rows", type=int, default=32, help="rows per BatchUser request")
-    group.add_argument("--max-fail-ratio", type=float, default=0.01, help="exit 1 above this failure ratio")
-    group.add_argument("--max-p95-ms", type=float, default=0.0, help="exit 1 above this p95 (0: no limit)")
-    group.add_argument("--min-rps", type=float, default=0.0, help="exit 1 below this throughput (0: no limit)")
+    group.add_argument(
+        "--hit-ratio",
+        type=float,
+        default=0.9,
+        env_var="LOCUST_HIT_RATIO",
+        help="share of requests that reuse a pool row",
+    )
+    group.add_argument(
+        "--pool-size", type=int, default=1000, env_var="LOCUST_POOL_SIZE", help="rows in the warmed pool"
+    )
+    group.add_argument(
+        "--skew", choices=["zipf", "uniform"], default="zipf", env_var="LOCUST_SKEW", help="how pool rows are chosen"
+    )
+    group.add_argument(
+        "--batch-rows", type=int, default=32, env_var="LOCUST_BATCH_ROWS", help="rows per BatchUser request"
+    )
+    group.add_argument(
+        "--max-fail-ratio",
+        type=float,
+        default=0.01,
+        env_var="LOCUST_MAX_FAIL_RATIO",
+        help="exit 1 above this failure ratio",
+    )
+    group.add_argument(
+        "--max-p95-ms", type=float, default=0.0, env_var="LOCUST_MAX_P95_MS", help="exit 1 above this p95 (0: no limit)"
+    )
+    group.add_argument(
+        "--min-rps",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_MIN_RPS",
+        help="exit 1 below this throughput (0: no limit)",
+    )
 
 
 class Payloads:

