@@ -35,8 +35,8 @@ test:  ## the whole suite (what CI runs)
 	scripts/test
 
 lint:
-	.venv/bin/ruff check service balancer loadtest tests scripts
-	.venv/bin/ruff format --check service balancer loadtest tests scripts
+	.venv/bin/ruff check service balancer localcluster loadtest tests scripts
+	.venv/bin/ruff format --check service balancer localcluster loadtest tests scripts
 	.venv/bin/mypy
 
 replica:  ## one replica in the foreground on SERVICE_BIND (default 127.0.0.1:8000)

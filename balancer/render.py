@@ -246,7 +246,7 @@ def envsh() -> str:
 
 
 def settings_table() -> str:
-    """Markdown table of every BALANCER_* setting, for the README."""
+    """Markdown table of every BALANCER_* setting, for docs/settings.md."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in fields(BalancerSettings):
         default = f"`{f.default}`" if f.default else "(empty)"
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the rendered configuration (or the settings table)."""
     parser = argparse.ArgumentParser(description="Render the balancer's nginx.conf from BALANCER_* settings.")
     parser.add_argument("--replicas", help="comma-separated host:port list (overrides BALANCER_UPSTREAM_SERVERS)")
-    parser.add_argument("--table", action="store_true", help="print the settings table (README)")
+    parser.add_argument("--table", action="store_true", help="print the settings table (docs/settings.md)")
     parser.add_argument("--envsh", action="store_true", help=f"print the image's {ENVSH.name}")
     args = parser.parse_args(argv)
     if args.table:

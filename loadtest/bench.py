@@ -17,7 +17,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from balancer.render import BalancerSettings
 from loadtest import report
 from loadtest.baseline import BASELINE_WORKERS, Baseline
 from loadtest.generators import h2load_argv, pool_batches, predict_path, write_wrk_payloads, wrk_argv
@@ -40,7 +38,8 @@ from loadtest.parsers import (
 )
 from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import memory, snapshot
-from scripts.cluster import port_free
+from localcluster import Cluster, Ports, free_port
+from localcluster.cluster import DEFAULT_SLOTS, setting
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,36 +88,6 @@ def _version(argv: list[str]) -> str:
         return "not found"
     text = (result.stdout + result.stderr).strip().splitlines()
     return text[0] if text else "?"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Cluster:
-    """scripts/cluster as a library: status, up, scale, down (in its own run directory)."""
-
-    def __init__(self, run_dir: Path | None) -> None:
-        self.env = {**os.environ}
-        if run_dir is not None:
-            self.env["CLUSTER_RUN_DIR"] = str(run_dir)
-
-    def command(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run scripts/cluster.py; fail loudly."""
-        result = _run([sys.executable, str(ROOT / "scripts" / "cluster.py"), *args], env=self.env, cwd=ROOT)
-        if result.returncode != 0 and args[0] != "status":
-            raise RuntimeError(f"cluster {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
-        return result
-
-    def status(self) -> dict[str, Any]:
-        """status --json."""
-        return json.loads(self.command("status", "--json").stdout)
-
-    def running(self) -> bool:
-        """Whether a balancer is up."""
-        return any(c["kind"] == "nginx" and c["running"] for c in self.status()["components"])
 
 
 class Sweep:
@@ -220,15 +189,15 @@ class Sweep:
     def cluster_components(self, cluster: Cluster | None = None) -> tuple[str, dict[str, int], Path, str]:
         """Balancer URL, process trees to account CPU to, the access log, stub_status URL."""
         status = (cluster or self.cluster).status()
-        pids = {c["name"]: c["pid"] for c in status["components"] if c["running"]}
-        nginx = next(c for c in status["components"] if c["kind"] == "nginx")
-        return status["balancer"], pids, Path(status["logs"]) / "access.log", nginx["health"]
+        pids = {c.name: c.pid for c in status.components if c.running}
+        assert status.balancer is not None, "the cluster is not running"
+        return status.balancer, pids, Path(status.logs) / "access.log", status.component("nginx").health
 
     def run_cluster(self) -> None:
         """Every replicas × concurrency × hit ratio × model point."""
         for replicas in self.plan.replicas:
             self.progress(f"scaling the cluster to {replicas} replica(s)")
-            self.cluster.command("scale", str(replicas))
+            self.cluster.scale(replicas)
             self._wait_for_spread(replicas)
             url, pids, access_log, status_url = self.cluster_components()
             for model in self.plan.models:
@@ -241,7 +210,7 @@ class Sweep:
 
     def _wait_for_spread(self, replicas: int) -> None:
         """After scaling up, nginx finds a new replica within fail_timeout: wait for it."""
-        url = self.cluster.status()["balancer"]
+        url = self.cluster.status().balancer
         wanted = {f"replica-{i}" for i in range(1, replicas + 1)}
         deadline = time.monotonic() + 30
         seen: set[str] = set()
@@ -257,7 +226,7 @@ class Sweep:
     def run_baseline(self) -> dict[str, list[str]]:
         """The tutorials' set-up on its own ports, same points at hit ratio 0 (no cache)."""
         nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
-        baseline = Baseline(self.out / "baseline-run", _free_port(), _free_port(), nginx)
+        baseline = Baseline(self.out / "baseline-run", free_port(), free_port(), nginx)
         self.progress("starting the baseline (gunicorn sync, no cache, no upstream keepalive)")
         baseline.start()
         try:
@@ -310,14 +279,8 @@ class Sweep:
 
 def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency: int, replicas: int) -> None:
     """The same cluster with SERVICE_BATCHING=off, in a run directory and on ports of its own."""
-    other = Cluster(sweep.out / "nobatch-run")
-    other.env["SERVICE_BATCHING"] = "off"
-    base = _free_port()
-    while any(not port_free(p) for p in range(base, base + 8)):
-        base = _free_port()
-    other.command("up", "--replicas", str(replicas), "--port", str(_free_port()), "--status-port", str(_free_port()),
-                  "--internal-port", str(_free_port()), "--redis-port", str(_free_port()),
-                  "--replica-base-port", str(base))  # fmt: skip
+    other = Cluster(sweep.out / "nobatch-run", {**sweep.cluster.environ, "SERVICE_BATCHING": "off"})
+    other.start(replicas, Ports.auto(DEFAULT_SLOTS))
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
         url, pids, access_log, status_url = sweep.cluster_components(other)
@@ -326,7 +289,7 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
         sweep.points.append(point)
         sweep.done += 1
     finally:
-        other.command("down")
+        other.stop()
 
 
 def evaluate_targets(points: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
@@ -372,8 +335,37 @@ def print_targets(targets: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None) -> dict[str, Any]:
-    """Everything needed to trust or reproduce the numbers."""
+def _redacted(value: str) -> str:
+    """A Redis URL without its password."""
+    return re.sub(r"(redis[s]?://[^:/@]*:)[^@]*@", r"\1***@", value)
+
+
+def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
+    """The cluster's settings as it ran, read from it: each replica's effective settings
+    (from the environment its process started with) and the nginx.conf nginx runs."""
+    conf = cluster.nginx_conf.read_text()
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "raw" / "nginx.conf").write_text(conf)
+    replicas = {
+        name: {key: _redacted(value) for key, value in Settings.from_env(environ).flat().items()}
+        for name, environ in cluster.replica_environments().items()
+    }
+    first = next(iter(replicas.values()), {})
+    common = {k: v for k, v in first.items() if all(r[k] == v for r in replicas.values())}
+    defaults = {key: _redacted(value) for key, value in Settings.from_env({}).flat().items()}
+    directives = ("worker_processes", "limit_req_zone", "keepalive ", "gzip_min_length", "client_max_body_size",
+                  "proxy_read_timeout", "proxy_next_upstream_tries", "listen")  # fmt: skip
+    return {
+        "service_settings": common,
+        "service_non_default": {k: v for k, v in common.items() if defaults.get(k) != v},
+        "per_replica": {name: {k: v for k, v in r.items() if k not in common} for name, r in replicas.items()},
+        "nginx_conf": "raw/nginx.conf",
+        "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)],
+    }
+
+
+def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None, ran: dict[str, Any]) -> dict[str, Any]:
+    """Everything needed to trust or reproduce the numbers; the settings are what ran."""
     sha = _run(["git", "rev-parse", "HEAD"], cwd=ROOT).stdout.strip() or "unknown"
     dirty = bool(_run(["git", "status", "--porcelain"], cwd=ROOT).stdout.strip())
     cpu_model = "unknown"
@@ -385,8 +377,6 @@ def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None) -> dict[
     except (OSError, StopIteration):
         pass
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
-    service = Settings.from_env()
-    balancer = BalancerSettings.from_env()
     return {
         "git_sha": sha + (" (uncommitted changes)" if dirty else ""),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
@@ -403,9 +393,7 @@ def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None) -> dict[
             "locust": _version([str(Path(sys.executable).parent / "locust"), "--version"]),
         },
         "plan": asdict(plan),
-        "service_settings": {k: str(v) for k, v in asdict(service).items()},
-        "balancer_settings": asdict(balancer),
-        "cluster_env": {k: v for k, v in os.environ.items() if k.startswith(("CLUSTER_", "SERVICE_", "BALANCER_"))},
+        **ran,
         "baseline": {"workers": BASELINE_WORKERS, "commands": baseline_argv},
     }
 
@@ -452,12 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
 
-    cluster = Cluster(None)
-    reused = cluster.running()
-    before = cluster.status()["replicas"] if reused else None
+    cluster = Cluster(ROOT / setting(os.environ, "CLUSTER_RUN_DIR"))
+    reused = cluster.status().healthy
+    before = cluster.status().replicas if reused else None
     if not reused:
         sys.stderr.write("bench: starting the local cluster (scripts/cluster up)\n")
-        cluster.command("up", "--replicas", str(max(plan.replicas)))
+        cluster.start(max(plan.replicas))
     sweep = Sweep(plan, out, cluster, None)
     if args.targets:
         sweep.total += 1
@@ -465,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     locust = None
     try:
         sweep.run_cluster()
-        url = cluster.status()["balancer"]
+        ran = what_ran(cluster, out)
+        url = str(cluster.status().balancer)
         sweep.progress("h2load: cluster, iris, all hits, c=32")
         sweep.h2load_results.append(sweep.h2load("cluster", url))
         if args.targets:
@@ -477,11 +466,11 @@ def main(argv: list[str] | None = None) -> int:
             locust = sweep.run_locust(url)
     finally:
         if reused and before:
-            cluster.command("scale", str(before))
+            cluster.scale(before)
         elif not reused:
-            cluster.command("down")
+            cluster.stop()
     results: dict[str, Any] = {
-        "environment": environment(plan, baseline_argv),
+        "environment": environment(plan, baseline_argv, ran),
         "points": sweep.points,
         "h2load": sweep.h2load_results,
         "locust": locust,

@@ -66,3 +66,11 @@ def h2load_argv(url: str, body: Path, connections: int, seconds: float, log_file
         "--warm-up-time", "1", "-T", "10", "-d", str(body), "-H", "Content-Type: application/json",
         "--log-file", str(log_file), url,
     ]  # fmt: skip
+
+
+def h2load_count_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:
+    """A count-bounded HTTP/1.1 h2load run: `requests_total` requests over `clients` connections."""
+    argv = ["h2load", "--h1", "-n", str(requests_total), "-c", str(clients), "-m", "1", "-T", "10"]
+    if body is not None:
+        argv += ["-d", str(body), "-H", "Content-Type: application/json"]
+    return [*argv, url]

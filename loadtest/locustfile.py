@@ -19,17 +19,13 @@ from __future__ import annotations
 import collections
 import json
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from locust import FastHttpUser, events, tag, task
 from locust.env import Environment
 
-# Locust puts this file's folder on sys.path; the package lives one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loadtest.payloads import FRESH, Mix, model_width, pool_row  # noqa: E402
+from loadtest.payloads import FRESH, Mix, model_width, pool_row
 
 CACHE_STATES = {"HIT", "MISS", "PARTIAL", "BYPASS"}
 cache_mix: collections.Counter[str] = collections.Counter()

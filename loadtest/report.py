@@ -303,10 +303,16 @@ def blocks(results: Results, folder: Path) -> list[Block]:
     out.append(("h2", "Environment"))
     versions = ", ".join(f"{k}: {v}" for k, v in env["versions"].items())
     out.append(("p", f"{env['platform']}. {versions}."))
-    out.append(("pre", json.dumps({"plan": env["plan"], "service settings": env["service_settings"],
-                                   "balancer settings": env["balancer_settings"],
-                                   "environment overrides": env["cluster_env"], "baseline": env["baseline"]},
-                                  indent=1)))  # fmt: skip
+    out.append(("p", "Settings as they ran, read from the running cluster: each replica's effective settings "
+                     "(from the environment its process started with) and the nginx.conf nginx ran "
+                     f"({env['nginx_conf']})."))  # fmt: skip
+    changed = env["service_non_default"]
+    out.append(("p", "Replica settings changed from their defaults: "
+                     + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "none") + "."))  # fmt: skip
+    out.append(("pre", "\n".join(env["nginx_directives"])))
+    out.append(("pre", json.dumps({"plan": env["plan"], "replica settings (common)": env["service_settings"],
+                                   "replica settings (per replica)": env["per_replica"],
+                                   "baseline": env["baseline"]}, indent=1)))  # fmt: skip
     out.append(("h2", "Commands"))
     out.append(("pre", "\n".join(results.raw["commands"])))
     out.append(("p", "Rebuild this report from its raw data: python -m loadtest.report <this folder>. "

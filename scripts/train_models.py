@@ -23,8 +23,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.models import ModelError, load_model, sha256_of  # noqa: E402
+from service.models import ModelError, load_model, sha256_of
 
 SEED = 20261122
 VERSION = "1"

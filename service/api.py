@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from flask import Blueprint, Response, current_app, request
-from werkzeug.routing import BaseConverter
+from flask import Blueprint, Response, request
 
 from service import __version__
+from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.models import LoadedModel, UnknownModel
 from service.openapi import openapi_document
-from service.state import ServiceState
 from service.validation import (
     InputError,
     parse_json,
@@ -29,21 +27,7 @@ SERVER_NAME = "prediction-cluster"
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
 
 bp = Blueprint("api", __name__)
-
-
-class ModelNameConverter(BaseConverter):
-    """Model names and versions: no colon, so `iris:predict` splits into name and verb."""
-
-    regex = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}"
-
-
-def _state() -> ServiceState:
-    return current_app.extensions["prediction"]
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A compact JSON response."""
-    return Response(orjson.dumps(payload), status=status, headers=headers, mimetype="application/json")
+wire(bp)  # the converter first: the routes below use it
 
 
 def _json_body() -> Any:
@@ -54,14 +38,16 @@ def _json_body() -> Any:
 
 
 def _model(name: str, version: str | None = None) -> LoadedModel:
-    registry = _state().registry
+    registry = state().registry
     try:
-        return registry.get(name, version)
+        model = registry.get(name, version)
     except UnknownModel as exc:
-        if not registry.reload_if_not_ready():
+        if not registry.ready:
             # Perhaps a model that failed to load: say so rather than "not found".
             raise InputError(f"{exc}; replica not ready: {'; '.join(registry.errors)}", 503) from None
         raise InputError(str(exc), 404) from None
+    label_model(model.name)
+    return model
 
 
 def _prediction_headers(model: LoadedModel, prediction: Prediction) -> dict[str, str]:
@@ -84,23 +70,23 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     """Models loaded and not draining."""
-    state = _state()
-    if state.is_ready():
-        return json_response({"status": "ready", "models": state.registry.names()})
-    reason = "draining (shutting down)" if state.draining else "; ".join(state.registry.errors)
+    current = state()
+    if current.is_ready():
+        return json_response({"status": "ready", "models": current.registry.names()})
+    reason = "draining (shutting down)" if current.draining else "; ".join(current.registry.errors)
     return json_response({"error": f"not ready: {reason}"}, 503)
 
 
 @bp.get("/metrics")
 def metrics() -> Response:
     """Prometheus text format, all workers of this replica."""
-    return Response(_state().metrics.render(), mimetype=None, content_type=_state().metrics.content_type)
+    return Response(state().metrics.render(), mimetype=None, content_type=state().metrics.content_type)
 
 
 @bp.get("/openapi.json")
 def openapi() -> Response:
     """OpenAPI 3 description of this API."""
-    registry = _state().registry
+    registry = state().registry
     versions = sorted({v for name in registry.names() for v in registry.versions(name)})
     return json_response(openapi_document(__version__, tuple(registry.names()), tuple(versions)))
 
@@ -111,7 +97,7 @@ def openapi() -> Response:
 @bp.get("/v1/models")
 def v1_models() -> Response:
     """Names of the served models."""
-    return json_response({"models": _state().registry.names()})
+    return json_response({"models": state().registry.names()})
 
 
 @bp.get("/v1/models/<model:name>")
@@ -125,8 +111,8 @@ def v1_model(name: str) -> Response:
 def v1_predict(name: str) -> Response:
     """{"instances": [[...]]} → {"predictions": [...], "probabilities": [[...]]}."""
     model = _model(name)
-    rows = rows_from_v1(_json_body(), model.width, _state().settings.max_batch_rows)
-    prediction = _state().predictor.predict(model, rows)
+    rows = rows_from_v1(_json_body(), model.width, state().settings.models.max_batch_rows)
+    prediction = state().predictor.predict(model, rows)
     payload: dict[str, Any] = {"predictions": prediction.labels}
     if prediction.probabilities is not None:
         payload["probabilities"] = prediction.probabilities
@@ -136,10 +122,10 @@ def v1_predict(name: str) -> Response:
 @bp.post("/predict")
 def shortcut_predict() -> Response:
     """The tutorials' shortcut for the default model."""
-    state = _state()
-    model = _model(state.settings.default_model)
-    rows = rows_from_shortcut(_json_body(), model.width, state.settings.max_batch_rows)
-    prediction = state.predictor.predict(model, rows)
+    current = state()
+    model = _model(current.settings.models.default_model)
+    rows = rows_from_shortcut(_json_body(), model.width, current.settings.models.max_batch_rows)
+    prediction = current.predictor.predict(model, rows)
     payload: dict[str, Any] = {
         "model": model.name,
         "version": model.version,
@@ -168,7 +154,7 @@ def v2_live() -> Response:
 @bp.get("/v2/health/ready")
 def v2_ready() -> Response:
     """Server ready: every model loaded."""
-    ready = _state().is_ready()
+    ready = state().is_ready()
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
@@ -178,7 +164,7 @@ def _v2_metadata(model: LoadedModel) -> dict[str, Any]:
         outputs.append({"name": PROBA_OUTPUT, "datatype": "FP64", "shape": [-1, len(model.classes)]})
     return {
         "name": model.name,
-        "versions": _state().registry.versions(model.name),
+        "versions": state().registry.versions(model.name),
         "platform": "sklearn",
         "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.width]}],
         "outputs": outputs,
@@ -211,8 +197,8 @@ def v2_infer(name: str, version: str | None = None) -> Response:
     """Inference with JSON tensors."""
     model = _model(name, version)
     names = _output_names(model)
-    parsed = parse_v2(_json_body(), model.width, _state().settings.max_batch_rows, names)
-    prediction = _state().predictor.predict(model, parsed.rows)
+    parsed = parse_v2(_json_body(), model.width, state().settings.models.max_batch_rows, names)
+    prediction = state().predictor.predict(model, parsed.rows)
     wanted = parsed.outputs or names
     count = len(prediction.labels)
     outputs = []
@@ -234,7 +220,7 @@ def v2_infer(name: str, version: str | None = None) -> Response:
     payload = {
         "model_name": model.name,
         "model_version": model.version,
-        "id": parsed.request_id if parsed.request_id is not None else request.environ["prediction.request_id"],
+        "id": parsed.request_id if parsed.request_id is not None else request_id(),
         "outputs": outputs,
     }
     return json_response(payload, headers=_prediction_headers(model, prediction))

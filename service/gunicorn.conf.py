@@ -1,6 +1,6 @@
 """Gunicorn configuration of one api replica: `gunicorn -c service/gunicorn.conf.py service.wsgi:app`.
 
-Every value comes from service.settings (environment variables, see the README);
+Every value comes from service.settings (environment variables, see docs/settings.md);
 the comments say why each non-default value is what it is.
 """
 
@@ -12,7 +12,7 @@ from service.settings import Settings
 _settings = Settings.from_env()
 
 # --- Server socket -------------------------------------------------------------------
-bind = _settings.bind
+bind = _settings.server.bind
 # Pending connections while every worker is busy; a burst queues here, not in a 502.
 backlog = 2048
 
@@ -23,16 +23,16 @@ backlog = 2048
 # out graceful_timeout for nginx's pooled connections (see service/worker.py).
 worker_class = "service.worker.GracefulGeventWorker"
 # One process per core: predict is CPU-bound, more processes only add switching.
-workers = _settings.workers
+workers = _settings.server.workers
 # Bounds greenlets (and so Redis connections: SERVICE_REDIS_MAX_CONNECTIONS defaults to
 # it) per worker; must stay >= nginx's upstream `keepalive` so pooled connections fit.
-worker_connections = _settings.worker_connections
+worker_connections = _settings.server.worker_connections
 # Longer than nginx's upstream keepalive_timeout (60 s): with gunicorn's default 2 s,
 # nginx reuses connections gunicorn is closing and clients get 502s under load.
-keepalive = _settings.keepalive_s
+keepalive = _settings.server.keepalive_s
 # In-flight requests get this long to finish on SIGTERM (compose/k8s stop grace >= it).
-graceful_timeout = _settings.graceful_timeout_s
-timeout = _settings.timeout_s
+graceful_timeout = _settings.server.graceful_timeout_s
+timeout = _settings.server.timeout_s
 # Load the app in each worker, after the gevent monkey-patch, never in the master.
 preload_app = False
 
@@ -43,13 +43,13 @@ control_socket_disable = True
 # The balancer writes the access log (with upstream times); a second one costs CPU.
 accesslog = None
 errorlog = "-"
-loglevel = _settings.log_level
-proc_name = f"pcluster-api-{_settings.replica_id}"
+loglevel = _settings.server.log_level
+proc_name = f"pcluster-api-{_settings.server.replica_id}"
 
 # --- Metrics (Prometheus multiprocess mode) --------------------------------------------
 # Workers write samples to files in this folder, /metrics merges them. It must be set
 # before any worker imports prometheus_client, and wiped so a restart starts at zero.
-_metrics_dir = str(_settings.metrics_dir)
+_metrics_dir = str(_settings.server.metrics_path)
 
 
 def on_starting(server):

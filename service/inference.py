@@ -19,6 +19,7 @@ from service.batching import Batcher
 from service.cache import ResultCache, row_keys
 from service.metrics import Metrics
 from service.models import LoadedModel
+from service.settings import ModelServing
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,13 @@ class Predictor:
         cache: ResultCache | None,
         metrics: Metrics,
         key_prefix: str,
-        cache_policy_for: Callable[[str], str],
-        batching: bool = True,
-        batch_max_rows: int = 64,
-        batch_max_wait_s: float = 0.005,
+        serving_for: Callable[[LoadedModel], ModelServing],
     ) -> None:
         self._cache = cache
         self._metrics = metrics
         self._key_prefix = key_prefix
-        self._cache_policy_for = cache_policy_for
-        self._batching = batching
-        self._batch_max_rows = batch_max_rows
-        self._batch_max_wait_s = batch_max_wait_s
-        self._batchers: dict[tuple[str, str], Batcher] = {}
+        self._serving_for = serving_for
+        self._batchers: dict[tuple[str, str], Batcher | None] = {}
         self._uses_cache: dict[tuple[str, str], bool] = {}
         self._deciding = False
 
@@ -69,20 +64,24 @@ class Predictor:
         self._metrics.observe_inference(model.name, len(rows), time.perf_counter() - started)
         return result
 
-    def _infer(self, model: LoadedModel, rows: np.ndarray) -> Result:
-        if not self._batching:
-            return self._timed_predict(model, rows)
+    def _batcher(self, model: LoadedModel) -> Batcher | None:
         key = (model.name, model.version)
-        batcher = self._batchers.get(key)
-        if batcher is None:
+        if key not in self._batchers:
+            serving = self._serving_for(model)
+            if not serving.batching:
+                self._batchers[key] = None
+            else:
 
-            def observe(requests: int, _rows: int, name: str = model.name) -> None:
-                self._metrics.observe_batch(name, requests)
+                def observe(requests: int, _rows: int, name: str = model.name) -> None:
+                    self._metrics.observe_batch(name, requests)
 
-            batcher = self._batchers[key] = Batcher(
-                lambda batch: self._timed_predict(model, batch), self._batch_max_rows, self._batch_max_wait_s, observe
-            )
-        return batcher.predict(rows)
+                self._batchers[key] = Batcher(lambda batch: self._timed_predict(model, batch), serving.batch_max_rows,
+                                              serving.batch_max_wait_ms / 1000, observe)  # fmt: skip
+        return self._batchers[key]
+
+    def _infer(self, model: LoadedModel, rows: np.ndarray) -> Result:
+        batcher = self._batcher(model)
+        return batcher.predict(rows) if batcher is not None else self._timed_predict(model, rows)
 
     def cache_decision(self, model: LoadedModel) -> bool | None:
         """Whether this model's results go through the cache (None: auto, not decided yet)."""
@@ -93,7 +92,7 @@ class Predictor:
         decided = self._uses_cache.get(key)
         if decided is not None:
             return decided
-        policy = self._cache_policy_for(model.name)
+        policy = self._serving_for(model).cache_policy
         if self._cache is None or policy == "off":
             decided = False
         elif policy == "on":

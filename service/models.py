@@ -20,7 +20,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Model names and versions: the URL converter, the OpenAPI document and the folder scan
+# all use this one pattern.
+NAME_REGEX = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+NAME_PATTERN = re.compile(f"^{NAME_REGEX}$")
 RELOAD_INTERVAL_S = 1.0
 
 
@@ -58,6 +61,7 @@ class LoadedModel:
     metadata: dict[str, Any]
     estimator: Any = field(repr=False)
     predict_ms: float = 0.0  # a one-row predict, measured at load: what a cache hit saves
+    serving: dict[str, Any] = field(default_factory=dict)  # model.json's `serving`, checked
 
     @property
     def has_proba(self) -> bool:
@@ -78,6 +82,28 @@ class LoadedModel:
             return labels, proba.tolist()
         raw = self.estimator.predict(rows).tolist()
         return raw, None
+
+
+# model.json may say how the model is served; the replica's settings can still override
+# each per model (service.settings.Settings.serving_for).
+SERVING_OPTIONS: dict[str, Any] = {
+    "cache_policy": lambda v: v in ("on", "off", "auto"),
+    "batching": lambda v: v in ("on", "off"),
+    "batch_max_rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "batch_max_wait_ms": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
+}
+
+
+def serving_options(block: Any, meta_path: Path) -> dict[str, Any]:
+    """A model.json `serving` block, checked: {"cache_policy": "off", "batching": "on", ...}."""
+    if not isinstance(block, dict):
+        raise ModelError(f"{meta_path}: serving must be an object")
+    for key, value in block.items():
+        if key not in SERVING_OPTIONS:
+            raise ModelError(f"{meta_path}: unknown serving option {key!r} (known: {', '.join(SERVING_OPTIONS)})")
+        if not SERVING_OPTIONS[key](value):
+            raise ModelError(f"{meta_path}: serving.{key} = {value!r} is not allowed")
+    return dict(block)
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -102,6 +128,7 @@ def load_model(folder: Path) -> LoadedModel:
         raise ModelError(f"{meta_path}: artifact must be a file inside {folder}")
     if len(feature_names) != width or width <= 0:
         raise ModelError(f"{meta_path}: width {width} but {len(feature_names)} feature names")
+    serving = serving_options(meta.get("serving", {}), meta_path)
     try:
         actual_sha = sha256_of(artifact)
     except OSError as exc:
@@ -125,7 +152,7 @@ def load_model(folder: Path) -> LoadedModel:
     if hasattr(estimator, "n_jobs"):
         # Threads inside predict fight gevent's monkey-patched threading; one core each.
         estimator.n_jobs = 1
-    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, meta, estimator)
+    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, meta, estimator, serving=serving)
     try:
         return replace(model, predict_ms=_one_row_predict_ms(model))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
@@ -152,11 +179,9 @@ class ModelRegistry:
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
         self.errors: list[str] = []
-        self._last_load = float("-inf")
 
     def load(self) -> None:
         """(Re)scan the folder; models load all-or-nothing per version, errors are logged."""
-        self._last_load = time.monotonic()
         models: dict[str, dict[str, LoadedModel]] = {}
         errors: list[str] = []
         folders = sorted(self.models_dir.glob("*/*/model.json")) if self.models_dir.is_dir() else []
@@ -180,7 +205,8 @@ class ModelRegistry:
         elif self.default_model not in models:
             errors.append(f"default model {self.default_model!r} is not among the loaded models")
         for message in errors:
-            log.error("model not served: %s", message)
+            if message not in self.errors:  # the background rescans repeat only what changed
+                log.error("model not served: %s", message)
         self._models = models
         self._latest = {name: versions[max(versions, key=_version_key)] for name, versions in models.items()}
         self.errors = errors
@@ -190,11 +216,12 @@ class ModelRegistry:
         """All found models loaded, and the default model among them."""
         return bool(self._models) and not self.errors
 
-    def reload_if_not_ready(self) -> bool:
-        """Rescan at most once a second while not ready (models may still be arriving)."""
-        if not self.ready and time.monotonic() - self._last_load >= RELOAD_INTERVAL_S:
+    def retry_until_ready(self) -> None:
+        """Rescan every RELOAD_INTERVAL_S until every model loads (models may still be
+        arriving). Runs beside the requests, never inside one: readiness only reads state."""
+        while not self.ready:
+            time.sleep(RELOAD_INTERVAL_S)
             self.load()
-        return self.ready
 
     def names(self) -> list[str]:
         """Names of the loaded models, sorted."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from service.models import NAME_PATTERN
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_PATTERN = NAME_PATTERN.pattern
 
 
 def _path_parameter(name: str, served: tuple[str, ...]) -> dict[str, Any]:

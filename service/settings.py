@@ -1,7 +1,10 @@
 """Typed settings for the prediction service: the one place that reads the environment.
 
-Every field has an environment variable, a type, a default and a docstring; bad values
-fail at start-up with a message that names the variable. Units are in the names.
+Settings are grouped by concern (the gunicorn process, the models, the result cache,
+batching). Every field declares its environment variable, default, meaning and check
+next to it; a bad value fails at start-up with a message that names the variable.
+Units are in the names. Cache policy and batching can differ per model: in these
+settings (`iris=off,*=auto`) or in the model's own `model.json` (see `serving_for`).
 """
 
 from __future__ import annotations
@@ -9,229 +12,320 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 CACHE_POLICIES = ("on", "off", "auto")
+SWITCH = ("on", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used."""
 
 
-def _setting(env: str, default: Any, doc: str) -> Any:
-    return field(default=default, metadata={"env": env, "doc": doc})
+# --- checks, declared beside each field -----------------------------------------------------
 
 
-def _parse_cache_policy(raw: str) -> dict[str, str]:
-    """Parse `on`, `off` or `iris=off,*=on` into {model or '*': policy}."""
-    policy: dict[str, str] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        if not sep:
-            name, value = "*", name
-        name, value = name.strip(), value.strip().lower()
-        if value not in CACHE_POLICIES or not name:
-            raise SettingsError(f"cache policy item {item!r}: expected on, off, auto or model=on|off|auto")
-        policy[name] = value
-    policy.setdefault("*", "auto")
-    return policy
+def positive(value: float) -> str | None:
+    """Above zero."""
+    return None if value > 0 else "must be positive"
+
+
+def non_negative(value: float) -> str | None:
+    """Zero or more."""
+    return None if value >= 0 else "must be >= 0"
+
+
+def one_of(*allowed: str) -> Callable[[str], str | None]:
+    """One of `allowed` (case-insensitive)."""
+    return lambda value: None if value.lower() in allowed else f"must be one of {', '.join(allowed)}"
+
+
+@dataclass(frozen=True)
+class PerModel:
+    """A choice with a default and per-model exceptions: `on`, or `iris=off,*=auto`."""
+
+    default: str
+    overrides: tuple[tuple[str, str], ...] = ()
+
+    def explicit(self, model: str) -> str | None:
+        """The value set for this model by name, if any."""
+        return dict(self.overrides).get(model)
+
+    def __str__(self) -> str:
+        return ",".join([*(f"{name}={value}" for name, value in self.overrides), f"*={self.default}"])
+
+
+def per_model(allowed: tuple[str, ...], default: str) -> Callable[[str], PerModel]:
+    """A parser of `value` or `model=value,...,*=value` with values from `allowed`."""
+
+    def parse(raw: str) -> PerModel:
+        overrides: dict[str, str] = {}
+        fallback = default
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            name, sep, value = item.partition("=")
+            if not sep:
+                name, value = "*", name
+            name, value = name.strip(), value.strip().lower()
+            if value not in allowed or not name:
+                raise ValueError(f"item {item!r}: expected {'|'.join(allowed)} or model={'|'.join(allowed)}")
+            if name == "*":
+                fallback = value
+            else:
+                overrides[name] = value
+        return PerModel(fallback, tuple(sorted(overrides.items())))
+
+    return parse
+
+
+def _replica_id(raw: str) -> str:
+    return raw.strip() or socket.gethostname()
+
+
+def setting(env: str, default: Any, doc: str, *, check: Callable[[Any], str | None] | None = None,
+            parse: Callable[[str], Any] | None = None, factory: Callable[[], Any] | None = None) -> Any:  # fmt: skip
+    """A settings field: its variable, default (or factory), meaning, check and parser."""
+    metadata = {"env": env, "doc": doc, "check": check, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class _Group:
+    """Runs each field's declared check; a group adds checks between its fields."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            problem = check(getattr(self, f.name)) if check else None
+            if problem:
+                raise SettingsError(f"{f.metadata['env']} {problem}, got {getattr(self, f.name)!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve more than one field."""
+
+
+@dataclass(frozen=True)
+class ServerSettings(_Group):
+    """The gunicorn process of one replica."""
+
+    bind: str = setting("SERVICE_BIND", "127.0.0.1:8000", "Address gunicorn listens on (host:port).")
+    workers: int = setting(
+        "SERVICE_WORKERS", 1, "Gunicorn worker processes per replica; the cluster scales by replicas, so one each.",
+        check=positive,
+    )  # fmt: skip
+    worker_connections: int = setting(
+        "SERVICE_WORKER_CONNECTIONS", 256,
+        "Concurrent connections per gevent worker; keep >= nginx upstream keepalive.", check=positive,
+    )  # fmt: skip
+    keepalive_s: int = setting(
+        "SERVICE_KEEPALIVE_S", 75,
+        "Idle keep-alive of gunicorn; must exceed the balancer's upstream keepalive_timeout.", check=positive,
+    )  # fmt: skip
+    graceful_timeout_s: int = setting(
+        "SERVICE_GRACEFUL_TIMEOUT_S", 30, "Time in-flight requests get to finish on SIGTERM before workers are killed.",
+        check=positive,
+    )  # fmt: skip
+    drain_delay_s: float = setting(
+        "SERVICE_DRAIN_DELAY_S", 0.0,
+        "On SIGTERM, /readyz answers 503 and the replica keeps serving this long before it stops accepting (time "
+        "for a balancer that reads readiness or DNS to move away).", check=non_negative,
+    )  # fmt: skip
+    timeout_s: int = setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.", check=positive)
+    replica_id: str = setting(
+        "SERVICE_REPLICA_ID", None, "Id returned in X-Served-By; empty means the host name.",
+        parse=_replica_id, factory=socket.gethostname,
+    )  # fmt: skip
+    metrics_dir: Path | None = setting(
+        "SERVICE_METRICS_DIR", None,
+        "Prometheus multiprocess folder, wiped at start; unset: $TMPDIR/pcluster-metrics-<replica id>.",
+    )  # fmt: skip
+    prometheus_multiproc_dir: str = setting(
+        "PROMETHEUS_MULTIPROC_DIR", "", "Set by gunicorn.conf.py from SERVICE_METRICS_DIR; non-empty: workers share "
+        "metrics.",
+    )  # fmt: skip
+    log_level: str = setting("SERVICE_LOG_LEVEL", "info", "Python log level.", check=one_of(*LOG_LEVELS))
+
+    def check(self) -> None:
+        if self.drain_delay_s >= self.graceful_timeout_s:
+            raise SettingsError("SERVICE_DRAIN_DELAY_S must be below SERVICE_GRACEFUL_TIMEOUT_S")
+
+    @property
+    def metrics_path(self) -> Path:
+        """Where this replica's workers write their metrics."""
+        if self.metrics_dir is not None:
+            return self.metrics_dir
+        safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.replica_id)
+        return Path(os.environ.get("TMPDIR", "/tmp")) / f"pcluster-metrics-{safe_id}"
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Group):
+    """Where models come from and how much one request may ask of them."""
+
+    models_dir: Path = setting("SERVICE_MODELS_DIR", Path("models"), "Folder holding models/<name>/<version>/.")
+    default_model: str = setting("SERVICE_DEFAULT_MODEL", "iris", "Model answered by POST /predict.")
+    max_body_bytes: int = setting(
+        "SERVICE_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted (413 above).", check=positive
+    )
+    max_batch_rows: int = setting(
+        "SERVICE_MAX_BATCH_ROWS", 1024, "Most rows one prediction request may carry.", check=positive
+    )
+
+
+@dataclass(frozen=True)
+class CacheSettings(_Group):
+    """The shared result cache in Redis and the breaker in front of it."""
+
+    redis_url: str = setting(
+        "REDIS_URL", "redis://127.0.0.1:6379/0", "Result cache; empty turns the cache off. "
+        "redis://[:password@]host:port/db.",
+    )  # fmt: skip
+    timeout_ms: int = setting(
+        "SERVICE_REDIS_TIMEOUT_MS", 100,
+        "Socket connect/read timeout for the cache; the most a request waits on Redis. Keep it above the longest "
+        "batched predict, which holds the worker's event loop (and so the timer) meanwhile.", check=positive,
+    )  # fmt: skip
+    max_connections: int = setting(
+        "SERVICE_REDIS_MAX_CONNECTIONS", 0, "Redis pool size per worker; 0 means SERVICE_WORKER_CONNECTIONS.",
+        check=non_negative,
+    )  # fmt: skip
+    ttl_s: int = setting("SERVICE_CACHE_TTL_S", 3600, "How long a cached prediction lives in Redis.", check=positive)
+    policy: PerModel = setting(
+        "SERVICE_CACHE_POLICY", None,
+        "Cache per model: on, off or auto (cache only models whose predict costs more than a miss's two Redis "
+        "round trips), e.g. 'iris=off,*=auto'; a model.json `serving.cache_policy` sits between the two.",
+        parse=per_model(CACHE_POLICIES, "auto"), factory=lambda: PerModel("auto"),
+    )  # fmt: skip
+    key_prefix: str = setting("SERVICE_CACHE_KEY_PREFIX", "pred", "Prefix of every cache key in Redis.")
+    breaker_backoff_s: float = setting(
+        "SERVICE_BREAKER_BACKOFF_S", 1.0, "After a Redis failure, how long requests bypass the cache before one "
+        "probes it.", check=positive,
+    )  # fmt: skip
+    breaker_max_backoff_s: float = setting(
+        "SERVICE_BREAKER_MAX_BACKOFF_S", 15.0, "Ceiling of the doubling back-off while Redis keeps failing.",
+        check=positive,
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.breaker_max_backoff_s < self.breaker_backoff_s:
+            raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be <= SERVICE_BREAKER_MAX_BACKOFF_S")
+
+
+@dataclass(frozen=True)
+class BatchingSettings(_Group):
+    """Concurrent requests in one worker sharing one predict call."""
+
+    enabled: PerModel = setting(
+        "SERVICE_BATCHING", None,
+        "on: concurrent requests in a worker share one predict call; off: one each. Per model too, e.g. "
+        "'iris=off,*=on'; a model.json `serving.batching` sits between the two.",
+        parse=per_model(SWITCH, "on"), factory=lambda: PerModel("on"),
+    )  # fmt: skip
+    max_rows: int = setting(
+        "SERVICE_BATCH_MAX_ROWS", 64, "Most rows one batched predict call takes (a batch runs at once when full); "
+        "model.json `serving.batch_max_rows` overrides it.", check=positive,
+    )  # fmt: skip
+    max_wait_ms: float = setting(
+        "SERVICE_BATCH_MAX_WAIT_MS", 5.0, "Longest a request waits for others to join its batch (it runs sooner when "
+        "the worker is idle); model.json `serving.batch_max_wait_ms` overrides it.", check=non_negative,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelServing:
+    """How one model is served, settled from the settings and its model.json."""
+
+    cache_policy: str  # on | off | auto
+    batching: bool
+    batch_max_rows: int
+    batch_max_wait_ms: float
+
+
+GROUPS = {"server": ServerSettings, "models": ModelSettings, "cache": CacheSettings, "batching": BatchingSettings}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Settings of one replica; build with `Settings.from_env()` or directly in tests."""
+    """Settings of one replica; build with `Settings.from_env()`."""
 
-    models_dir: Path = _setting("SERVICE_MODELS_DIR", Path("models"), "Folder holding models/<name>/<version>/.")
-    default_model: str = _setting("SERVICE_DEFAULT_MODEL", "iris", "Model answered by POST /predict.")
-    replica_id: str = _setting(
-        "SERVICE_REPLICA_ID",
-        "",
-        "Id returned in X-Served-By; empty means the host name.",
-    )
-    max_body_bytes: int = _setting("SERVICE_MAX_BODY_BYTES", 1_048_576, "Largest request body accepted (413 above).")
-    max_batch_rows: int = _setting("SERVICE_MAX_BATCH_ROWS", 1024, "Most rows one prediction request may carry.")
-    redis_url: str = _setting(
-        "REDIS_URL",
-        "redis://127.0.0.1:6379/0",
-        "Result cache; empty turns the cache off. redis://[:password@]host:port/db.",
-    )
-    redis_timeout_ms: int = _setting(
-        "SERVICE_REDIS_TIMEOUT_MS",
-        100,
-        "Socket connect/read timeout for the cache; the most a request waits on Redis. Keep it above the "
-        "longest batched predict, which holds the worker's event loop (and so the timer) meanwhile.",
-    )
-    redis_max_connections: int = _setting(
-        "SERVICE_REDIS_MAX_CONNECTIONS",
-        0,
-        "Redis pool size per worker; 0 means SERVICE_WORKER_CONNECTIONS.",
-    )
-    cache_ttl_s: int = _setting("SERVICE_CACHE_TTL_S", 3600, "How long a cached prediction lives in Redis.")
-    cache_policy: dict[str, str] = _setting(
-        "SERVICE_CACHE_POLICY",
-        None,
-        "Cache per model: on, off or auto (cache only models whose predict costs more than a "
-        "miss's two Redis round trips), e.g. 'iris=off,*=auto'.",
-    )
-    cache_key_prefix: str = _setting("SERVICE_CACHE_KEY_PREFIX", "pred", "Prefix of every cache key in Redis.")
-    breaker_backoff_s: float = _setting(
-        "SERVICE_BREAKER_BACKOFF_S",
-        1.0,
-        "After a Redis failure, how long requests bypass the cache before one probes it.",
-    )
-    breaker_max_backoff_s: float = _setting(
-        "SERVICE_BREAKER_MAX_BACKOFF_S",
-        15.0,
-        "Ceiling of the doubling back-off while Redis keeps failing.",
-    )
-    bind: str = _setting("SERVICE_BIND", "127.0.0.1:8000", "Address gunicorn listens on (host:port).")
-    workers: int = _setting(
-        "SERVICE_WORKERS",
-        1,
-        "Gunicorn worker processes per replica; the cluster scales by replicas, so one each.",
-    )
-    worker_connections: int = _setting(
-        "SERVICE_WORKER_CONNECTIONS",
-        256,
-        "Concurrent connections per gevent worker; keep >= nginx upstream keepalive.",
-    )
-    keepalive_s: int = _setting(
-        "SERVICE_KEEPALIVE_S",
-        75,
-        "Idle keep-alive of gunicorn; must exceed the balancer's upstream keepalive_timeout.",
-    )
-    graceful_timeout_s: int = _setting(
-        "SERVICE_GRACEFUL_TIMEOUT_S",
-        30,
-        "Time in-flight requests get to finish on SIGTERM before workers are killed.",
-    )
-    drain_delay_s: float = _setting(
-        "SERVICE_DRAIN_DELAY_S",
-        0.0,
-        "On SIGTERM, /readyz answers 503 and the replica keeps serving this long before it stops "
-        "accepting (time for a balancer that reads readiness or DNS to move away).",
-    )
-    timeout_s: int = _setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.")
-    metrics_dir: Path = _setting(
-        "SERVICE_METRICS_DIR",
-        None,
-        "Prometheus multiprocess folder, wiped at start; default a per-replica temp dir.",
-    )
-    prometheus_multiproc_dir: str = _setting(
-        "PROMETHEUS_MULTIPROC_DIR",
-        "",
-        "Set by gunicorn.conf.py from SERVICE_METRICS_DIR; non-empty: workers share metrics.",
-    )
-    batching: str = _setting(
-        "SERVICE_BATCHING", "on", "on: concurrent requests in a worker share one predict call; off: one each."
-    )
-    batch_max_rows: int = _setting(
-        "SERVICE_BATCH_MAX_ROWS", 64, "Most rows one batched predict call takes (a batch runs at once when full)."
-    )
-    batch_max_wait_ms: float = _setting(
-        "SERVICE_BATCH_MAX_WAIT_MS",
-        5.0,
-        "Longest a request waits for others to join its batch (it runs sooner when the worker is idle).",
-    )
-    log_level: str = _setting("SERVICE_LOG_LEVEL", "info", "Python log level.")
-
-    def __post_init__(self) -> None:
-        if self.cache_policy is None:
-            object.__setattr__(self, "cache_policy", {"*": "auto"})
-        if not self.replica_id:
-            object.__setattr__(self, "replica_id", socket.gethostname())
-        if self.metrics_dir is None:
-            safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.replica_id)
-            tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-            object.__setattr__(self, "metrics_dir", tmp / f"pcluster-metrics-{safe_id}")
-        for name in (
-            "max_body_bytes",
-            "max_batch_rows",
-            "redis_timeout_ms",
-            "cache_ttl_s",
-            "workers",
-            "worker_connections",
-            "keepalive_s",
-            "graceful_timeout_s",
-            "timeout_s",
-        ):
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{_env_name(name)} must be positive, got {getattr(self, name)}")
-        if self.redis_max_connections < 0:
-            raise SettingsError("SERVICE_REDIS_MAX_CONNECTIONS must be >= 0")
-        if self.breaker_backoff_s <= 0 or self.breaker_max_backoff_s < self.breaker_backoff_s:
-            raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be > 0 and <= SERVICE_BREAKER_MAX_BACKOFF_S")
-        if self.drain_delay_s < 0 or self.drain_delay_s >= self.graceful_timeout_s:
-            raise SettingsError("SERVICE_DRAIN_DELAY_S must be >= 0 and below SERVICE_GRACEFUL_TIMEOUT_S")
-        if self.batching not in ("on", "off"):
-            raise SettingsError(f"SERVICE_BATCHING must be on or off, got {self.batching!r}")
-        if self.batch_max_rows <= 0 or self.batch_max_wait_ms < 0:
-            raise SettingsError("SERVICE_BATCH_MAX_ROWS must be positive and SERVICE_BATCH_MAX_WAIT_MS >= 0")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise SettingsError(f"SERVICE_LOG_LEVEL: unknown level {self.log_level!r}")
-
-    @property
-    def redis_pool_size(self) -> int:
-        """Connections per worker: one per concurrent greenlet is enough, never more."""
-        return self.redis_max_connections or self.worker_connections
-
-    def cache_policy_for(self, model: str) -> str:
-        """on, off or auto for `model` (off whenever there is no Redis)."""
-        if not self.redis_url:
-            return "off"
-        return self.cache_policy.get(model, self.cache_policy["*"])
+    server: ServerSettings = field(default_factory=ServerSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every field from the environment (or `environ`), failing fast on bad values."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(f.metadata["env"])
-            if raw is None:
-                continue
-            try:
-                values[f.name] = _PARSERS[f.name](raw) if f.name in _PARSERS else _parse(f.type, raw)
-            except (ValueError, TypeError) as exc:
-                raise SettingsError(f"{f.metadata['env']}={raw!r}: {exc}") from None
-        return cls(**values)
+        return cls(**{name: _group_from_env(group, env) for name, group in GROUPS.items()})
+
+    @property
+    def redis_pool_size(self) -> int:
+        """Connections per worker: one per concurrent greenlet is enough, never more."""
+        return self.cache.max_connections or self.server.worker_connections
+
+    def serving_for(self, model: str, from_model_json: Mapping[str, Any]) -> ModelServing:
+        """This model's cache policy and batching: a per-model entry in these settings wins,
+        then the model's own `serving` block, then the settings' default. No Redis: no cache."""
+        policy = self.cache.policy.explicit(model) or from_model_json.get("cache_policy") or self.cache.policy.default
+        batching = (
+            self.batching.enabled.explicit(model) or from_model_json.get("batching") or self.batching.enabled.default
+        )
+        return ModelServing(
+            cache_policy=policy if self.cache.redis_url else "off",
+            batching=batching == "on",
+            batch_max_rows=int(from_model_json.get("batch_max_rows", self.batching.max_rows)),
+            batch_max_wait_ms=float(from_model_json.get("batch_max_wait_ms", self.batching.max_wait_ms)),
+        )
+
+    def flat(self) -> dict[str, str]:
+        """Every setting as `group.field` → its value as text (reports, logs)."""
+        return {f"{name}.{f.name}": str(getattr(getattr(self, name), f.name))
+                for name in GROUPS for f in fields(getattr(self, name))}  # fmt: skip
 
 
-def _env_name(field_name: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == field_name)
+def _parse(f: Any, raw: str) -> Any:
+    parser = f.metadata.get("parse")
+    if parser is not None:
+        return parser(raw)
+    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Path": Path,
+                                                   "Path | None": Path}  # fmt: skip
+    kind = str(f.type)
+    return converters[kind](raw if kind == "str" else raw.strip())
 
 
-def _parse(type_name: Any, raw: str) -> Any:
-    converters: dict[str, Callable[[str], Any]] = {
-        "int": int,
-        "float": float,
-        "str": str,
-        "Path": Path,
-    }
-    return converters[str(type_name)](raw.strip() if type_name != "str" else raw)
-
-
-_PARSERS: dict[str, Callable[[str], Any]] = {"cache_policy": _parse_cache_policy}
+def _group_from_env(group: type[_Group], env: Mapping[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(group):  # type: ignore[arg-type]
+        raw = env.get(f.metadata["env"])
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _parse(f, raw)
+        except (ValueError, TypeError) as exc:
+            raise SettingsError(f"{f.metadata['env']}={raw!r}: {exc}") from None
+    return group(**values)
 
 
 def settings_table() -> str:
-    """Markdown table of every setting, for the README."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for f in fields(Settings):
-        default = f.default
-        if f.name == "cache_policy":
-            default = "auto"
-        elif f.name == "replica_id":
-            default = "host name"
-        elif f.name == "metrics_dir":
-            default = "$TMPDIR/pcluster-metrics-<replica>"
-        shown = f"`{default}`" if default != "" else "(empty)"
-        rows.append(f"| `{f.metadata['env']}` | {shown} | {f.metadata['doc']} |")
-    return "\n".join(rows)
+    """Markdown tables of every setting, one per group, for docs/settings.md."""
+    out = []
+    for name, group in GROUPS.items():
+        out += [f"**{name}**: {(group.__doc__ or '').strip()}", "",
+                "| variable | default | meaning |", "|---|---|---|"]  # fmt: skip
+        for f in fields(group):  # type: ignore[arg-type]
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
+            shown = {"replica_id": "host name", "metrics_dir": "(unset)"}.get(f.name, default)
+            text = f"`{shown}`" if shown not in ("", "host name", "(unset)") else shown or "(empty)"
+            out.append(f"| `{f.metadata['env']}` | {text} | {f.metadata['doc']} |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 if __name__ == "__main__":

@@ -23,5 +23,5 @@ class ServiceState:
     draining: bool = False  # set on SIGTERM by service.worker
 
     def is_ready(self) -> bool:
-        """Every model found has loaded (rescanning while not), and not draining."""
-        return not self.draining and self.registry.reload_if_not_ready()
+        """Every model found has loaded, and not draining (reads state only)."""
+        return not self.draining and self.registry.ready

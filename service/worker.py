@@ -98,7 +98,7 @@ class GracefulGeventWorker(GeventWorker):
         delay = 0.0
         if state is not None:
             state.draining = True
-            delay = state.settings.drain_delay_s
+            delay = state.settings.server.drain_delay_s
         gevent.spawn(self._stop_after, delay, sig, frame)
 
     def _stop_after(self, delay_s: float, sig: int, frame: Any) -> None:

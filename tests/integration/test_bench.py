@@ -4,30 +4,37 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.support import ROOT, LocalCluster
+from localcluster import Cluster, Ports
+from localcluster.cluster import DEFAULT_SLOTS
+from tests.support import ROOT
 
 pytestmark = pytest.mark.integration
 
 
-def test_quick_bench_writes_a_complete_report(tmp_path, models_dir):
-    cluster = LocalCluster(tmp_path / "run")
-    cluster.env.pop("BALANCER_RATE_LIMIT")  # the bench measures the cluster, not the limiter
-    cluster.up(replicas=2)
+def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
+    # Settings the cluster runs with but the benchmark process does not have: the report
+    # must say what ran, read from the running cluster, not from its own environment.
+    non_default = {"SERVICE_BATCH_MAX_WAIT_MS": "2.5", "BALANCER_GZIP_MIN_LENGTH": "2048", "SERVICE_CACHE_POLICY": "on"}
+    cluster = Cluster(tmp_path / "run", {**os.environ, **non_default})
+    bench_env = {k: v for k, v in os.environ.items() if k not in non_default}
+    bench_env["CLUSTER_RUN_DIR"] = str(cluster.run_dir)
     out = tmp_path / "report"
     try:
+        cluster.start(2, Ports.auto(DEFAULT_SLOTS))
         result = subprocess.run(
             [sys.executable, "-m", "loadtest.bench", "--quick", "--out", str(out)],
-            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=400,
+            cwd=ROOT, env=bench_env, capture_output=True, text=True, timeout=400,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-        assert cluster.status()["replicas"] == 2, "a reused cluster is scaled back to where it was"
+        assert cluster.status().replicas == 2, "a reused cluster is scaled back to where it was"
     finally:
-        cluster.run("down", check=False)
+        cluster.stop()
     raw = json.loads((out / "results.json").read_text())
     plan = raw["environment"]["plan"]
     expected = len(plan["replicas"]) * len(plan["concurrency"]) * len(plan["hit_ratios"]) * len(plan["models"])
@@ -51,3 +58,10 @@ def test_quick_bench_writes_a_complete_report(tmp_path, models_dir):
     assert len(plots) == 4 and all((out / "plots" / p).stat().st_size > 5000 for p in plots)
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
     assert (out / "locust.html").exists()
+    environment = raw["environment"]
+    assert environment["service_non_default"]["batching.max_wait_ms"] == "2.5"
+    assert environment["service_non_default"]["cache.policy"] == "*=on"
+    assert set(environment["per_replica"]) == {"replica-1", "replica-2"}
+    assert "gzip_min_length 2048;" in environment["nginx_directives"]
+    assert "gzip_min_length 2048;" in (out / "raw" / "nginx.conf").read_text()
+    assert "batching.max_wait_ms=2.5" in markdown and "gzip_min_length 2048;" in markdown

@@ -1,4 +1,4 @@
-"""The local cluster through scripts/cluster: real redis-server, gunicorn replicas and nginx."""
+"""The local cluster (localcluster, behind scripts/cluster): real redis-server, gunicorn replicas and nginx."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from tests.support import ROOT, VENV_BIN, LocalCluster, h2load_argv, h2load_counts, port_free, wait_until
+from loadtest.generators import h2load_count_argv
+from loadtest.parsers import parse_h2load
+from localcluster import port_free
+from tests.support import ROOT, VENV_BIN, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -22,16 +25,11 @@ SETOSA = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, models_dir, request):
-    local = LocalCluster(tmp_path_factory.mktemp("cluster") / "run")
-    failed_before = request.session.testsfailed
-    try:
-        local.up()
-        yield local
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(local.logs())
-        local.run("down", check=False)
+def cluster(start_cluster):
+    # 127.0.0.1 is exempt (the tests' load generator); 127.0.0.2 is an ordinary client.
+    return start_cluster(
+        REPLICAS, BALANCER_RATE_LIMIT_EXEMPT="127.0.0.1/32", BALANCER_RATE_LIMIT="5r/s", BALANCER_RATE_LIMIT_BURST="5"
+    )
 
 
 def predict(url: str, rows, session=None, **kwargs):
@@ -40,12 +38,12 @@ def predict(url: str, rows, session=None, **kwargs):
 
 def test_status_reflects_the_running_cluster(cluster):
     status = cluster.status()
-    names = sorted(c["name"] for c in status["components"])
+    names = sorted(c.name for c in status.components)
     assert names == ["nginx", "redis"] + [f"replica-{i}" for i in range(1, REPLICAS + 1)]
-    assert all(c["running"] and c["healthy"] for c in status["components"])
-    assert status["balancer"] == cluster.url
-    for component in status["components"]:
-        os.kill(component["pid"], 0)
+    assert all(c.running and c.healthy for c in status.components)
+    assert status.balancer == cluster.url
+    for component in status.components:
+        os.kill(component.pid, 0)
 
 
 def test_requests_spread_evenly_and_keepalive_is_honoured(cluster):
@@ -137,7 +135,7 @@ class _SourceAddressAdapter(HTTPAdapter):
 def _bounded_load(cluster, tmp_path: Path, total: int, clients: int = 16) -> subprocess.Popen[str]:
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"instances": [SETOSA]}))
-    argv = h2load_argv(f"{cluster.url}/v1/models/iris:predict", body, total, clients)
+    argv = h2load_count_argv(f"{cluster.url}/v1/models/iris:predict", body, total, clients)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -148,18 +146,28 @@ def _access_lines(cluster) -> int:
 
 def _finish(load: subprocess.Popen[str]) -> dict[str, int]:
     output, _ = load.communicate(timeout=180)
-    counts = h2load_counts(output)
+    counts = parse_h2load(output)
     print(f"h2load: {counts}")
     return counts
 
 
-def test_sigkilled_replica_fails_no_request(cluster, tmp_path):
+@pytest.fixture
+def restored(cluster):
+    """The cluster, with every replica and Redis running again after the test, pass or fail."""
+    try:
+        yield cluster
+    finally:
+        cluster.start(REPLICAS)  # idempotent: restarts only what is missing
+
+
+def test_sigkilled_replica_fails_no_request(restored, tmp_path):
+    cluster = restored
     start = _access_lines(cluster)
     load = _bounded_load(cluster, tmp_path, 6000)
     wait_until(lambda: _access_lines(cluster) - start > 1000, 60, "load to get going")
-    victim = cluster.component("replica-2")
+    victim = cluster.status().component("replica-2")
     # The whole replica, master and worker, as when its container or host dies.
-    os.killpg(victim["pid"], signal.SIGKILL)
+    os.killpg(victim.pid, signal.SIGKILL)
     killed_at = _access_lines(cluster)
     counts = _finish(load)
     assert counts["succeeded"] == counts["s2xx"] == 6000, counts
@@ -167,39 +175,39 @@ def test_sigkilled_replica_fails_no_request(cluster, tmp_path):
     lines = (cluster.run_dir / "logs" / "access.log").read_text().splitlines()[killed_at + 50 :]
     served_after = collections.Counter(json.loads(line)["served_by"] for line in lines)
     assert "replica-2" not in served_after and len(served_after) == REPLICAS - 1, served_after
-    status = cluster.component("replica-2")
-    assert not status["running"]
-    cluster.up()  # idempotent: restarts only what is missing
-    assert cluster.component("replica-2")["running"]
-    assert cluster.component("replica-1")["pid"] != victim["pid"]
+    assert not cluster.status().component("replica-2").running
+    cluster.start(REPLICAS)  # restarts only what is missing
+    restarted = cluster.status().component("replica-2")
+    assert restarted.running and restarted.pid != victim.pid
 
 
-def test_scale_down_and_up_under_load_fails_no_request(cluster, tmp_path):
-    before = {c["name"]: c["pid"] for c in cluster.status()["components"]}
+def test_scale_down_and_up_under_load_fails_no_request(restored, tmp_path):
+    cluster = restored
+    before = {c.name: c.pid for c in cluster.status().components}
     start = _access_lines(cluster)
     load = _bounded_load(cluster, tmp_path, 12000)
     wait_until(lambda: _access_lines(cluster) - start > 500, 60, "load to get going")
-    cluster.run("scale", "2")
-    assert cluster.status()["replicas"] == 2
-    cluster.run("scale", str(REPLICAS))
+    cluster.scale(2)
+    assert cluster.status().replicas == 2
+    cluster.scale(REPLICAS)
     counts = _finish(load)
     assert counts["succeeded"] == counts["s2xx"] == 12000, counts
     status = cluster.status()
-    assert status["replicas"] == REPLICAS and all(c["healthy"] for c in status["components"])
-    after = {c["name"]: c["pid"] for c in status["components"]}
+    assert status.replicas == REPLICAS and status.healthy
+    after = {c.name: c.pid for c in status.components}
     assert after["replica-1"] == before["replica-1"] and after["nginx"] == before["nginx"]
     assert after["replica-4"] != before["replica-4"], "replica-4 was drained, stopped and started again"
 
 
-def test_redis_killed_during_load_means_bypass_not_errors(cluster, tmp_path):
-    redis = cluster.component("redis")
-    os.kill(redis["pid"], signal.SIGKILL)
+def test_redis_killed_during_load_means_bypass_not_errors(restored, tmp_path):
+    cluster = restored
+    os.kill(cluster.status().component("redis").pid, signal.SIGKILL)
     load = _bounded_load(cluster, tmp_path, 3000)
     during = [predict(cluster.url, [[float(i), 9.0, 9.0, 9.0]]) for i in range(20)]
     counts = _finish(load)
     assert counts["s5xx"] == 0 and counts["s2xx"] == 3000, counts
     assert {(r.status_code, r.headers["X-Cache"]) for r in during} == {(200, "BYPASS")}
-    cluster.up()
+    cluster.start(REPLICAS)
     row = [[8.8, 8.8, 8.8, 8.8]]
     wait_until(
         lambda: all(predict(cluster.url, row).headers["X-Cache"] == "HIT" for _ in range(REPLICAS)),
@@ -208,17 +216,28 @@ def test_redis_killed_during_load_means_bypass_not_errors(cluster, tmp_path):
     )
 
 
-def test_down_leaves_nothing_running(tmp_path, models_dir):
-    local = LocalCluster(tmp_path / "run")
-    local.up(replicas=1)
-    pids = [c["pid"] for c in local.status()["components"]]
-    ports = [c["port"] for c in local.status()["components"]]
-    local.run("down")
+def test_the_cli_starts_reports_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):
+    env = {**os.environ, "CLUSTER_RUN_DIR": str(tmp_path / "run")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["scripts/cluster", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)  # fmt: skip
+
+    try:
+        up = cli("up", "--replicas", "1", "--ports", "auto")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "replica-1" in up.stdout and "healthy" in up.stdout
+        status = json.loads(cli("status", "--json").stdout)
+        assert {c["name"] for c in status["components"]} == {"nginx", "redis", "replica-1"}
+        pids, ports = [c["pid"] for c in status["components"]], [c["port"] for c in status["components"]]
+    finally:
+        down = cli("down")
+    assert down.returncode == 0 and "cluster stopped" in down.stdout, down.stderr
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
     assert all(port_free(port) for port in ports)
-    assert local.status()["components"] == []
-    assert not list(local.run_dir.rglob("*.pid")) and not (local.run_dir / "cluster.json").exists()
+    assert json.loads(cli("status", "--json").stdout)["components"] == []
+    assert not list((tmp_path / "run").rglob("*.pid")) and not (tmp_path / "run" / "cluster.json").exists()
 
 
 def test_h2load_scenario_writes_output_and_percentiles(cluster, tmp_path):

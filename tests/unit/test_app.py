@@ -11,7 +11,8 @@ SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]
 
 @pytest.fixture
 def client(models_dir, tmp_path):
-    settings = Settings(models_dir=models_dir, redis_url="", replica_id="unit", max_batch_rows=16, max_body_bytes=4096)
+    settings = Settings.from_env({"SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": "", "SERVICE_REPLICA_ID": "unit",
+                                  "SERVICE_MAX_BATCH_ROWS": "16", "SERVICE_MAX_BODY_BYTES": "4096"})  # fmt: skip
     return create_app(settings).test_client()
 
 
@@ -115,7 +116,7 @@ def test_metrics_count_requests(client):
 
 
 def test_not_ready_without_models(tmp_path):
-    app = create_app(Settings(models_dir=tmp_path, redis_url=""))
+    app = create_app(Settings.from_env({"SERVICE_MODELS_DIR": str(tmp_path), "REDIS_URL": ""}))
     client = app.test_client()
     response = client.get("/readyz")
     assert response.status_code == 503 and "no models found" in response.json["error"]
@@ -137,7 +138,7 @@ def test_openapi_document_is_valid_and_lists_every_route(client):
 
 
 def test_an_unexpected_error_is_a_json_500_without_a_stack_trace(models_dir, tmp_path, caplog):
-    app = create_app(Settings(models_dir=models_dir, redis_url=""))
+    app = create_app(Settings.from_env({"SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": ""}))
     assert not app.debug and not app.testing
 
     def explode():
@@ -148,3 +149,30 @@ def test_an_unexpected_error_is_a_json_500_without_a_stack_trace(models_dir, tmp
     assert response.status_code == 500 and response.json == {"error": "internal error"}
     assert b"Traceback" not in response.data and b"secret" not in response.data
     assert "ZeroDivisionError" in caplog.text, "the stack trace goes to the log, not to the client"
+
+
+def test_models_that_arrive_later_are_loaded_beside_the_requests(models_dir, tmp_path):
+    import shutil
+    import time
+
+    app = create_app(Settings.from_env({"SERVICE_MODELS_DIR": str(tmp_path), "REDIS_URL": ""}))
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 503
+    for name in ("iris", "digits"):
+        shutil.copytree(models_dir / name, tmp_path / name)
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/readyz").status_code == 200, "the background loader found the models"
+    assert client.post("/predict", json={"features": SETOSA}).json["predictions"] == ["setosa"]
+
+
+def test_metric_labels_name_only_served_models(client):
+    client.post("/v1/models/nope:predict", json={"instances": [SETOSA]})
+    client.post("/v1/models/iris:predict", json={"instances": [SETOSA]})
+    text = client.get("/metrics").data.decode()
+    assert 'model="nope"' not in text
+    assert 'prediction_http_requests_total{model="",route="/v1/models/<model:name>:predict",status="404"} 1.0' in text
+    assert (
+        'prediction_http_requests_total{model="iris",route="/v1/models/<model:name>:predict",status="200"} 1.0' in text
+    )

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from balancer.render import PLACEHOLDER, TEMPLATE, BalancerSettings, RenderError, render, settings_table, substitute
+from balancer.render import PLACEHOLDER, TEMPLATE, BalancerSettings, RenderError, render, substitute
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
@@ -90,10 +90,3 @@ def test_nginx_accepts_every_local_variant(tmp_path, variant):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-
-
-def test_readme_documents_every_balancer_setting():
-    readme = (TEMPLATE.parent.parent / "README.md").read_text()
-    for line in settings_table().splitlines()[2:]:
-        variable = line.split("`")[1]
-        assert f"`{variable}`" in readme, f"README does not document {variable}"

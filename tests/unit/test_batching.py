@@ -9,6 +9,7 @@ import pytest
 from service.batching import Batcher
 from service.inference import BYPASS, Predictor
 from service.metrics import Metrics
+from service.settings import ModelServing
 
 
 class CountingModel:
@@ -87,7 +88,8 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
     registry.load()
     model = registry.get("iris")
     cache = FakeCache(round_trip_ms)
-    predictor = Predictor(cache, Metrics(), "t", lambda name: "auto", batching=False)
+    serving = ModelServing(cache_policy="auto", batching=False, batch_max_rows=64, batch_max_wait_ms=5.0)
+    predictor = Predictor(cache, Metrics(), "t", lambda model: serving)
     prediction = predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
     assert prediction.labels == ["setosa"]
     assert predictor.cache_decision(model) is expected

@@ -1,17 +1,23 @@
 """Settings: read once from the environment, typed, failing fast with the variable's name."""
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from balancer.render import settings_table as balancer_table
 from service.settings import Settings, SettingsError, settings_table
 
 
 def test_defaults_and_overrides():
     settings = Settings.from_env({"SERVICE_WORKERS": "3", "SERVICE_MODELS_DIR": "/m", "SERVICE_REPLICA_ID": "a"})
-    assert (settings.workers, settings.models_dir, settings.replica_id) == (3, Path("/m"), "a")
-    assert settings.keepalive_s > 60, "gunicorn keep-alive must outlive nginx's upstream keepalive"
-    assert settings.redis_pool_size == settings.worker_connections
+    assert (settings.server.workers, settings.models.models_dir, settings.server.replica_id) == (3, Path("/m"), "a")
+    assert settings.server.keepalive_s > 60, "gunicorn keep-alive must outlive nginx's upstream keepalive"
+    assert settings.redis_pool_size == settings.server.worker_connections
+    assert Settings.from_env({"SERVICE_REPLICA_ID": ""}).server.replica_id == socket.gethostname()
+    assert Settings.from_env({}).server.metrics_path.name == f"pcluster-metrics-{socket.gethostname()}"
 
 
 @pytest.mark.parametrize(
@@ -20,28 +26,78 @@ def test_defaults_and_overrides():
         ({"SERVICE_WORKERS": "two"}, "SERVICE_WORKERS='two'"),
         ({"SERVICE_WORKERS": "0"}, "SERVICE_WORKERS must be positive"),
         ({"SERVICE_MAX_BODY_BYTES": "-1"}, "SERVICE_MAX_BODY_BYTES must be positive"),
-        ({"SERVICE_CACHE_POLICY": "iris=maybe"}, "cache policy item"),
+        ({"SERVICE_CACHE_POLICY": "iris=maybe"}, "SERVICE_CACHE_POLICY='iris=maybe'"),
+        ({"SERVICE_BATCHING": "sometimes"}, "SERVICE_BATCHING='sometimes'"),
         ({"SERVICE_BREAKER_BACKOFF_S": "30"}, "SERVICE_BREAKER_BACKOFF_S"),
-        ({"SERVICE_LOG_LEVEL": "loud"}, "SERVICE_LOG_LEVEL"),
+        ({"SERVICE_DRAIN_DELAY_S": "40"}, "SERVICE_DRAIN_DELAY_S must be below"),
+        ({"SERVICE_BATCH_MAX_WAIT_MS": "-1"}, "SERVICE_BATCH_MAX_WAIT_MS must be >= 0"),
+        ({"SERVICE_LOG_LEVEL": "loud"}, "SERVICE_LOG_LEVEL must be one of"),
     ],
 )
-def test_bad_values_fail_fast(env, message):
+def test_bad_values_fail_fast_naming_the_variable(env, message):
     with pytest.raises(SettingsError, match=message.replace("[", "\\[")):
         Settings.from_env(env)
 
 
+def serving(env: dict[str, str], model: str, from_model_json: dict | None = None):
+    return Settings.from_env(env).serving_for(model, from_model_json or {})
+
+
 def test_cache_policy_per_model():
-    settings = Settings.from_env({"SERVICE_CACHE_POLICY": "iris=off, *=on"})
-    assert settings.cache_policy_for("iris") == "off"
-    assert settings.cache_policy_for("digits") == "on"
-    assert Settings.from_env({"SERVICE_CACHE_POLICY": "off"}).cache_policy_for("digits") == "off"
-    assert Settings.from_env({"SERVICE_CACHE_POLICY": "digits=on"}).cache_policy_for("iris") == "auto"
-    assert Settings.from_env({}).cache_policy_for("iris") == "auto", "auto is the default"
-    assert Settings.from_env({"REDIS_URL": ""}).cache_policy_for("digits") == "off"
+    assert serving({"SERVICE_CACHE_POLICY": "iris=off, *=on"}, "iris").cache_policy == "off"
+    assert serving({"SERVICE_CACHE_POLICY": "iris=off, *=on"}, "digits").cache_policy == "on"
+    assert serving({"SERVICE_CACHE_POLICY": "off"}, "digits").cache_policy == "off"
+    assert serving({"SERVICE_CACHE_POLICY": "digits=on"}, "iris").cache_policy == "auto"
+    assert serving({}, "iris").cache_policy == "auto", "auto is the default"
+    assert serving({"REDIS_URL": ""}, "digits").cache_policy == "off", "no Redis, no cache"
 
 
-def test_readme_documents_every_setting():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for line in settings_table().splitlines()[2:]:
-        variable = line.split("`")[1]
-        assert f"`{variable}`" in readme, f"README does not document {variable}"
+def test_model_json_sits_between_the_settings_default_and_a_per_model_setting():
+    from_model = {"cache_policy": "off", "batching": "off", "batch_max_rows": 8, "batch_max_wait_ms": 1}
+    chosen = serving({"SERVICE_CACHE_POLICY": "on", "SERVICE_BATCHING": "on"}, "digits", from_model)
+    assert (chosen.cache_policy, chosen.batching, chosen.batch_max_rows, chosen.batch_max_wait_ms) == (
+        "off",
+        False,
+        8,
+        1,
+    )
+    explicit = serving(
+        {"SERVICE_CACHE_POLICY": "digits=on", "SERVICE_BATCHING": "digits=on,*=off"}, "digits", from_model
+    )
+    assert (explicit.cache_policy, explicit.batching) == ("on", True)
+    assert serving({"SERVICE_BATCHING": "digits=on,*=off"}, "iris").batching is False
+
+
+def test_a_bad_serving_block_in_model_json_refuses_the_model(tmp_path):
+    from service.models import ModelError, serving_options
+
+    assert serving_options({"batching": "off", "batch_max_rows": 4}, tmp_path) == {
+        "batching": "off",
+        "batch_max_rows": 4,
+    }
+    for bad in ({"batching": "maybe"}, {"batch_max_rows": 0}, {"batch_max_rows": True}, {"speed": "fast"}, []):
+        with pytest.raises(ModelError):
+            serving_options(bad, tmp_path)
+
+
+def test_the_settings_page_is_generated_from_the_declarations_whole():
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "scripts/settings_doc.py", "--check"], cwd=root, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = (root / "docs" / "settings.md").read_text()
+    assert settings_table() in page and balancer_table() in page
+
+
+def test_the_check_fails_on_a_stale_page(tmp_path, monkeypatch):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("settings_doc", root / "scripts" / "settings_doc.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stale = tmp_path / "settings.md"
+    stale.write_text(module.document().replace("SERVICE_MODELS_DIR", "SERVICE_MODEL_DIR"))
+    monkeypatch.setattr(module, "DOC", stale)
+    assert module.main(["--check"]) == 1

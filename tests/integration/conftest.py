@@ -1,0 +1,44 @@
+"""Fixtures of the integration layer: whole local clusters on free ports, through the
+same library the CLI and the benchmarks use."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from localcluster import Cluster, ClusterError, Ports
+from localcluster.cluster import DEFAULT_SLOTS
+
+# The tests follow iris rows through the cache, so it is on whatever `auto` would decide.
+TEST_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on"}
+
+StartCluster = Callable[..., Cluster]
+
+
+@pytest.fixture(scope="module")
+def start_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[StartCluster]:
+    """start_cluster(replicas, **environment) → a running Cluster in its own run directory on
+    free ports; every one is stopped after the module, its logs printed if a test failed."""
+    started: list[Cluster] = []
+    failed_before = request.session.testsfailed
+
+    def start(replicas: int, **environment: str) -> Cluster:
+        cluster = Cluster(tmp_path_factory.mktemp("cluster") / "run",
+                          {**os.environ, **TEST_ENVIRONMENT, **environment})  # fmt: skip
+        started.append(cluster)
+        cluster.start(replicas, Ports.auto(DEFAULT_SLOTS))
+        return cluster
+
+    yield start
+    for cluster in started:
+        if request.session.testsfailed > failed_before:
+            print(cluster.log_tails())
+        try:
+            cluster.stop()
+        except ClusterError as exc:
+            print(f"stopping {cluster.run_dir}: {exc}")
