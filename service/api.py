@@ -15,13 +15,8 @@ from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.models import LoadedModel, UnknownModel
 from service.openapi import openapi_document
-from service.validation import (
-    InputError,
-    parse_json,
-    parse_v2,
-    rows_from_shortcut,
-    rows_from_v1,
-)
+from service.protocols import body, shortcut, v1, v2
+from service.validation import InputError
 
 SERVER_NAME = "prediction-cluster"
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
@@ -30,11 +25,12 @@ bp = Blueprint("api", __name__)
 wire(bp)  # the converter first: the routes below use it
 
 
-def _json_body() -> Any:
-    mimetype = request.mimetype
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
-        raise InputError(f"Content-Type must be application/json, got {mimetype or 'none'}", 415)
-    return parse_json(request.get_data(cache=False))
+def _body() -> bytes:
+    """The request body as the protocol codecs take it: a content type real clients send,
+    decompressed (bounded by the body limit)."""
+    body.check_content_type(request.mimetype)
+    limit = state().settings.models.max_body_bytes
+    return body.decompress(request.get_data(cache=False), request.headers.get("Content-Encoding", ""), limit)
 
 
 def _model(name: str, version: str | None = None) -> LoadedModel:
@@ -111,12 +107,10 @@ def v1_model(name: str) -> Response:
 def v1_predict(name: str) -> Response:
     """{"instances": [[...]]} → {"predictions": [...], "probabilities": [[...]]}."""
     model = _model(name)
-    rows = rows_from_v1(_json_body(), model.width, state().settings.models.max_batch_rows)
+    rows = v1.decode(_body(), model.width, state().settings.models.max_batch_rows)
     prediction = state().predictor.predict(model, rows)
-    payload: dict[str, Any] = {"predictions": prediction.labels}
-    if prediction.probabilities is not None:
-        payload["probabilities"] = prediction.probabilities
-    return json_response(payload, headers=_prediction_headers(model, prediction))
+    encoded = v1.encode(prediction.labels, prediction.probabilities)
+    return Response(encoded, headers=_prediction_headers(model, prediction), mimetype="application/json")
 
 
 @bp.post("/predict")
@@ -124,16 +118,10 @@ def shortcut_predict() -> Response:
     """The tutorials' shortcut for the default model."""
     current = state()
     model = _model(current.settings.models.default_model)
-    rows = rows_from_shortcut(_json_body(), model.width, current.settings.models.max_batch_rows)
+    rows = shortcut.decode(_body(), model.width, current.settings.models.max_batch_rows)
     prediction = current.predictor.predict(model, rows)
-    payload: dict[str, Any] = {
-        "model": model.name,
-        "version": model.version,
-        "predictions": prediction.labels,
-    }
-    if prediction.probabilities is not None:
-        payload["probabilities"] = prediction.probabilities
-    return json_response(payload, headers=_prediction_headers(model, prediction))
+    encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
+    return Response(encoded, headers=_prediction_headers(model, prediction), mimetype="application/json")
 
 
 # --- Open Inference Protocol (V2 REST) --------------------------------------------------
@@ -142,7 +130,7 @@ def shortcut_predict() -> Response:
 @bp.get("/v2")
 def v2_server() -> Response:
     """Server metadata."""
-    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
+    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": [v2.EXTENSION]})
 
 
 @bp.get("/v2/health/live")
@@ -194,33 +182,20 @@ def v2_model_ready(name: str, version: str | None = None) -> Response:
 @bp.post("/v2/models/<model:name>/infer")
 @bp.post("/v2/models/<model:name>/versions/<model:version>/infer")
 def v2_infer(name: str, version: str | None = None) -> Response:
-    """Inference with JSON tensors."""
+    """Inference with JSON tensors or Triton's binary tensor data."""
     model = _model(name, version)
     names = _output_names(model)
-    parsed = parse_v2(_json_body(), model.width, state().settings.models.max_batch_rows, names)
+    parsed = v2.decode(_body(), request.headers.get(v2.HEADER_LENGTH), model.width,
+                       state().settings.models.max_batch_rows, names)  # fmt: skip
     prediction = state().predictor.predict(model, parsed.rows)
-    wanted = parsed.outputs or names
     count = len(prediction.labels)
     outputs = []
-    for output in wanted:
+    for output in parsed.outputs or names:
         if output == PREDICT_OUTPUT:
-            outputs.append(
-                {"name": output, "datatype": model.label_datatype, "shape": [count], "data": prediction.labels}
-            )
+            outputs.append(v2.Tensor(output, model.label_datatype, [count], prediction.labels))
         else:
-            proba = prediction.probabilities or []
-            outputs.append(
-                {
-                    "name": output,
-                    "datatype": "FP64",
-                    "shape": [count, len(model.classes)],
-                    "data": [p for row in proba for p in row],
-                }
-            )
-    payload = {
-        "model_name": model.name,
-        "model_version": model.version,
-        "id": parsed.request_id if parsed.request_id is not None else request_id(),
-        "outputs": outputs,
-    }
-    return json_response(payload, headers=_prediction_headers(model, prediction))
+            flat = [p for row in prediction.probabilities or [] for p in row]
+            outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
+    call_id = parsed.request_id if parsed.request_id is not None else request_id()
+    encoded, headers, content_type = v2.encode(model.name, model.version, call_id, outputs, parsed.binary_outputs)
+    return Response(encoded, headers={**headers, **_prediction_headers(model, prediction)}, content_type=content_type)

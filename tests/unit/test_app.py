@@ -79,7 +79,15 @@ ERRORS = [
     ("post", "/v1/models/iris:predict", {"data": b"{bad", "content_type": "application/json"}, 400),
     ("post", "/v1/models/iris:predict", {"json": {"instances": [[1, 2]]}}, 400),
     ("post", "/v1/models/iris:predict", {"data": b"{}", "content_type": "text/plain"}, 415),
-    ("post", "/v1/models/iris:predict", {"data": b"{}"}, 415),
+    ("post", "/v1/models/iris:predict", {"data": b"{}", "content_type": "multipart/form-data"}, 415),
+    ("post", "/v2/models/iris/infer", {"data": b"{}", "content_type": "text/html"}, 415),
+    ("post", "/predict", {"data": b"{}", "headers": {"Content-Encoding": "br"}}, 415),
+    (
+        "post",
+        "/predict",
+        {"data": __import__("gzip").compress(b" " * 5000), "headers": {"Content-Encoding": "gzip"}},
+        413,
+    ),
     ("post", "/v1/models/iris:predict", {"json": {"instances": [SETOSA] * 17}}, 413),
     ("post", "/v1/models/iris:predict", {"data": b"[" + b" " * 5000 + b"]", "content_type": "application/json"}, 413),
     ("post", "/v1/models/nope:predict", {"json": {"instances": [SETOSA]}}, 404),
@@ -98,6 +106,21 @@ def test_errors_are_json(client, method, path, kwargs, status):
     assert response.status_code == status
     assert response.mimetype == "application/json"
     assert set(response.json) == {"error"} and response.json["error"]
+
+
+def test_no_content_type_octet_stream_and_compressed_bodies_are_accepted(client):
+    import gzip
+    import zlib
+
+    body = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
+    plain = client.post("/v1/models/iris:predict", data=body)  # no Content-Type, as tritonclient.http
+    assert plain.status_code == 200 and plain.json["predictions"] == ["setosa"]
+    octet = client.post("/v1/models/iris:predict", data=body, content_type="application/octet-stream")
+    assert octet.status_code == 200
+    for encoding, compress in (("gzip", gzip.compress), ("deflate", zlib.compress)):
+        packed = client.post("/v1/models/iris:predict", data=compress(body), headers={"Content-Encoding": encoding})
+        assert packed.status_code == 200 and packed.json["predictions"] == ["setosa"], encoding
+    assert "binary_tensor_data" in client.get("/v2").json["extensions"]
 
 
 def test_405_keeps_allow_header(client):

@@ -1,15 +1,32 @@
 """Every kind of bad input is refused with the right status and a message that says why."""
 
+import json
+
 import numpy as np
 import pytest
 
-from service.validation import InputError, parse_json, parse_v2, rows_from_shortcut, rows_from_v1
+from service.protocols import shortcut, v1, v2
+from service.validation import InputError, parse_json
 
 WIDTH, MAX_ROWS = 4, 8
 OUTPUTS = ("predict", "predict_proba")
 
 
-def v2(data, shape=(1, 4), datatype="FP64", **extra):
+# The protocol codecs take bytes: these send the payloads as a client would (the standard
+# library's encoder keeps huge integers and writes inf as Infinity).
+def rows_from_v1(payload, width, max_rows):
+    return v1.decode(json.dumps(payload).encode(), width, max_rows)
+
+
+def rows_from_shortcut(payload, width, max_rows):
+    return shortcut.decode(json.dumps(payload).encode(), width, max_rows)
+
+
+def parse_v2(payload, width, max_rows, outputs):
+    return v2.decode(json.dumps(payload).encode(), None, width, max_rows, outputs)
+
+
+def v2_body(data, shape=(1, 4), datatype="FP64", **extra):
     return {"inputs": [{"name": "x", "shape": list(shape), "datatype": datatype, "data": data}], **extra}
 
 
@@ -76,20 +93,20 @@ BAD_V2 = [
     ({}, 400, "'inputs'"),
     ({"inputs": [{}, {}]}, 400, "one input tensor"),
     ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64"}]}, 400, "missing 'data'"),
-    (v2([1, 2, 3, 4], datatype="FLOAT"), 400, "not an Open Inference Protocol datatype"),
-    (v2([1, 2, 3, 4], datatype="BYTES"), 400, "not supported"),
-    (v2([1, 2, 3], shape=(1, 4)), 400, "has 3 values but shape [1, 4] needs 4"),
-    (v2([1, 2, 3, 4], shape=(2, 4)), 400, "needs 8"),
-    (v2([1, 2, 3, 4], shape=(4,)), 400, "expects [N, 4]"),
-    (v2([1, 2, 3, 4], shape=(1, -4)), 400, "non-negative"),
-    (v2([1, 2, 3, 4], shape=(0, 4)), 400, "empty"),
-    (v2([1, 2.5, 3, 4], datatype="INT64"), 400, "must be an integer for INT64"),
-    (v2([1, 2, 3, 2**40], datatype="INT32"), 400, "out of range for INT32"),
-    (v2([1, 2, 3, "4"]), 400, "got string"),
-    (v2([1, 2, 3, 1e300], datatype="FP32"), 400, "too large for FP32"),
-    (v2([[1, 2, 3, 4]] * (MAX_ROWS + 1), shape=(MAX_ROWS + 1, 4)), 413, "at most 8"),
-    (v2([1, 2, 3, 4], id=7), 400, "'id' must be a string"),
-    (v2([1, 2, 3, 4], outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
+    (v2_body([1, 2, 3, 4], datatype="FLOAT"), 400, "not an Open Inference Protocol datatype"),
+    (v2_body([1, 2, 3, 4], datatype="BYTES"), 400, "not supported"),
+    (v2_body([1, 2, 3], shape=(1, 4)), 400, "has 3 values but shape [1, 4] needs 4"),
+    (v2_body([1, 2, 3, 4], shape=(2, 4)), 400, "needs 8"),
+    (v2_body([1, 2, 3, 4], shape=(4,)), 400, "expects [N, 4]"),
+    (v2_body([1, 2, 3, 4], shape=(1, -4)), 400, "non-negative"),
+    (v2_body([1, 2, 3, 4], shape=(0, 4)), 400, "empty"),
+    (v2_body([1, 2.5, 3, 4], datatype="INT64"), 400, "must be an integer for INT64"),
+    (v2_body([1, 2, 3, 2**40], datatype="INT32"), 400, "out of range for INT32"),
+    (v2_body([1, 2, 3, "4"]), 400, "got string"),
+    (v2_body([1, 2, 3, 1e300], datatype="FP32"), 400, "too large for FP32"),
+    (v2_body([[1, 2, 3, 4]] * (MAX_ROWS + 1), shape=(MAX_ROWS + 1, 4)), 413, "at most 8"),
+    (v2_body([1, 2, 3, 4], id=7), 400, "'id' must be a string"),
+    (v2_body([1, 2, 3, 4], outputs=[{"name": "logits"}]), 400, "unknown output 'logits'"),
 ]
 
 
@@ -101,11 +118,11 @@ def test_bad_v2_bodies(payload, status, message):
 
 
 def test_v2_accepts_flat_and_nested_data_of_every_numeric_type():
-    flat = parse_v2(v2([1, 2, 3, 4, 5, 6, 7, 8], shape=(2, 4)), WIDTH, MAX_ROWS, OUTPUTS)
-    nested = parse_v2(v2([[1, 2, 3, 4], [5, 6, 7, 8]], shape=(2, 4), datatype="INT32"), WIDTH, MAX_ROWS, OUTPUTS)
+    flat = parse_v2(v2_body([1, 2, 3, 4, 5, 6, 7, 8], shape=(2, 4)), WIDTH, MAX_ROWS, OUTPUTS)
+    nested = parse_v2(v2_body([[1, 2, 3, 4], [5, 6, 7, 8]], shape=(2, 4), datatype="INT32"), WIDTH, MAX_ROWS, OUTPUTS)
     assert flat.rows.tolist() == nested.rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     fp32 = parse_v2(
-        v2([0.1, 2, 3, 4], datatype="FP32", id="abc", outputs=[{"name": "predict"}]), WIDTH, MAX_ROWS, OUTPUTS
+        v2_body([0.1, 2, 3, 4], datatype="FP32", id="abc", outputs=[{"name": "predict"}]), WIDTH, MAX_ROWS, OUTPUTS
     )
     assert fp32.rows[0, 0] == np.float64(np.float32(0.1))
     assert (fp32.request_id, fp32.outputs) == ("abc", ("predict",))
