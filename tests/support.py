@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def system_tool(name: str) -> str:
+    """A program the tests need, found as scripts/test finds it (PATH, then /usr/sbin and
+    /usr/local/sbin, where Debian puts nginx); missing is an error, never a quiet skip."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise RuntimeError(f"{name} is not installed: run scripts/bootstrap --os-only (as root) or install it")
+    return found
 
 
 def wait_until(check: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:

@@ -96,11 +96,20 @@ def test_nginx_errors_are_json(cluster):
     assert requests.get(f"{cluster.url}/metrics", timeout=10).status_code == 200, "loopback is internal"
 
 
-def test_request_ids_are_passed_through_or_made(cluster):
-    mine = predict(cluster.url, [SETOSA], headers={"X-Request-ID": "trace-42"})
-    assert mine.headers["X-Request-ID"] == "trace-42"
-    made = predict(cluster.url, [SETOSA])
-    assert len(made.headers["X-Request-ID"]) == 32
+def test_request_ids_reach_the_replica_passed_through_or_made(cluster):
+    # A V2 infer without an `id` answers with the request id the replica received, so
+    # these check what reached the replica, not only the header nginx adds on the way out.
+    def infer(headers: dict[str, str]) -> requests.Response:
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": SETOSA}]}
+        return requests.post(f"{cluster.url}/v2/models/iris/infer", json=body, headers=headers, timeout=10)
+
+    mine = infer({"X-Request-ID": "trace-42"})
+    assert mine.headers["X-Request-ID"] == mine.json()["id"] == "trace-42"
+    made = infer({})
+    assert len(made.headers["X-Request-ID"]) == 32 and made.json()["id"] == made.headers["X-Request-ID"]
+    replaced = infer({"X-Request-ID": "bad id with spaces"})
+    assert replaced.json()["id"] == replaced.headers["X-Request-ID"] != "bad id with spaces"
+    assert len(replaced.json()["id"]) == 32, "nginx's own id, not one the replica made"
     assert made.headers.get("Server") == "nginx", "no version in Server"
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 
 from balancer.render import PLACEHOLDER, TEMPLATE, BalancerSettings, RenderError, render, substitute
+from tests.support import system_tool
 
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+NGINX = system_tool("nginx")
 
 
 def local(tmp_path, **overrides: str) -> BalancerSettings:
@@ -79,7 +79,6 @@ VARIANTS = {
 }
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (scripts/bootstrap --os-only installs it)")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_nginx_accepts_every_local_variant(tmp_path, variant):
     conf = tmp_path / "nginx.conf"

