@@ -296,7 +296,8 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
     counts = load.counts()
     report("scale under load", phases=phases, total=counts,
            retried=sum("," in line["upstream_addr"] for line in lines),
-           balancer_5xx=sum(line["status"] >= 500 for line in lines))  # fmt: skip
+           balancer_5xx=sum(line["status"] >= 500 for line in lines),
+           failed_in_access_log=[line for line in lines if line["status"] >= 500][:20])  # fmt: skip
     assert load.stopped_in_time and not load.thread_errors, load.thread_errors
     assert counts["failed"] == {} and counts["sent"] > 1000, counts
     assert late == [], "removed replicas kept receiving traffic"
@@ -309,11 +310,13 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
 
 
 def test_loadtest_profile_h2load_uses_the_unlimited_internal_listener(stack):
+    log_mark = len(access_log(stack))
     # --no-deps: `run` would otherwise bring `api` back to one replica.
     result = stack.compose("--profile", "loadtest", "run", "--rm", "--no-deps", "-e", "H2LOAD_ARGS=-n 3000 -c 8 -m 1",
                            "h2load", timeout=300)  # fmt: skip
     counts = parse_h2load(result.stdout)
-    report("loadtest profile: h2load", **counts)
+    failed = [line for line in access_log(stack)[log_mark:] if line["status"] >= 300]
+    report("loadtest profile: h2load", **counts, failed_in_access_log=failed[:20])
     # 3000 requests from one address within seconds: far past the public limit (200 r/s, burst 400).
     assert counts["succeeded"] == counts["s2xx"] == counts["done"] == 3000, counts
     assert counts["failed"] == counts["errored"] == counts["timeout"] == 0, counts
