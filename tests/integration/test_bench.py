@@ -50,6 +50,9 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
             expected_cache = "HIT" if point["hit_ratio"] == 1.0 else "MISS"
             assert max(point["cache"], key=point["cache"].get) == expected_cache, point["cache"]
     assert {h["kind"] for h in raw["h2load"]} == {"cluster", "baseline"}
+    for run in raw["h2load"]:  # time-bounded runs: every request that finished succeeded
+        assert run["done"] > 0 and run["failed"] == run["errored"] == run["timeout"] == 0, run
+        assert run["s2xx"] == run["succeeded"] == run["done"], run
     assert raw["locust"]["exit_code"] == 0 and raw["locust"]["rows"]
     markdown = (out / "report.md").read_text()
     table = markdown.split("## Every point")[1].split("##")[0]

@@ -5,6 +5,7 @@ test_cluster.py; Redis frozen and Redis restarted in test_replica.py.)"""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 import pytest
 import requests
 
+from localcluster.processes import children
 from tests.support import VENV_BIN, ThreadedLoad, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -106,14 +108,19 @@ def _redis(cluster, *command: str) -> str:
 
 
 def test_redis_at_maxmemory_evicts_without_errors(cluster):
-    statuses = []
+    _redis(cluster, "CONFIG", "RESETSTAT")
+    answers = []
     for batch in range(30):  # 30 000 new rows: several times the 3 MB the cache may hold
         rows = [[float(batch), float(i), 1.0, 2.0] for i in range(1000)]
-        statuses.append(requests.post(f"{cluster.url}/v1/models/iris:predict", json={"instances": rows},
-                                      timeout=30).status_code)  # fmt: skip
-    assert set(statuses) == {200}
+        response = requests.post(f"{cluster.url}/v1/models/iris:predict", json={"instances": rows}, timeout=30)
+        answers.append((response.status_code, response.headers.get("X-Cache")))
+    statuses = [status for status, _ in answers]
+    # MISS, not BYPASS: the rows went through Redis (an open breaker would bypass it).
+    assert set(answers) == {(200, "MISS")}, collections.Counter(answers)
     stats = dict(line.split(":", 1) for line in _redis(cluster, "INFO", "stats").split() if ":" in line)
     assert int(stats["evicted_keys"]) > 0
+    errors = [line for line in _redis(cluster, "INFO", "errorstats").split() if line.startswith("errorstat_")]
+    assert errors == [], f"Redis refused commands at maxmemory: {errors}"
     line = {"fault": "Redis at maxmemory", "sent": 30, "succeeded": statuses.count(200),
             "evicted_keys": int(stats["evicted_keys"])}  # fmt: skip
     print(f"FAULT {json.dumps(line)}")
@@ -130,11 +137,16 @@ def test_redis_needs_its_password_and_listens_on_loopback_only(cluster):
 def test_nginx_reloads_fail_no_request(cluster):
     nginx = cluster.status().component("nginx")
     clients, reloads = 8, 5
+    workers = [{pid for pid, _ in children(nginx.pid)}]
     with ThreadedLoad(cluster.url, clients=clients) as load:
         for _ in range(reloads):
             time.sleep(1)
             os.kill(nginx.pid, signal.SIGHUP)  # what `nginx -s reload` sends
+            # A reload starts new workers: wait until a set of workers is there that was not.
+            wait_until(lambda: {pid for pid, _ in children(nginx.pid)} - set().union(*workers), 10, "new workers")
+            workers.append({pid for pid, _ in children(nginx.pid)})
         time.sleep(1)
+    assert all(workers[i] != workers[i + 1] for i in range(reloads)), "nginx really reloaded each time"
     summary = load.summary("nginx reloaded 5 times")
     assert summary["sent"] > 100
     # No request gets an error answer. But nginx's old workers close idle client keep-alive
