@@ -225,6 +225,14 @@ def test_redis_killed_during_load_means_bypass_not_errors(restored, tmp_path):
     )
 
 
+def test_no_replica_answering_is_a_json_502_not_an_html_page(start_cluster):
+    lone = start_cluster(1)
+    os.killpg(lone.status().component("replica-1").pid, signal.SIGKILL)
+    response = predict(lone.url, [SETOSA])
+    assert response.status_code == 502 and response.headers["Content-Type"] == "application/json"
+    assert "no replica could answer" in response.json()["error"]
+
+
 def test_the_cli_starts_reports_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):
     env = {**os.environ, "CLUSTER_RUN_DIR": str(tmp_path / "run")}
 
