@@ -16,7 +16,6 @@ import platform
 import random
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import memory, snapshot
 from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
+from localcluster.processes import which
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ class Sweep:
     # the baseline -----------------------------------------------------------------------
     def run_baseline(self) -> dict[str, list[str]]:
         """The tutorials' set-up on its own ports, same points at hit ratio 0 (no cache)."""
-        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
+        nginx = which("nginx") or "nginx"
         baseline = Baseline(self.out / "baseline-run", free_port(), free_port(), nginx)
         self.progress("starting the baseline (gunicorn sync, no cache, no upstream keepalive)")
         baseline.start()
@@ -376,7 +376,7 @@ def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None, ran: dic
         )  # fmt: skip
     except (OSError, StopIteration):
         pass
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin") or "nginx"
+    nginx = which("nginx") or "nginx"
     return {
         "git_sha": sha + (" (uncommitted changes)" if dirty else ""),
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),

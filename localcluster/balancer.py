@@ -39,7 +39,7 @@ class LocalBalancer:
             # Every slot once if need be: a request finds a live replica among dead slots.
             next_upstream_tries=str(state.slots),
             pid_file=str(self.prefix / "nginx.pid"),
-            error_log=str(self.logs / "nginx-error.log"),
+            error_log=str(self.error_log),
             access_log=str(self.logs / "access.log"),
             temp_dir=str(self.prefix / "tmp"),
         )

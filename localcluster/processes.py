@@ -95,14 +95,19 @@ def redis_ping(port: int, password: str) -> bool:
         return False
 
 
+def which(name: str) -> str | None:
+    """Where a program is: PATH, then /usr/sbin and /usr/local/sbin (Debian's nginx lives in
+    /usr/sbin, off an ordinary user's PATH). The one lookup rule of the runner, the
+    benchmarks and the tests (scripts/test applies the same in shell)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
 def find_binary(name: str, override_env: str, environ: Mapping[str, Any]) -> str:
-    """The program to run: `override_env` if set, else PATH, /usr/sbin or /usr/local/sbin."""
+    """The program to run: `override_env` if set, else where `which` finds it."""
     explicit = environ.get(override_env)
     if explicit:
         return str(explicit)
-    found = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/local/sbin") / name) if p.exists()), None
-    )
+    found = which(name)
     if not found:
         raise ClusterError(
             f"{name} is not installed: run `scripts/bootstrap` as root on Debian/Ubuntu, "

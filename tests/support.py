@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,22 +18,18 @@ from typing import TypeVar
 
 import requests
 
+from localcluster.ports import free_port
+from localcluster.processes import which
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def system_tool(name: str) -> str:
-    """A program the tests need, found as scripts/test finds it (PATH, then /usr/sbin and
-    /usr/local/sbin, where Debian puts nginx); missing is an error, never a quiet skip."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    """A program the tests need, found as the runner and scripts/test find it
+    (localcluster.processes.which); missing is an error, never a quiet skip."""
+    found = which(name)
     if found is None:
         raise RuntimeError(f"{name} is not installed: run scripts/bootstrap --os-only (as root) or install it")
     return found
