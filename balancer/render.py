@@ -100,6 +100,13 @@ def container_settings(environ: Mapping[str, str], **overrides: str) -> Balancer
     return BalancerSettings.from_env({**defaults, **environ}, **overrides)
 
 
+def size_bytes(size: str) -> int:
+    """An nginx size ("1m", "512k", "4096") in bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    size = size.strip().lower()
+    return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+
+
 def env_name(field_name: str) -> str:
     """BALANCER_<FIELD>."""
     return f"BALANCER_{field_name.upper()}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import threading
+import _thread
+from collections.abc import Callable
 
 from flask import Flask
 
@@ -15,33 +16,55 @@ from service.settings import Settings
 from service.state import ServiceState
 
 
+def _native_thread(target: Callable[[], None]) -> None:
+    """Run `target` in an OS thread, also under gevent's monkey-patching (where
+    threading.Thread makes a greenlet): a CPU-bound load in a greenlet would stall the
+    worker's event loop, and requests would wait unanswered instead of getting a 503."""
+    try:
+        from gevent import monkey
+
+        start = monkey.get_original("_thread", "start_new_thread")
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        start = _thread.start_new_thread
+    start(target, ())
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     registry: ModelRegistry | None = None,
     cache: RedisResultCache | None = None,
+    load_in_background: bool = False,
 ) -> Flask:
-    """Build the app from settings (default: the environment), loading models now."""
+    """Build the app from settings (default: the environment), loading models now, or
+    (`load_in_background`, the replicas) beside the requests, which get 503 until then."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.models.max_body_bytes, JSON_SORT_KEYS=False)
 
     if registry is None:
         registry = ModelRegistry(settings.models.models_dir, settings.models.default_model)
-        registry.load()
-        if not registry.ready:
-            # Not ready until every model loads; keep trying beside the requests (under
-            # gevent this thread is a greenlet), never inside one.
-            threading.Thread(target=registry.retry_until_ready, name="model-loader", daemon=True).start()
+        if load_in_background:
+            # A replica listens before its models load (gunicorn binds first): answer
+            # 503 at once meanwhile, so the balancer tries another replica right away.
+            _native_thread(registry.load_until_ready)
+        else:
+            registry.load()
+            if not registry.ready:
+                # Not ready until every model loads; keep trying beside the requests.
+                _native_thread(registry.retry_until_ready)
+    metrics = Metrics(settings.server.prometheus_multiproc_dir)
     if cache is None and settings.cache.redis_url:
+        breaker = CircuitBreaker(
+            settings.cache.breaker_backoff_s, settings.cache.breaker_max_backoff_s, on_change=metrics.breaker_changed
+        )
         cache = RedisResultCache(
             settings.cache.redis_url,
             ttl_s=settings.cache.ttl_s,
             timeout_ms=settings.cache.timeout_ms,
             max_connections=settings.redis_pool_size,
-            breaker=CircuitBreaker(settings.cache.breaker_backoff_s, settings.cache.breaker_max_backoff_s),
+            breaker=breaker,
         )
-    metrics = Metrics(settings.server.prometheus_multiproc_dir)
     predictor = Predictor(
         cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)
     )

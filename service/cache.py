@@ -33,14 +33,17 @@ def row_keys(prefix: str, model: str, version: str, rows: np.ndarray) -> list[st
 
 
 class CircuitBreaker:
-    """Closed → open on failure → one probe after a doubling back-off → closed on success."""
+    """Closed → open on failure → one probe after a doubling back-off → closed on success.
+    `on_change(is_open)` is told when it opens and when it closes again (metrics)."""
 
     def __init__(
         self,
         backoff_s: float,
         max_backoff_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
     ) -> None:
+        self._on_change = on_change or (lambda is_open: None)
         self._base_backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._clock = clock
@@ -66,6 +69,7 @@ class CircuitBreaker:
         """A call succeeded: close."""
         if self._open_until is not None:
             log.warning("result cache reachable again; caching resumes")
+            self._on_change(False)
         self._open_until = None
         self._probing = False
         self._backoff_s = self._base_backoff_s
@@ -74,6 +78,7 @@ class CircuitBreaker:
         """A call failed: open for the current back-off, and double it for next time."""
         if self._open_until is None:
             log.warning("result cache unavailable; bypassing it for %.1f s", self._backoff_s)
+            self._on_change(True)
         self._open_until = self._clock() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
         self._probing = False

@@ -72,6 +72,9 @@ def _start_request() -> None:
     state().metrics.in_flight.inc()
     incoming = request.headers.get("X-Request-ID", "")
     g.request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+    if state().closing and request.path != "/healthz":
+        # The balancer retries a 503 on another replica and stops choosing this one.
+        raise InputError("replica shutting down: retry on another replica", 503)
 
 
 def _finish_request(response: Response) -> Response:

@@ -77,6 +77,17 @@ class Metrics:
             ["model", "result"],
             registry=registry,
         )
+        self.breaker_open = Gauge(
+            "prediction_cache_breaker_open",
+            "1 while a worker's result-cache breaker is open (Redis failing: requests bypass it).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_openings = Counter(
+            "prediction_cache_breaker_openings",
+            "Times a worker's result-cache breaker opened.",
+            registry=registry,
+        )
         self._cache_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -96,6 +107,12 @@ class Metrics:
             if child is None:
                 child = self._cache_children[(model, result)] = self.cache_rows.labels(model, result.lower())
             child.inc(rows)
+
+    def breaker_changed(self, is_open: bool) -> None:
+        """The result cache's breaker opened or closed."""
+        self.breaker_open.set(1 if is_open else 0)
+        if is_open:
+            self.breaker_openings.inc()
 
     def observe_request(self, model: str, route: str, status: int, seconds: float) -> None:
         """Record one answered HTTP request."""

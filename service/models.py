@@ -178,7 +178,7 @@ class ModelRegistry:
         self.default_model = default_model
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
-        self.errors: list[str] = []
+        self.errors: list[str] = ["models are still loading"]
 
     def load(self) -> None:
         """(Re)scan the folder; models load all-or-nothing per version, errors are logged."""
@@ -215,6 +215,11 @@ class ModelRegistry:
     def ready(self) -> bool:
         """All found models loaded, and the default model among them."""
         return bool(self._models) and not self.errors
+
+    def load_until_ready(self) -> None:
+        """Load now, then keep rescanning until every model has loaded."""
+        self.load()
+        self.retry_until_ready()
 
     def retry_until_ready(self) -> None:
         """Rescan every RELOAD_INTERVAL_S until every model loads (models may still be

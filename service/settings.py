@@ -133,8 +133,9 @@ class ServerSettings(_Group):
     )  # fmt: skip
     drain_delay_s: float = setting(
         "SERVICE_DRAIN_DELAY_S", 0.0,
-        "On SIGTERM, /readyz answers 503 and the replica keeps serving this long before it stops accepting (time "
-        "for a balancer that reads readiness or DNS to move away).", check=non_negative,
+        "On SIGTERM, /readyz answers 503 and the replica keeps serving this long (closing each connection after "
+        "its response) before it refuses requests with 503 until they stop (at most 1.5 s) and stops accepting "
+        "(time for a balancer that reads readiness or DNS to move away).", check=non_negative,
     )  # fmt: skip
     timeout_s: int = setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.", check=positive)
     replica_id: str = setting(

@@ -21,6 +21,7 @@ class ServiceState:
     metrics: Metrics
     cache: RedisResultCache | None
     draining: bool = False  # set on SIGTERM by service.worker
+    closing: bool = False  # after the drain delay: every request but /healthz gets a 503
 
     def is_ready(self) -> bool:
         """Every model found has loaded, and not draining (reads state only)."""

@@ -6,19 +6,27 @@ them to every replica) never close by themselves before `keepalive`, so every st
 scale-down or rolling restart would cost the whole graceful timeout. This worker
 shuts down the connections that are waiting for their next request; connections
 with a request in flight finish it and then close (gunicorn closes them once the
-worker is no longer alive). The balancer retries a request that races the close. It also
+worker is no longer alive). During the drain delay before that, every response closes
+its connection, so the balancer has none left pooled to race the close with; and
+before the listening socket closes, requests get a 503 until they stop coming (see
+_refuse_until_quiet). It also
 sends each response in one piece (see _OneSendPerResponse).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
+
+# After the drain delay: how long no request may arrive before the worker stops accepting.
+CLOSING_QUIET_S = 0.2
+CLOSING_MAX_S = 1.5
 
 
 class _OneSendPerResponse:
@@ -58,6 +66,8 @@ class GracefulGeventWorker(GeventWorker):
         """Set up the connection tracking, then run the worker."""
         self._clients: dict[Any, socket.socket] = {}
         self._idle: set[Any] = set()
+        self._keepalive_s = self.cfg.keepalive
+        self._last_arrival = 0.0
         super().init_process()
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:
@@ -73,6 +83,7 @@ class GracefulGeventWorker(GeventWorker):
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         """Serve one request; send a held response head if no body followed it."""
+        self._last_arrival = time.monotonic()
         try:
             return super().handle_request(listener_name, req, sock, addr)
         finally:
@@ -85,33 +96,69 @@ class GracefulGeventWorker(GeventWorker):
         current = gevent.getcurrent()
         self._idle.add(current)
         try:
-            with gevent.Timeout(self.cfg.keepalive, False):
+            with gevent.Timeout(self._keepalive_s, False):
                 yield
         finally:
             self._idle.discard(current)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        """SIGTERM: /readyz turns 503, serve on for the drain delay, then stop accepting
-        (gunicorn) and close idle connections (here); in-flight requests finish."""
+        """SIGTERM: /readyz turns 503 and every response says `Connection: close`, so the
+        balancer stops reusing connections to this replica; serve on for the drain delay,
+        then stop accepting (gunicorn) and close the connections still idle (here);
+        in-flight requests finish."""
         # The signal may arrive while the app is still loading (no self.wsgi yet).
         state = getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
         delay = 0.0
         if state is not None:
             state.draining = True
             delay = state.settings.server.drain_delay_s
+        # gunicorn closes a connection after its response when keepalive is off (our
+        # idle wait keeps the value read at start). A connection nginx no longer pools
+        # cannot race our close of it below.
+        self.cfg.set("keepalive", 0)
         gevent.spawn(self._stop_after, delay, sig, frame)
 
     def _stop_after(self, delay_s: float, sig: int, frame: Any) -> None:
         if delay_s:
             gevent.sleep(delay_s)
+        self._refuse_until_quiet()
         super().handle_exit(sig, frame)
         self._close_idle_connections()
+
+    def _refuse_until_quiet(self) -> None:
+        """Answer 503 until no request has come for CLOSING_QUIET_S (at most
+        CLOSING_MAX_S). nginx retries each elsewhere and, after max_fails of them, stops
+        choosing this replica: when the listening socket closes next, no connection sits
+        in its accept queue (the kernel resets those, with the request already sent)."""
+        state = getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
+        if state is None:
+            return
+        state.closing = True
+        started = time.monotonic()
+        self._last_arrival = started
+        while time.monotonic() - started < CLOSING_MAX_S:
+            quiet_for = time.monotonic() - self._last_arrival
+            if quiet_for >= CLOSING_QUIET_S:
+                return
+            gevent.sleep(CLOSING_QUIET_S - quiet_for)
 
     def _close_idle_connections(self) -> None:
         for greenlet in list(self._idle):
             client = self._clients.get(greenlet)
             if client is None:
                 continue
+            try:
+                # The OS socket under gevent's: gevent's recv would wait, in the greenlet
+                # that already waits on this socket.
+                raw = client
+                while hasattr(raw, "_sock"):  # ours, then gevent's
+                    raw = raw._sock
+                if raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                    continue  # a request arrived and waits to be read: it gets its answer
+            except BlockingIOError:
+                pass  # nothing arrived: idle
+            except OSError:
+                continue  # closed by the peer meanwhile
             try:
                 client.shutdown(socket.SHUT_RDWR)
             except OSError:

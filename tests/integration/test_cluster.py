@@ -7,16 +7,19 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
+from balancer.render import BalancerSettings, size_bytes
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
 from localcluster import port_free
-from tests.support import ROOT, VENV_BIN, wait_until
+from localcluster.processes import children
+from tests.support import ROOT, VENV_BIN, dropped_by, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,8 +89,9 @@ def test_gzip_for_large_json_only_when_accepted(cluster):
 
 
 def test_nginx_errors_are_json(cluster):
+    limit = size_bytes(BalancerSettings.from_env(cluster.environ).max_body_size)
     too_big = requests.post(
-        f"{cluster.url}/predict", data=b"x" * 2_000_000, headers={"Content-Type": "application/json"}, timeout=10
+        f"{cluster.url}/predict", data=b"x" * (limit + 1), headers={"Content-Type": "application/json"}, timeout=10
     )
     assert too_big.status_code == 413 and "too large" in too_big.json()["error"]
     unknown = requests.get(f"{cluster.url}/no/such/path", timeout=10)
@@ -141,11 +145,17 @@ class _SourceAddressAdapter(HTTPAdapter):
         return super().init_poolmanager(*args, **kwargs)
 
 
+_LOADS: list[subprocess.Popen[str]] = []
+
+
 def _bounded_load(cluster, tmp_path: Path, total: int, clients: int = 16) -> subprocess.Popen[str]:
+    """h2load sending `total` requests; stopped by `restored` if the test fails before _finish."""
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"instances": [SETOSA]}))
     argv = h2load_count_argv(f"{cluster.url}/v1/models/iris:predict", body, total, clients)
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _LOADS.append(load)
+    return load
 
 
 def _access_lines(cluster) -> int:
@@ -162,10 +172,16 @@ def _finish(load: subprocess.Popen[str]) -> dict[str, int]:
 
 @pytest.fixture
 def restored(cluster):
-    """The cluster, with every replica and Redis running again after the test, pass or fail."""
+    """The cluster, with every replica and Redis running again after the test, pass or fail,
+    and no load of the test's left running."""
     try:
         yield cluster
     finally:
+        while _LOADS:
+            load = _LOADS.pop()
+            if load.poll() is None:
+                load.kill()
+                load.communicate(timeout=30)
         cluster.start(REPLICAS)  # idempotent: restarts only what is missing
 
 
@@ -193,6 +209,8 @@ def test_sigkilled_replica_fails_no_request(restored, tmp_path):
 def test_scale_down_and_up_under_load_fails_no_request(restored, tmp_path):
     cluster = restored
     before = {c.name: c.pid for c in cluster.status().components}
+    replicas = [c for c in cluster.status().components if c.kind == "replica"]
+    stopped = {f"127.0.0.1:{c.port}" for c in replicas if int(c.name.split("-")[1]) > 2}
     start = _access_lines(cluster)
     load = _bounded_load(cluster, tmp_path, 12000)
     wait_until(lambda: _access_lines(cluster) - start > 500, 60, "load to get going")
@@ -201,6 +219,9 @@ def test_scale_down_and_up_under_load_fails_no_request(restored, tmp_path):
     cluster.scale(REPLICAS)
     counts = _finish(load)
     assert counts["succeeded"] == counts["s2xx"] == 12000, counts
+    lines = [json.loads(line) for line in (cluster.run_dir / "logs" / "access.log").read_text().splitlines()[start:]]
+    dropped = dropped_by(lines, stopped)
+    assert dropped == [], f"a replica stopped by the scale-down dropped requests it had accepted: {dropped[:10]}"
     status = cluster.status()
     assert status.replicas == REPLICAS and status.healthy
     after = {c.name: c.pid for c in status.components}
@@ -231,6 +252,43 @@ def test_no_replica_answering_is_a_json_502_not_an_html_page(start_cluster):
     response = predict(lone.url, [SETOSA])
     assert response.status_code == 502 and response.headers["Content-Type"] == "application/json"
     assert "no replica could answer" in response.json()["error"]
+
+
+def test_every_replica_frozen_is_a_json_504_within_the_retry_bound(start_cluster):
+    read_timeout_s, next_upstream_timeout_s = 1, 2
+    frozen = start_cluster(
+        2,
+        BALANCER_PROXY_READ_TIMEOUT_S=str(read_timeout_s),
+        BALANCER_NEXT_UPSTREAM_TIMEOUT_S=str(next_upstream_timeout_s),
+    )
+    replicas = [c for c in frozen.status().components if c.kind == "replica"]
+    for replica in replicas:
+        os.killpg(replica.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = predict(frozen.url, [SETOSA])
+        took = time.monotonic() - started
+    finally:
+        for replica in replicas:
+            os.killpg(replica.pid, signal.SIGCONT)
+    assert response.status_code == 504 and response.headers["Content-Type"] == "application/json", response.text
+    assert "error" in response.json()
+    # Tries stop at BALANCER_NEXT_UPSTREAM_TIMEOUT_S; the one fresh attempt after them
+    # (@next_attempt, see balancer/nginx.conf.template) can take as long again.
+    assert read_timeout_s <= took <= 2 * next_upstream_timeout_s + 1, took
+
+
+def test_scaling_past_the_upstream_slots_rerenders_and_reloads_nginx(start_cluster):
+    small = start_cluster(1, CLUSTER_UPSTREAM_SLOTS="2")
+    nginx = small.status().component("nginx")
+    workers_before = {pid for pid, _ in children(nginx.pid)}
+    assert small.nginx_conf.read_text().count(" max_fails=") == 2
+    small.scale(3)
+    assert small.nginx_conf.read_text().count(" max_fails=") == 3, "one upstream slot per replica"
+    assert small.status().component("nginx").pid == nginx.pid, "reloaded, not restarted"
+    wait_until(lambda: not workers_before & {pid for pid, _ in children(nginx.pid)}, 15, "nginx's new workers")
+    wait_until(lambda: {predict(small.url, [SETOSA]).headers["X-Served-By"] for _ in range(12)}
+               == {"replica-1", "replica-2", "replica-3"}, 30, "traffic on all three replicas")  # fmt: skip
 
 
 def test_the_cli_starts_reports_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):

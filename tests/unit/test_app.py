@@ -199,3 +199,36 @@ def test_metric_labels_name_only_served_models(client):
     assert (
         'prediction_http_requests_total{model="iris",route="/v1/models/<model:name>:predict",status="200"} 1.0' in text
     )
+
+
+def test_a_replica_answers_503_at_once_while_its_models_load(models_dir, monkeypatch):
+    import threading
+    import time
+
+    from service.models import ModelRegistry
+
+    gate, real_load = threading.Event(), ModelRegistry.load
+
+    def slow_load(self):
+        gate.wait(10)
+        real_load(self)
+
+    monkeypatch.setattr(ModelRegistry, "load", slow_load)
+    settings = Settings.from_env({"SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": ""})
+    app = create_app(settings, load_in_background=True)
+    client = app.test_client()
+    loading = client.get("/readyz")
+    assert loading.status_code == 503 and "still loading" in loading.json["error"]
+    assert client.post("/predict", json={"features": SETOSA}).status_code == 503
+    gate.set()
+    deadline = time.monotonic() + 10
+    while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.post("/predict", json={"features": SETOSA}).json["predictions"] == ["setosa"]
+
+
+def test_a_closing_replica_answers_503_except_liveness(client):
+    client.application.extensions["prediction"].closing = True
+    refused = client.post("/predict", json={"features": SETOSA})
+    assert refused.status_code == 503 and "shutting down" in refused.json["error"]
+    assert client.get("/healthz").status_code == 200

@@ -89,3 +89,9 @@ def test_nginx_accepts_every_local_variant(tmp_path, variant):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_nginx_sizes_in_bytes():
+    from balancer.render import size_bytes
+
+    assert [size_bytes(s) for s in ("1m", "512k", "4096", "2G")] == [1048576, 524288, 4096, 2 * 1024**3]

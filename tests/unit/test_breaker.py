@@ -40,3 +40,19 @@ def test_backoff_doubles_up_to_the_ceiling_and_resets():
     breaker.record_failure()
     clock.now += 1.0
     assert breaker.allow()
+
+
+def test_it_tells_when_it_opens_and_closes_only():
+    clock = FakeClock()
+    changes = []
+    breaker = CircuitBreaker(1.0, 4.0, clock, on_change=changes.append)
+    breaker.record_success()
+    breaker.record_failure()
+    clock.now += 1.0
+    breaker.allow()
+    breaker.record_failure()  # a failed probe: still open, not a new opening
+    clock.now += 2.0
+    breaker.allow()
+    breaker.record_success()
+    breaker.record_success()
+    assert changes == [True, False]
