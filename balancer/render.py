@@ -73,6 +73,21 @@ class BalancerSettings:
     upstream_resolve: str = _setting("off", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
     resolver: str = _setting("", "DNS server for resolve (Docker: 127.0.0.11); empty: none.")
     resolver_valid_s: str = _setting("5", "How long a resolved address list is trusted; scaling shows within it.")
+    l1_cache: str = _setting(
+        "on",
+        "L1 micro-cache: nginx answers a repeated prediction (same route, headers, body) "
+        "itself for BALANCER_L1_TTL_S; off: every request reaches a replica.",
+    )
+    l1_ttl_s: str = _setting(
+        "5", "How long the L1 keeps a 200 answer: a new model version under an unversioned path is served within it."
+    )
+    l1_max_body_bytes: str = _setting(
+        "4096", "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through."
+    )
+    l1_size: str = _setting("64m", "Most disk (tmpfs in containers) the L1's answers take.")
+    l1_lock_timeout_ms: str = _setting(
+        "1000", "Identical misses wait this long for the first one's answer before going to a replica themselves."
+    )
     pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
     error_log: str = _setting("stderr", "nginx error log.")
     access_log: str = _setting("/dev/stdout", "JSON access log.")
@@ -105,6 +120,24 @@ def size_bytes(size: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     size = size.strip().lower()
     return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+
+
+L1_MAX_BODY_LIMIT = 12288  # the cache key holds the body and must fit in proxy_buffer_size (16k)
+
+
+def at_most_regex(limit: int) -> str:
+    """A regex matching the decimal integers 0..limit (for nginx's map on $content_length)."""
+    digits = str(limit)
+    parts = [f"[0-9]{{1,{len(digits) - 1}}}"] if len(digits) > 1 else []
+    for i, digit in enumerate(digits):
+        lower, rest = int(digit) - 1, len(digits) - i - 1
+        if i == 0 and len(digits) > 1:
+            below = f"[1-{lower}]" if lower >= 2 else "1" if lower == 1 else ""
+        else:
+            below = f"[0-{lower}]" if lower >= 1 else "0" if lower == 0 else ""
+        if below:
+            parts.append(digits[:i] + below + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "^(" + "|".join([*parts, digits]) + ")$"
 
 
 def env_name(field_name: str) -> str:
@@ -164,6 +197,12 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     )
     if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
         raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
+    if settings.l1_cache not in ("on", "off"):
+        raise RenderError(f"BALANCER_L1_CACHE: {settings.l1_cache!r} is not on or off")
+    if not settings.l1_max_body_bytes.isdigit() or int(settings.l1_max_body_bytes) > L1_MAX_BODY_LIMIT:
+        raise RenderError(f"BALANCER_L1_MAX_BODY_BYTES: {settings.l1_max_body_bytes!r} is not 0..{L1_MAX_BODY_LIMIT}")
+    values["BALANCER_L1_ZONE"] = "l1" if settings.l1_cache == "on" else "off"
+    values["BALANCER_L1_BODY_REGEX"] = at_most_regex(int(settings.l1_max_body_bytes))
     return values
 
 
@@ -228,6 +267,41 @@ if [ "$BALANCER_UPSTREAM_RESOLVE" = "on" ] && [ -z "$BALANCER_RESOLVER" ]; then
     echo "15-balancer-settings.envsh: BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER" >&2
     exit 1
 fi
+# The integers 0..$1 as a regex (render.py's at_most_regex).
+balancer_at_most() {
+    n=$1 len=${#1} parts="" prefix="" i=0
+    [ "$len" -gt 1 ] && parts="[0-9]{1,$((len - 1))}"
+    while [ "$i" -lt "$len" ]; do
+        d=$(printf '%s' "$n" | cut -c$((i + 1)))
+        lower=$((d - 1)) rest=$((len - i - 1)) below=""
+        if [ "$i" -eq 0 ] && [ "$len" -gt 1 ]; then
+            if [ "$lower" -ge 2 ]; then below="[1-$lower]"; elif [ "$lower" -eq 1 ]; then below="1"; fi
+        else
+            if [ "$lower" -ge 1 ]; then below="[0-$lower]"; elif [ "$lower" -eq 0 ]; then below="0"; fi
+        fi
+        if [ -n "$below" ]; then
+            tail=""
+            [ "$rest" -gt 0 ] && tail="[0-9]{$rest}"
+            parts="${parts:+$parts|}$prefix$below$tail"
+        fi
+        prefix="$prefix$d" i=$((i + 1))
+    done
+    printf '^(%s)$' "${parts:+$parts|}$n"
+}
+
+case "$BALANCER_L1_CACHE" in
+    on) BALANCER_L1_ZONE=l1 ;;
+    off) BALANCER_L1_ZONE=off ;;
+    *) echo "15-balancer-settings.envsh: BALANCER_L1_CACHE must be on or off" >&2; exit 1 ;;
+esac
+case "$BALANCER_L1_MAX_BODY_BYTES" in
+    ''|*[!0-9]*) echo "15-balancer-settings.envsh: BALANCER_L1_MAX_BODY_BYTES must be a number" >&2; exit 1 ;;
+esac
+if [ "$BALANCER_L1_MAX_BODY_BYTES" -gt {L1_MAX_BODY_LIMIT} ]; then
+    echo "15-balancer-settings.envsh: BALANCER_L1_MAX_BODY_BYTES must be at most {L1_MAX_BODY_LIMIT}" >&2
+    exit 1
+fi
+BALANCER_L1_BODY_REGEX="$(balancer_at_most "$BALANCER_L1_MAX_BODY_BYTES")"
 BALANCER_RATE_LIMIT_EXEMPT_GEO="$(balancer_geo "$BALANCER_RATE_LIMIT_EXEMPT")"
 BALANCER_INTERNAL_GEO="$(balancer_geo "$BALANCER_INTERNAL_NETWORKS")"
 BALANCER_UPSTREAM_SERVERS="$(balancer_upstream)"
@@ -235,7 +309,7 @@ if [ -n "$BALANCER_RESOLVER" ]; then
     BALANCER_RESOLVER="resolver $BALANCER_RESOLVER valid=${BALANCER_RESOLVER_VALID_S}s ipv6=off;"
 fi
 export BALANCER_INTERNAL_PORT BALANCER_RATE_LIMIT_EXEMPT_GEO BALANCER_INTERNAL_GEO BALANCER_UPSTREAM_SERVERS \\
-    BALANCER_RESOLVER
+    BALANCER_RESOLVER BALANCER_L1_ZONE BALANCER_L1_BODY_REGEX
 mkdir -p "$BALANCER_TEMP_DIR" "$(dirname "$BALANCER_PID_FILE")"
 """
 
@@ -249,7 +323,8 @@ def envsh() -> str:
             raise RenderError(f"{env_name(name)}: default {default!r} cannot be written in sh")
         lines.append(f'export {env_name(name)}="${{{env_name(name)}-{default}}}"')
     path = ENVSH.relative_to(ENVSH.parent.parent.parent)
-    return _ENVSH_HEAD.format(path=path) + "\n".join(lines) + "\n" + _ENVSH_DERIVED
+    derived = _ENVSH_DERIVED.replace("{L1_MAX_BODY_LIMIT}", str(L1_MAX_BODY_LIMIT))
+    return _ENVSH_HEAD.format(path=path) + "\n".join(lines) + "\n" + derived
 
 
 def settings_table() -> str:

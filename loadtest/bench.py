@@ -8,6 +8,7 @@ comparison and a Locust mix; then the report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -16,10 +17,12 @@ import platform
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from loadtest.parsers import (
     summarize_access_log,
 )
 from loadtest.payloads import Mix, pool_row
-from loadtest.procstat import memory, snapshot
+from loadtest.procstat import busy_cores, disturbance, machine_cpu_seconds, memory, own_cpu_seconds, snapshot
 from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
@@ -58,6 +61,12 @@ class Plan:
     pool_size: int = 1000
     skew: str = "zipf"
     locust_seconds: float = 15.0
+    # Cores that processes the benchmark does not know (or steal time) may use during a
+    # point before it is marked disturbed; how long to wait for a quiet machine first.
+    disturbance_cores: float = 0.1
+    wait_quiet_s: float = 0.0
+    # Rounds of the whole plan, cluster and baseline interleaved in each (bench-targets: 3).
+    rounds: int = 1
 
     @property
     def headline_concurrency(self) -> int:
@@ -106,6 +115,8 @@ class Sweep:
         self.total = len(plan.replicas) * len(plan.concurrency) * len(plan.hit_ratios) * len(plan.models)
         if plan.baseline:
             self.total += len(plan.concurrency) * len(plan.models)
+        self.total *= plan.rounds
+        self.round = 0
         (out / "raw").mkdir(parents=True, exist_ok=True)
 
     # progress ---------------------------------------------------------------------------
@@ -138,14 +149,16 @@ class Sweep:
         if hit_ratio > 0:
             self.warm(url, model, mix)
         nonce = random.SystemRandom().randint(10**5, 10**6 - 1)
-        tag = f"{kind}-r{replicas}-c{concurrency}-h{int(hit_ratio * 100)}-{model}"
+        tag = f"{kind}-r{replicas}-c{concurrency}-h{int(hit_ratio * 100)}-{model}".replace(" ", "").replace(",", "-")
+        tag += f"-round{self.round + 1}" if self.plan.rounds > 1 else ""
         payloads = write_wrk_payloads(self.out / "raw" / f"{tag}.lua", model, mix, nonce)
         argv = wrk_argv(url, concurrency, self.plan.seconds)
         log_offset = access_log.stat().st_size if access_log.exists() else 0
         stub_before = self._stub(status_url)
         cpu_before = snapshot(components)
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        result = _run(argv, env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=self.plan.seconds + 60)
+        with self.watching(components) as disturbed:
+            result = _run(argv, env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=self.plan.seconds + 60)
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu_after = snapshot(components)
         rss_mb = memory(components)
@@ -169,12 +182,42 @@ class Sweep:
         return {
             "kind": kind, "replicas": replicas, "concurrency": concurrency, "hit_ratio": hit_ratio,
             "model": model, **parsed, "access_log": access, "cpu_cores": cpu, "stub_status": stub, "rss_mb": rss_mb,
+            "disturbance": disturbed, "round": self.round,
             "cpu_ms_per_request": {
                 name: round(value * seconds * 1000 / parsed["requests"], 3) if parsed["requests"] else None
                 for name, value in cpu.items()
             },
             "command": self.commands[-1],
         }  # fmt: skip
+
+    @contextlib.contextmanager
+    def watching(self, components: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Fills the yielded dict with the disturbance (procstat.disturbance) of the block:
+        CPU the machine spent beyond this process, its children and `components`."""
+        found: dict[str, Any] = {}
+        own, machine, known, wall = own_cpu_seconds(), machine_cpu_seconds(), snapshot(components), time.monotonic()
+        yield found
+        known_after = snapshot(components)
+        known_cpu_s = own_cpu_seconds() - own + sum(known_after.get(n, 0.0) - known[n] for n in known)
+        found.update(disturbance(machine, machine_cpu_seconds(), known_cpu_s, time.monotonic() - wall,
+                                 self.plan.disturbance_cores))  # fmt: skip
+
+    def wait_until_quiet(self, components: dict[str, int]) -> None:
+        """Before measuring: sample the machine for a few seconds; warn if others keep it
+        busy, or wait (up to plan.wait_quiet_s) for a quiet moment."""
+        deadline = time.monotonic() + self.plan.wait_quiet_s
+        while True:
+            busy = busy_cores(3.0, components)
+            if busy <= self.plan.disturbance_cores:
+                return
+            if time.monotonic() >= deadline:
+                sys.stderr.write(
+                    f"\nbench: WARNING: other processes keep {busy:.2f} cores busy (threshold "
+                    f"{self.plan.disturbance_cores:g}); points measured now will be marked disturbed. Stop them, "
+                    "or pass --wait-quiet SECONDS to wait for a quiet machine.\n"
+                )
+                return
+            sys.stderr.write(f"\nbench: waiting for a quiet machine (others use {busy:.2f} cores)\n")
 
     def _stub(self, url: str | None) -> dict[str, int] | None:
         if not url:
@@ -226,7 +269,7 @@ class Sweep:
     def run_baseline(self) -> dict[str, list[str]]:
         """The tutorials' set-up on its own ports, same points at hit ratio 0 (no cache)."""
         nginx = which("nginx") or "nginx"
-        baseline = Baseline(self.out / "baseline-run", free_port(), free_port(), nginx)
+        baseline = Baseline(self.out / f"baseline-run-{self.round + 1}", free_port(), free_port(), nginx)
         self.progress("starting the baseline (gunicorn sync, no cache, no upstream keepalive)")
         baseline.start()
         try:
@@ -238,24 +281,27 @@ class Sweep:
                                                     model))  # fmt: skip
                     self.done += 1
             self.progress("h2load: baseline, iris, all hits, c=32")
-            raw = self.h2load("baseline", baseline.url)
+            raw = self.h2load("baseline", baseline.url, baseline.pids())
         finally:
             baseline.stop()
         self.h2load_results.append(raw)
         return baseline.argv()
 
-    def h2load(self, kind: str, url: str, connections: int = 32) -> dict[str, Any]:
+    def h2load(self, kind: str, url: str, components: dict[str, int], connections: int = 32) -> dict[str, Any]:
         """Raw throughput: h2load, one fixed iris row (all hits on the cluster)."""
         body = self.out / "raw" / "h2load-body.json"
         body.write_text(json.dumps({"instances": [pool_row("iris", 0)]}))
-        log = self.out / "raw" / f"h2load-{kind}.log"
+        name = f"h2load-{kind}" + (f"-round{self.round + 1}" if self.plan.rounds > 1 else "")
+        log = self.out / "raw" / f"{name}.log"
         argv = h2load_argv(f"{url}{predict_path('iris')}", body, connections, self.plan.seconds, log)
-        result = _run(argv, timeout=self.plan.seconds + 60)
-        (self.out / "raw" / f"h2load-{kind}.txt").write_text(result.stdout + result.stderr)
+        with self.watching(components) as disturbed:
+            result = _run(argv, timeout=self.plan.seconds + 60)
+        (self.out / "raw" / f"{name}.txt").write_text(result.stdout + result.stderr)
         summary = parse_h2load(result.stdout)
         latency = parse_h2load_log(log.read_text())
         self.commands.append(" ".join(argv))
-        return {"kind": kind, "concurrency": connections, **summary, **latency, "command": " ".join(argv)}
+        return {"kind": kind, "concurrency": connections, **summary, **latency, "disturbance": disturbed,
+                "round": self.round, "command": " ".join(argv)}  # fmt: skip
 
     def run_locust(self, url: str) -> dict[str, Any]:
         """A short realistic mix with Locust (its CSV and HTML go into the report folder)."""
@@ -279,7 +325,7 @@ class Sweep:
 
 def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency: int, replicas: int) -> None:
     """The same cluster with SERVICE_BATCHING=off, in a run directory and on ports of its own."""
-    other = Cluster(sweep.out / "nobatch-run", {**sweep.cluster.environ, "SERVICE_BATCHING": "off"})
+    other = Cluster(sweep.out / f"nobatch-run-{sweep.round + 1}", {**sweep.cluster.environ, "SERVICE_BATCHING": "off"})
     other.start(replicas, Ports.auto(DEFAULT_SLOTS))
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
@@ -292,45 +338,90 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
         other.stop()
 
 
-def evaluate_targets(points: list[dict[str, Any]], concurrency: int) -> list[dict[str, Any]]:
-    """The performance targets (issue 5), each with its measured ratio and a verdict."""
+def _app_cpu_ms(point: dict[str, Any]) -> float | None:
+    """Replica CPU ms per request (every replica process tree) of one point."""
+    values = [
+        v for k, v in (point.get("cpu_ms_per_request") or {}).items() if k.startswith("replica") and v is not None
+    ]
+    return sum(values) if values else None
 
-    def point(kind: str, model: str, hit: float) -> dict[str, Any] | None:
-        return next((p for p in points if p["kind"] == kind and p["model"] == model and p["hit_ratio"] == hit
-                     and p["concurrency"] == concurrency), None)  # fmt: skip
+
+def evaluate_targets(
+    points: list[dict[str, Any]], h2load: list[dict[str, Any]], concurrency: int
+) -> list[dict[str, Any]]:
+    """The performance targets, each judged by the median over the rounds of its value
+    measured within one round (cluster and baseline interleaved), with the min-max spread;
+    `disturbed` if any point behind it was (then it is neither met nor missed)."""
+    rounds = sorted({p.get("round", 0) for p in points})
+
+    def find(items: list[dict[str, Any]], round_no: int, **where: Any) -> dict[str, Any] | None:
+        return next((p for p in items if p.get("round", 0) == round_no
+                     and all(p.get(k) == v for k, v in where.items())), None)  # fmt: skip
+
+    def point(round_no: int, kind: str, model: str, hit: float | None = None) -> dict[str, Any] | None:
+        where = {"kind": kind, "model": model, "concurrency": concurrency}
+        return find(points, round_no, **where, **({} if hit is None else {"hit_ratio": hit}))
 
     targets = []
 
-    def add(name: str, measured: float | None, goal: float, at_least: bool) -> None:
-        met = measured is not None and (measured >= goal if at_least else measured <= goal)
-        targets.append({"target": name, "measured": measured, "goal": goal, "at_least": at_least, "met": met})
+    def add(name: str, goal: float, at_least: bool, value: Any) -> None:
+        """value(round) -> (measured, points used) or None."""
+        measured, used = [], []
+        for round_no in rounds:
+            found = value(round_no)
+            if found is not None and found[0] is not None:
+                measured.append(found[0])
+                used += found[1]
+        if not measured:
+            return
+        median = statistics.median(measured)
+        targets.append({
+            "target": name, "measured": median, "min": min(measured), "max": max(measured), "runs": len(measured),
+            "goal": goal, "at_least": at_least, "met": median >= goal if at_least else median <= goal,
+            "disturbed": any(p.get("disturbance", {}).get("disturbed") for p in used),
+        })  # fmt: skip
 
-    base = {m: next((p for p in points if p["kind"] == "baseline" and p["model"] == m
-                     and p["concurrency"] == concurrency), None) for m in ("iris", "digits")}  # fmt: skip
-    for hit, goal, label in ((1.0, 1.8, "all hits"), (0.0, 1.3, "all misses")):
-        ours = point("cluster", "iris", hit)
-        if ours and base["iris"]:
-            add(f"iris, {label}: req/s vs baseline", ours["rps"] / base["iris"]["rps"], goal, True)
-            if hit == 1.0:
-                add("iris, all hits: p99 vs baseline", ours["p99_ms"] / base["iris"]["p99_ms"], 1.0, False)
-    batched, unbatched = point("cluster", "digits", 0.0), point("cluster, batching off", "digits", 0.0)
-    if batched and unbatched:
-        add("digits, all misses: req/s, batching on vs off", batched["rps"] / unbatched["rps"], 5.0, True)
-        add("digits, all misses: p99, batching on vs off", batched["p99_ms"] / unbatched["p99_ms"], 1.0, False)
-    for p in points:
-        if p["kind"] == "cluster" and p["concurrency"] == concurrency:
-            add(f"fair tails, {p['model']} {p['hit_ratio']:.0%} hits: p99 / p50", p["p99_ms"] / p["p50_ms"], 3.0, False)
+    def ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, field: str) -> Any:
+        if not (ours and theirs and theirs[field]):
+            return None
+        return ours[field] / theirs[field], [ours, theirs]
+
+    for hit, goal, label in ((1.0, 1.8, "all hits"), (0.0, 2.0, "all misses")):
+        add(f"iris, {label}: req/s vs baseline", goal, True,
+            lambda r, h=hit: ratio(point(r, "cluster", "iris", h), point(r, "baseline", "iris"), "rps"))  # fmt: skip
+    add("iris, all hits: p99 vs baseline", 1.0, False,
+        lambda r: ratio(point(r, "cluster", "iris", 1.0), point(r, "baseline", "iris"), "p99_ms"))  # fmt: skip
+    add("hot iris row through the L1 (h2load): req/s vs baseline", 15.0, True,
+        lambda r: ratio(find(h2load, r, kind="cluster"), find(h2load, r, kind="baseline"), "rps"))  # fmt: skip
+    add("iris, all misses: replica CPU ms per request", 0.45, False,
+        lambda r: (lambda p: (_app_cpu_ms(p), [p]) if p else None)(point(r, "cluster", "iris", 0.0)))  # fmt: skip
+
+    def batching(round_no: int, field: str) -> Any:
+        return ratio(point(round_no, "cluster", "digits", 0.0), point(round_no, "cluster, batching off", "digits", 0.0),
+                     field)  # fmt: skip
+
+    add("digits, all misses: req/s, batching on vs off", 5.0, True, lambda r: batching(r, "rps"))
+    add("digits, all misses: p99, batching on vs off", 1.0, False, lambda r: batching(r, "p99_ms"))
+
+    def tails(round_no: int, model: str, hit: float) -> Any:
+        found = point(round_no, "cluster", model, hit)
+        return (found["p99_ms"] / found["p50_ms"], [found]) if found and found["p50_ms"] else None
+
+    for model, hit in sorted({(p["model"], p["hit_ratio"]) for p in points if p["kind"] == "cluster"}):
+        add(f"fair tails, {model} {hit:.0%} hits: p99 / p50", 3.0, False, lambda r, m=model, h=hit: tails(r, m, h))
     return targets
 
 
 def print_targets(targets: list[dict[str, Any]]) -> str:
-    """One line per target: measured, goal, met or not."""
+    """One line per target: verdict, measured, goal."""
     lines = []
     for t in targets:
         sign = ">=" if t["at_least"] else "<="
         measured = f"{t['measured']:.2f}" if t["measured"] is not None else "n/a"
+        spread = f"  [{t['min']:.2f}–{t['max']:.2f}, {t['runs']} runs]" if t.get("runs", 1) > 1 else ""
+        why = "  (disturbed: other processes used the CPU meanwhile)" if t.get("disturbed") else ""
         lines.append(
-            f"{'MET ' if t['met'] else 'MISS'}  {t['target']:<52} {measured:>7}  (target {sign} {t['goal']:g})"
+            f"{report.verdict(t):<6}  {t['target']:<56} {measured:>7}  (target {sign} {t['goal']:g}){spread}{why}"
         )
     return "\n".join(lines)
 
@@ -421,22 +512,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=lambda s: tuple(s.split(",")), help="e.g. iris,digits")
     parser.add_argument("--seconds", type=float, help="duration of each point")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
+    parser.add_argument("--rounds", type=int, help="run the whole plan this many times, cluster and baseline "
+                        "interleaved in each; targets take the median (default 1; bench-targets 3)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
     parser.add_argument(
         "--targets",
         action="store_true",
         help="only the performance targets' points, then one line per target (make bench-targets)",
     )
+    parser.add_argument(
+        "--disturbance-cores",
+        type=float,
+        default=float(os.environ.get("BENCH_DISTURBANCE_CORES", "0.1")),
+        help="mark a point disturbed when processes the benchmark does not know, or steal time, use more cores "
+        "than this meanwhile (default 0.1, env BENCH_DISTURBANCE_CORES)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=float(os.environ.get("BENCH_WAIT_QUIET_S", "0")),
+        metavar="SECONDS",
+        help="before measuring, wait up to this long for the machine to be quiet (default 0: only warn; env "
+        "BENCH_WAIT_QUIET_S)",
+    )
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else Plan()
     if args.targets:
         plan = Plan(replicas=(os.cpu_count() or 2,), concurrency=(32,), hit_ratios=(0.0, 1.0),
-                    models=("iris", "digits"), seconds=8.0, locust_seconds=0.0)  # fmt: skip
-    overrides = {k: v for k, v in {"replicas": args.replicas, "concurrency": args.concurrency,
-                                   "hit_ratios": args.hit_ratios, "models": args.models,
-                                   "seconds": args.seconds}.items() if v is not None}  # fmt: skip
-    plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline})
+                    models=("iris", "digits"), seconds=8.0, locust_seconds=0.0, rounds=3)  # fmt: skip
+    chosen = {"replicas": args.replicas, "concurrency": args.concurrency, "hit_ratios": args.hit_ratios,
+              "models": args.models, "seconds": args.seconds, "rounds": args.rounds}  # fmt: skip
+    overrides = {k: v for k, v in chosen.items() if v is not None}
+    plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline,
+                   "disturbance_cores": args.disturbance_cores, "wait_quiet_s": args.wait_quiet})  # fmt: skip
     out = args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -448,19 +557,23 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start(max(plan.replicas))
     sweep = Sweep(plan, out, cluster, None)
     if args.targets:
-        sweep.total += 1
+        sweep.total += plan.rounds
     baseline_argv = None
     locust = None
     try:
-        sweep.run_cluster()
-        ran = what_ran(cluster, out)
-        url = str(cluster.status().balancer)
-        sweep.progress("h2load: cluster, iris, all hits, c=32")
-        sweep.h2load_results.append(sweep.h2load("cluster", url))
-        if args.targets:
-            run_without_batching(sweep, "digits", 0.0, plan.headline_concurrency, max(plan.replicas))
-        if plan.baseline:
-            baseline_argv = sweep.run_baseline()
+        sweep.wait_until_quiet(sweep.cluster_components()[1])
+        for round_no in range(plan.rounds):
+            sweep.round = round_no
+            sweep.run_cluster()
+            if round_no == 0:
+                ran = what_ran(cluster, out)
+            url = str(cluster.status().balancer)
+            sweep.progress("h2load: cluster, iris, all hits, c=32")
+            sweep.h2load_results.append(sweep.h2load("cluster", url, sweep.cluster_components()[1]))
+            if args.targets:
+                run_without_batching(sweep, "digits", 0.0, plan.headline_concurrency, max(plan.replicas))
+            if plan.baseline:
+                baseline_argv = sweep.run_baseline()
         if plan.locust_seconds > 0:
             sweep.progress("Locust: a realistic mix")
             locust = sweep.run_locust(url)
@@ -477,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         "commands": sweep.commands,
     }
     if args.targets:
-        results["targets"] = evaluate_targets(sweep.points, plan.headline_concurrency)
+        results["targets"] = evaluate_targets(sweep.points, sweep.h2load_results, plan.headline_concurrency)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(sweep.points, out / "points.csv")
     sys.stderr.write("\n")

@@ -47,11 +47,20 @@ data=()
 command=(h2load $protocol -c "$connections" -m 1 "${amount[@]}" -T 10 "${data[@]}" --log-file "$out/requests.log" "$url$path")
 echo "${command[*]}" > "$out/command.txt"
 "${command[@]}" | tee "$out/h2load.txt" | grep -E "finished in|requests:|status codes:"
+# h2load exits 0 even when every request failed; say so, and fail.
 PYTHONPATH=. "$python" -c '
 import sys
-from loadtest.parsers import parse_h2load_log
+from loadtest.parsers import parse_h2load, parse_h2load_log
+totals = parse_h2load(open(sys.argv[2]).read())
 r = parse_h2load_log(open(sys.argv[1]).read())
+ok = sum(n for status, n in r["statuses"].items() if status.startswith("2"))
+if ok == 0:
+    print("h2load.sh: all %d requests failed (statuses %s; %d errored, %d timed out): is the cluster up at this URL?"
+          % (totals["total"], r["statuses"] or "none", totals["errored"], totals["timeout"]), file=sys.stderr)
+    sys.exit(1)
 print("latency ms: p50 %.2f  p90 %.2f  p99 %.2f  max %.2f  (%d requests, statuses %s)"
       % (r["p50_ms"], r["p90_ms"], r["p99_ms"], r["max_ms"], r["requests"], r["statuses"]))
-' "$out/requests.log"
+if ok < totals["total"]:
+    print("h2load.sh: %d of %d requests did not get a 2xx" % (totals["total"] - ok, totals["total"]), file=sys.stderr)
+' "$out/requests.log" "$out/h2load.txt"
 echo "output: $out"

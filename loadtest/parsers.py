@@ -16,7 +16,8 @@ H2LOAD_REQUESTS = re.compile(
     r"(?P<succeeded>\d+) succeeded, (?P<failed>\d+) failed, (?P<errored>\d+) errored, (?P<timeout>\d+) timeout"
 )
 H2LOAD_CODES = re.compile(r"status codes: (?P<s2xx>\d+) 2xx, (?P<s3xx>\d+) 3xx, (?P<s4xx>\d+) 4xx, (?P<s5xx>\d+) 5xx")
-H2LOAD_FINISHED = re.compile(r"finished in (?P<seconds>[\d.]+)(?P<unit>m?s), (?P<rps>[\d.]+) req/s")
+H2LOAD_FINISHED = re.compile(r"finished in (?P<seconds>[\d.]+)(?P<unit>us|ms|s), (?P<rps>[\d.]+) req/s")
+SECONDS_PER_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -33,7 +34,7 @@ def parse_h2load(output: str) -> dict[str, Any]:
     requests, codes, finished = (p.search(output) for p in (H2LOAD_REQUESTS, H2LOAD_CODES, H2LOAD_FINISHED))
     if not (requests and codes and finished):
         raise ValueError("not an h2load summary (no 'requests:', 'status codes:' or 'finished in' line)")
-    seconds = float(finished["seconds"]) / (1000 if finished["unit"] == "ms" else 1)
+    seconds = float(finished["seconds"]) * SECONDS_PER_UNIT[finished["unit"]]
     result: dict[str, Any] = {k: int(v) for k, v in {**requests.groupdict(), **codes.groupdict()}.items()}
     result.update(seconds=seconds, rps=float(finished["rps"]))
     return result
@@ -123,6 +124,7 @@ def summarize_access_log(lines: Iterable[str]) -> dict[str, Any]:
     upstream_ms: list[float] = []
     statuses: Counter[str] = Counter()
     served: Counter[str] = Counter()
+    l1: Counter[str] = Counter()
     retried = 0
     for line in lines:
         try:
@@ -136,11 +138,13 @@ def summarize_access_log(lines: Iterable[str]) -> dict[str, Any]:
             upstream_ms.append(upstream * 1000)
         served[entry.get("served_by") or "nginx"] += 1
         retried += "," in entry.get("upstream_addr", "")
+        l1[entry.get("l1") or "-"] += 1
     return {
         "requests": len(request_ms),
         "statuses": dict(statuses),
         "served_by": dict(served),
         "retried": retried,
+        "l1": dict(l1),  # $upstream_cache_status: HIT (nginx answered), MISS, EXPIRED, BYPASS, - (not cached route)
         "nginx_p50_ms": percentile(request_ms, 50),
         "nginx_p99_ms": percentile(request_ms, 99),
         "upstream_p50_ms": percentile(upstream_ms, 50),

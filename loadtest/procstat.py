@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -66,3 +67,53 @@ def memory(components: dict[str, int]) -> dict[str, float]:
     """Resident MiB of each named process tree now."""
     tree = children_map()
     return {name: round(tree_rss_mb(pid, tree), 1) for name, pid in components.items()}
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """CPU seconds the whole machine has spent so far, from /proc/stat's `cpu` line:
+    `busy` (user, nice, system: what per-process times count too; irq and softirq are
+    left out, as the processes' own times leave them out) and `steal` (time a hypervisor
+    gave to other guests)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    assert fields[0] == "cpu", fields
+    user, nice, system = (int(v) for v in fields[1:4])
+    steal = int(fields[8]) if len(fields) > 8 else 0
+    return {"busy": (user + nice + system) / CLOCK_TICKS, "steal": steal / CLOCK_TICKS}
+
+
+def disturbance(machine_before: dict[str, float], machine_after: dict[str, float], known_cpu_s: float,
+                wall_s: float, threshold_cores: float) -> dict[str, Any]:  # fmt: skip
+    """What processes the benchmark does not know used during one measurement, in cores:
+    the machine's busy time less the known processes' CPU time, and steal time. Either
+    above `threshold_cores` marks the measurement disturbed: its numbers describe a
+    machine shared with someone else."""
+    wall_s = max(wall_s, 1e-9)
+    other = max(0.0, (machine_after["busy"] - machine_before["busy"] - known_cpu_s) / wall_s)
+    steal = max(0.0, (machine_after["steal"] - machine_before["steal"]) / wall_s)
+    return {"other_cores": round(other, 3), "steal_cores": round(steal, 3), "threshold_cores": threshold_cores,
+            "disturbed": other > threshold_cores or steal > threshold_cores}  # fmt: skip
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its waited-for children (the load generators)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def busy_cores(seconds: float, components: dict[str, int] | None = None) -> float:
+    """Cores the rest of the machine (not this process, its children or `components`)
+    keeps busy, sampled over `seconds`."""
+    import time
+
+    components = components or {}
+
+    def known() -> float:
+        return own_cpu_seconds() + sum(snapshot(components).values())
+
+    machine, known_before, started = machine_cpu_seconds(), known(), time.monotonic()
+    time.sleep(seconds)
+    known_s, wall_s = known() - known_before, time.monotonic() - started
+    return float(disturbance(machine, machine_cpu_seconds(), known_s, wall_s, 0.0)["other_cores"])

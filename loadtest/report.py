@@ -33,6 +33,20 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "–"
 
 
+def verdict(target: dict[str, Any]) -> str:
+    """MET, MISS, or UNSURE when a point it was judged from was disturbed."""
+    return "UNSURE" if target.get("disturbed") else "MET" if target["met"] else "MISS"
+
+
+def disturbed(point: dict[str, Any] | None) -> bool:
+    """Whether processes the benchmark did not know (or steal time) used the CPU during it."""
+    return bool(point and point.get("disturbance", {}).get("disturbed"))
+
+
+def _mark(point: dict[str, Any] | None) -> str:
+    return " ⚠" if disturbed(point) else ""
+
+
 class Results:
     """Lookups over the points of one sweep."""
 
@@ -61,7 +75,8 @@ class Results:
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tuple[str, list, list, str]],
-          bar: bool = False, logx: bool = False) -> Path:  # fmt: skip
+          bar: bool = False, logx: bool = False, marked: Iterable[tuple[list, list]] = ()) -> Path:  # fmt: skip
+    """A line (or bar) plot; `marked` (xs, ys) are drawn over as disturbed points."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     series = list(series)
     if bar:
@@ -70,6 +85,10 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tup
     else:
         for label, xs, ys, style in series:
             ax.plot(xs, ys, style, label=label, marker="o" if "--" not in style else None)
+        marked = [(xs, ys) for xs, ys in marked if xs]
+        for i, (xs, ys) in enumerate(marked):
+            ax.plot(xs, ys, linestyle="none", marker="X", markersize=11, color="#d62728",
+                    label="disturbed (others used the CPU)" if i == 0 else None)  # fmt: skip
         ax.legend(fontsize=8)
     if logx:
         ax.set_xscale("log", base=2)
@@ -86,61 +105,86 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tup
     return path
 
 
-def plots(results: Results, folder: Path) -> list[tuple[Path, str]]:
-    """Every plot of the report, as (PNG path, caption)."""
+def _figure(folder: Path, name: str, title: str, xlabel: str, ylabel: str, caption: str,
+            series: list[tuple[str, list, list, str, list]], logx: bool = False) -> list[Block]:  # fmt: skip
+    """A plot of `series` (label, xs, ys, style, the points behind ys), or, when they have
+    a single x value, the same numbers as a table: a plot of one x carries no shape."""
+    xs_all = sorted({x for _, xs, _, _, _ in series for x in xs})
+    if len(xs_all) <= 1:
+        rows = [[label, f"{xs[0]:g}", _fmt(ys[0]) + _mark(points[0] if points else None)]
+                for label, xs, ys, _, points in series if xs]  # fmt: skip
+        return [("p", f"{title}: one {xlabel} value only, so a table. {caption}"),
+                ("table", ["series", xlabel, ylabel], rows)]  # fmt: skip
+    marked = []
+    for _, xs, ys, _, points in series:
+        flagged = [(x, y) for x, y, pt in zip(xs, ys, points, strict=True) if disturbed(pt)]
+        marked.append(([x for x, _ in flagged], [y for _, y in flagged]))
+    path = _plot(folder / name, title, xlabel, ylabel, [(label, xs, ys, style) for label, xs, ys, style, _ in series],
+                 logx=logx, marked=marked)  # fmt: skip
+    if any(xs for xs, _ in marked):
+        caption += " Red crosses: points measured while other processes used the CPU; do not trust them."
+    return [("img", path, caption)]
+
+
+def plots(results: Results, folder: Path) -> list[Block]:
+    """Every plot of the report (or a table where a plot would have one x value)."""
     folder.mkdir(exist_ok=True)
-    made = []
+    made: list[Block] = []
     c, rmax = results.headline_c, results.max_replicas
     series = []
     for model in results.plan["models"]:
         for hit in results.plan["hit_ratios"]:
-            xs = [r for r in results.plan["replicas"] if results.find("cluster", model=model, hit_ratio=hit,
-                                                                      concurrency=c, replicas=r)]  # fmt: skip
-            ys = [results.get("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=r)["rps"] for r in xs]
-            series.append((f"{model}, {hit:.0%} hits", xs, ys, "-"))
+            found = [results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=r)
+                     for r in results.plan["replicas"]]  # fmt: skip
+            points = [pt for pt in found if pt]
+            series.append((f"{model}, {hit:.0%} hits", [pt["replicas"] for pt in points],
+                           [pt["rps"] for pt in points], "-", points))  # fmt: skip
         base = results.find("baseline", model=model, concurrency=c)
         if base:
             xs = list(results.plan["replicas"])
-            series.append((f"{model}, tutorial baseline", xs, [base["rps"]] * len(xs), "--"))
-    made.append((_plot(folder / "throughput_vs_replicas.png", f"Throughput vs replicas (c={c})", "replicas",
-                       "requests/s", series), f"Requests/s against the number of replicas at {c} connections; "
-                 "dashed: the tutorials' set-up measured in the same run."))  # fmt: skip
+            series.append((f"{model}, tutorial baseline", xs, [base["rps"]] * len(xs), "--", [base] * len(xs)))
+    made += _figure(folder, "throughput_vs_replicas.png", f"Throughput vs replicas (c={c})", "replicas",
+                    "requests/s", f"Requests/s against the number of replicas at {c} connections; dashed: the "
+                    "tutorials' set-up measured in the same run.", series)  # fmt: skip
 
     for model in results.plan["models"]:
         hit = min(results.plan["hit_ratios"])
         series = []
+        found = [results.find("cluster", model=model, hit_ratio=hit, concurrency=cc, replicas=rmax)
+                 for cc in results.plan["concurrency"]]  # fmt: skip
+        points = [pt for pt in found if pt]
         for q in ("p50_ms", "p90_ms", "p99_ms"):
-            xs = [cc for cc in results.plan["concurrency"] if results.find("cluster", model=model, hit_ratio=hit,
-                                                                          concurrency=cc, replicas=rmax)]  # fmt: skip
-            ys = [results.get("cluster", model=model, hit_ratio=hit, concurrency=cc, replicas=rmax)[q] for cc in xs]
-            series.append((f"cluster {q[:3]}", xs, ys, "-"))
-        xs = [cc for cc in results.plan["concurrency"] if results.find("baseline", model=model, concurrency=cc)]
-        if xs:
-            series.append(("baseline p99", xs, [results.get("baseline", model=model, concurrency=cc)["p99_ms"]
-                                                for cc in xs], "--"))  # fmt: skip
-        made.append((_plot(folder / f"latency_vs_concurrency_{model}.png",
-                           f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)", "connections",
-                           "ms", series, logx=True),
-                     f"Latency percentiles of {model} against concurrency, {rmax} replicas, "
-                     f"{hit:.0%} cache hits."))  # fmt: skip
+            series.append((f"cluster {q[:3]}", [pt["concurrency"] for pt in points], [pt[q] for pt in points], "-",
+                           points))  # fmt: skip
+        bases = [
+            b for cc in results.plan["concurrency"] if (b := results.find("baseline", model=model, concurrency=cc))
+        ]
+        if bases:
+            series.append(("baseline p99", [b["concurrency"] for b in bases], [b["p99_ms"] for b in bases], "--",
+                           bases))  # fmt: skip
+        made += _figure(folder, f"latency_vs_concurrency_{model}.png",
+                        f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)", "connections", "ms",
+                        f"Latency percentiles of {model} against concurrency, {rmax} replicas, {hit:.0%} cache hits.",
+                        series, logx=True)  # fmt: skip
 
     series = []
     for model in results.plan["models"]:
-        xs = [h for h in results.plan["hit_ratios"] if results.find("cluster", model=model, hit_ratio=h,
-                                                                    concurrency=c, replicas=rmax)]  # fmt: skip
-        ys = [results.get("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)["rps"] for h in xs]
-        series.append((model, [x * 100 for x in xs], ys, "-"))
-    made.append((_plot(folder / "cache_effect.png", f"What the cache buys ({rmax} replicas, c={c})",
-                       "cache-hit ratio (%)", "requests/s", series),
-                 "Requests/s against the share of requests whose row is already cached."))  # fmt: skip
+        found = [results.find("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)
+                 for h in results.plan["hit_ratios"]]  # fmt: skip
+        points = [pt for pt in found if pt]
+        series.append((model, [pt["hit_ratio"] * 100 for pt in points], [pt["rps"] for pt in points], "-", points))
+    made += _figure(folder, "cache_effect.png", f"What the cache buys ({rmax} replicas, c={c})",
+                    "cache-hit ratio (%)", "requests/s",
+                    "Requests/s against the share of requests whose row is already cached.", series)  # fmt: skip
 
     point = results.find("cluster", model=results.plan["models"][0], hit_ratio=max(results.plan["hit_ratios"]),
                          concurrency=c, replicas=rmax)  # fmt: skip
-    if point:
+    if point and len(point["served_by"]) > 1:
         names = sorted(point["served_by"])
-        made.append((_plot(folder / "replica_distribution.png", f"Requests per replica ({rmax} replicas, c={c})",
-                           "replica", "requests", [("", names, [point["served_by"][n] for n in names], "")],
-                           bar=True), "How evenly nginx spread one point's requests over the replicas."))  # fmt: skip
+        caption = "How evenly nginx spread one point's requests over the replicas."
+        made.append(("img", _plot(folder / "replica_distribution.png", f"Requests per replica ({rmax} replicas, c={c})",
+                                  "replica", "requests", [("", names, [point["served_by"][n] for n in names], "")],
+                                  bar=True), caption))  # fmt: skip
     return made
 
 
@@ -155,7 +199,8 @@ def _headline(results: Results) -> tuple[list[str], list[list[str]]]:
                                  replicas=results.max_replicas)  # fmt: skip
             if not point:
                 continue
-            rows.append([model, f"{hit:.0%}", _fmt(point["rps"]), _fmt(base["rps"]) if base else "–",
+            rows.append([model + _mark(point) + ("" if disturbed(point) else _mark(base)), f"{hit:.0%}",
+                         _fmt(point["rps"]), _fmt(base["rps"]) if base else "–",
                          _ratio(point["rps"], base["rps"]) if base else "–", _fmt(point["p99_ms"], 1),
                          _fmt(base["p99_ms"], 1) if base else "–",
                          _ratio(point["p99_ms"], base["p99_ms"]) if base else "–"])  # fmt: skip
@@ -229,6 +274,23 @@ def interpretation(results: Results) -> list[str]:
     return sentences
 
 
+def _l1_share(point: dict[str, Any]) -> str:
+    """Share of the point's requests nginx's L1 micro-cache answered (from the access log)."""
+    l1 = point["access_log"].get("l1")
+    if not l1:
+        return "–"
+    total = sum(l1.values())
+    return f"{l1.get('HIT', 0) / total:.0%}" if total else "–"
+
+
+def _others(point: dict[str, Any]) -> str:
+    found = point.get("disturbance")
+    if not found:
+        return "–"
+    steal = f", steal {found['steal_cores']:.2f}" if found["steal_cores"] >= 0.01 else ""
+    return f"{found['other_cores']:.2f}{steal}{_mark(point)}"
+
+
 def _app_cpu_ms(point: dict[str, Any]) -> float:
     """CPU ms per request spent in the app processes (replicas, or the baseline's gunicorn)."""
     per_request = point.get("cpu_ms_per_request") or {}
@@ -248,6 +310,19 @@ def blocks(results: Results, folder: Path) -> list[Block]:
     env = results.env
     out: list[Block] = [("h1", "Throughput report")]
     out.append(("p", f"{env['date_utc']} UTC · git {env['git_sha']} · {env['cpu_model']} · {env['cores']} cores"))
+    measured = [*results.points, *(results.raw.get("h2load") or [])]
+    shaken = [pt for pt in measured if disturbed(pt)]
+    if shaken:
+        worst = max(max(pt["disturbance"]["other_cores"], pt["disturbance"]["steal_cores"]) for pt in shaken)
+        out.append(("p", f"⚠ Do not trust this report as it stands: {len(shaken)} of {len(measured)} measurements "
+                         "ran while processes the benchmark does not know (or the hypervisor, as steal time) used "
+                         f"the CPU, up to {worst:.2f} cores (threshold "
+                         f"{shaken[0]['disturbance']['threshold_cores']:g}). They are marked ⚠ in the tables and "
+                         "with red crosses in the plots, and targets judged from them say UNSURE. Run it again "
+                         "on a quiet machine (--wait-quiet SECONDS waits for one)."))  # fmt: skip
+    elif any("disturbance" in pt for pt in measured):
+        out.append(("p", "Quiet machine: during every measurement, processes the benchmark does not know used "
+                         "less than the threshold of CPU, and there was no steal time above it."))  # fmt: skip
     out.append(("h2", f"Summary: cluster ({results.max_replicas} replicas) vs the tutorials' set-up, "
                       f"c={results.headline_c}"))  # fmt: skip
     out.append(("p", "Both measured side by side in this run on this machine; absolute numbers on shared "
@@ -257,41 +332,48 @@ def blocks(results: Results, folder: Path) -> list[Block]:
     out.append(("table", *_headline(results)))
     if results.raw.get("targets"):
         out.append(("h2", "Performance targets"))
-        rows = [["met" if t["met"] else "NOT met", t["target"], _fmt(t["measured"], 2),
+        rows = [[verdict(t), t["target"], _fmt(t["measured"], 2),
+                 f"{_fmt(t['min'], 2)}–{_fmt(t['max'], 2)} ({t['runs']})" if "runs" in t else "–",
                  f"{'≥' if t['at_least'] else '≤'} {t['goal']:g}"] for t in results.raw["targets"]]  # fmt: skip
-        out.append(("table", ["", "target", "measured", "goal"], rows))
+        out.append(("table", ["", "target", "median", "min–max (runs)", "goal"], rows))
+        out.append(("p", "Each target's value is measured within one round (cluster and baseline interleaved); "
+                         "the verdict goes by the median over the rounds. UNSURE: a point behind it was "
+                         "disturbed."))  # fmt: skip
     for sentence in interpretation(results):
         out.append(("p", sentence))
     if results.raw.get("h2load"):
         out.append(("h2", "Raw throughput (h2load, one iris row, all hits, c=32)"))
-        rows = [[h["kind"], _fmt(h["rps"]), _fmt(h["p50_ms"], 1), _fmt(h["p90_ms"], 1), _fmt(h["p99_ms"], 1),
+        rows = [[h["kind"] + _mark(h), _fmt(h["rps"]), _fmt(h["p50_ms"], 1), _fmt(h["p90_ms"], 1), _fmt(h["p99_ms"], 1),
                  _fmt(h["max_ms"], 1), str(h["s2xx"]), str(h["failed"] + h["errored"])]
                 for h in results.raw["h2load"]]  # fmt: skip
         out.append(("table", ["set-up", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "2xx", "failed"], rows))
     out.append(("h2", "Plots"))
-    for path, caption in plots(results, folder / "plots"):
-        out.append(("img", path, caption))
+    out.extend(plots(results, folder / "plots"))
     out.append(("h2", "Every point"))
     headers = ["set-up", "replicas", "c", "hits", "model", "req/s", "p50", "p90", "p99", "max", "errors",
-               "X-Cache", "per replica", "nginx p50", "upstream p50", "app CPU ms/req", "MiB/replica",
-               "cores used"]  # fmt: skip
+               "X-Cache", "L1 hits", "per replica", "nginx p50", "upstream p50", "app CPU ms/req", "MiB/replica",
+               "cores used", "others' cores"]  # fmt: skip
     rows = []
     for p in results.points:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["cpu_cores"].items()) if v >= 0.01)
         rows.append([p["kind"], str(p["replicas"]), str(p["concurrency"]), f"{p['hit_ratio']:.0%}", p["model"],
                      _fmt(p["rps"]), _fmt(p["p50_ms"], 1), _fmt(p["p90_ms"], 1), _fmt(p["p99_ms"], 1),
                      _fmt(p["max_ms"], 1), str(p["non_2xx"] + p["socket_errors"]),
-                     " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
+                     " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())), _l1_share(p),
                      " ".join(str(v) for _, v in sorted(p["served_by"].items())),
                      _fmt(p["access_log"]["nginx_p50_ms"], 2),
                      _fmt(p["access_log"]["upstream_p50_ms"], 2), _fmt(_app_cpu_ms(p), 3),
-                     _fmt(_replica_mib(p)), cpu])  # fmt: skip
+                     _fmt(_replica_mib(p)), cpu, _others(p)])  # fmt: skip
     out.append(("table", headers, rows))
-    out.append(("p", "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
+    out.append(("p", "X-Cache: the replicas' result cache as the client saw it (L1: answered by nginx's L1 "
+                     "micro-cache, BALANCER_L1_CACHE). L1 hits: the share nginx answered itself, from its access log. "
+                     "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
                      "($request_time vs $upstream_response_time). App CPU ms/req: CPU time of the replicas (or the "
                      "baseline's gunicorn) per request. MiB/replica: resident memory of one replica's processes, "
                      "each worker holding the models once. Cores used: CPU seconds per second of each process "
-                     "tree, from /proc."))  # fmt: skip
+                     "tree, from /proc. Others' cores: what the rest of the machine used meanwhile (its busy time "
+                     "in /proc/stat less the processes above, the load generator and the benchmark itself; + "
+                     "steal time); ⚠ above the threshold."))  # fmt: skip
     locust = results.raw.get("locust")
     if locust and locust.get("rows"):
         out.append(("h2", f"A realistic mix (Locust, {locust['users']} users, 90 % hits)"))

@@ -34,9 +34,12 @@ end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
-  local state = headers["X-Cache"] or "none"
+  -- An answer of the balancer's L1 carries the headers of the replica answer it keeps:
+  -- count it as L1, and as served by nginx.
+  local l1 = headers["X-L1-Cache"] == "HIT"
+  local state = l1 and "L1" or headers["X-Cache"] or "none"
   cache[state] = (cache[state] or 0) + 1
-  local replica = headers["X-Served-By"] or "none"
+  local replica = l1 and "nginx (L1)" or headers["X-Served-By"] or "none"
   served[replica] = (served[replica] or 0) + 1
 end
 

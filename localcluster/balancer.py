@@ -81,7 +81,10 @@ class LocalBalancer:
             "-e",
             str(self.error_log),
             "-g",
-            "daemon off;",
+            # Started as root, nginx runs its workers as `nobody`, who cannot reach a run
+            # directory under /root (or pytest's 0700 folders), where the L1 cache and temp
+            # files live: keep them as the user who started the cluster.
+            "daemon off; user root;" if os.geteuid() == 0 else "daemon off;",
         ]
 
     def reload(self, master_pid: int) -> None:

@@ -178,6 +178,8 @@ class Cluster:
                 self._stop(component, signals[component.kind], 60)
             self.state_file.remove()
             (self.run_dir / "nginx" / "nginx.pid").unlink(missing_ok=True)
+            # The L1 micro-cache's answers: the next `up` may serve other models.
+            shutil.rmtree(self.run_dir / "nginx" / "tmp" / "l1", ignore_errors=True)
             shutil.rmtree(self.run_dir / "metrics", ignore_errors=True)
 
     def status(self) -> Status:

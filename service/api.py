@@ -69,7 +69,12 @@ def readyz() -> Response:
     current = state()
     if current.is_ready():
         return json_response({"status": "ready", "models": current.registry.names()})
-    reason = "draining (shutting down)" if current.draining else "; ".join(current.registry.errors)
+    if current.draining:
+        reason = "draining (shutting down)"
+    elif current.registry.ready:
+        reason = "another worker of this replica is still loading its models"
+    else:
+        reason = "; ".join(current.registry.errors)
     return json_response({"error": f"not ready: {reason}"}, 503)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import _thread
+import functools
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from flask import Flask
 
@@ -29,6 +32,24 @@ def _native_thread(target: Callable[[], None]) -> None:
     start(target, ())
 
 
+def _load_then_mark(registry: ModelRegistry, folder: Path) -> None:
+    """Load every model, then leave a mark that this worker is ready (see _workers_ready)."""
+    registry.load_until_ready()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"ready-{os.getpid()}").touch()
+
+
+def _workers_ready(folder: Path) -> bool:
+    """Every worker of this replica (the gunicorn master's children) has loaded its models:
+    a worker that answers /readyz must not call the replica ready while another still loads."""
+    master = os.getppid()
+    try:
+        workers = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    except OSError:  # no /proc children list: judge by this worker alone
+        return True
+    return all((folder / f"ready-{pid}").exists() for pid in workers)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -47,7 +68,7 @@ def create_app(
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.
-            _native_thread(registry.load_until_ready)
+            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path))
         else:
             registry.load()
             if not registry.ready:
@@ -69,5 +90,7 @@ def create_app(
         cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)
     )
     app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache)
+    if load_in_background:
+        app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
     app.register_blueprint(bp)
     return app

@@ -6,6 +6,7 @@ the comments say why each non-default value is what it is.
 
 import os
 import shutil
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -60,7 +61,9 @@ def on_starting(server):
 
 
 def child_exit(server, worker):
-    """Mark a dead worker's live gauges as gone."""
+    """Mark a dead worker's live gauges as gone, and forget that it was ready."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid, _metrics_dir)
+    # Its readiness mark (service.app._load_then_mark): a reused pid must not inherit it.
+    Path(_metrics_dir, f"ready-{worker.pid}").unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.cache import RedisResultCache
@@ -22,7 +23,9 @@ class ServiceState:
     cache: RedisResultCache | None
     draining: bool = False  # set on SIGTERM by service.worker
     closing: bool = False  # after the drain delay: every request but /healthz gets a 503
+    # Whether this replica's other workers have loaded their models too (gunicorn).
+    peers_ready: Callable[[], bool] = lambda: True
 
     def is_ready(self) -> bool:
-        """Every model found has loaded, and not draining (reads state only)."""
-        return not self.draining and self.registry.ready
+        """Every model found has loaded (in every worker), and not draining."""
+        return not self.draining and self.registry.ready and self.peers_ready()

@@ -292,6 +292,13 @@ class PacedLoad:
         return line
 
 
+def access_log(path: Path) -> list[dict]:
+    """nginx's JSON access log, complete lines only: nginx may be writing the last one."""
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines]
+
+
 def upstream_attempts(line: Mapping) -> list[tuple[str, str, str]]:
     """The attempts of one JSON access-log line: (address, status, connect time) each.
     nginx separates attempts with ", " and internal redirects (our @next_attempt) with " : "."""

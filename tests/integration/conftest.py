@@ -12,8 +12,11 @@ import pytest
 from localcluster import Cluster, ClusterError, Ports
 from localcluster.cluster import DEFAULT_SLOTS
 
-# The tests follow iris rows through the cache, so it is on whatever `auto` would decide.
-TEST_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on"}
+# The tests follow iris rows through the replicas' cache, so it is on whatever `auto`
+# would decide; and they send the same body again and again to see the replicas answer
+# it, so nginx's L1 micro-cache (which would answer the repeats) is off. The L1 has its
+# own tests, with the default on: tests/integration/test_l1_cache.py.
+TEST_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on", "BALANCER_L1_CACHE": "off"}
 
 StartCluster = Callable[..., Cluster]
 

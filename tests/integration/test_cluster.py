@@ -17,7 +17,7 @@ from requests.adapters import HTTPAdapter
 from balancer.render import BalancerSettings, size_bytes
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
-from localcluster import port_free
+from localcluster import free_port, port_free
 from localcluster.processes import children
 from tests.support import ROOT, VENV_BIN, dropped_by, wait_until
 
@@ -324,6 +324,16 @@ def test_h2load_scenario_writes_output_and_percentiles(cluster, tmp_path):
     assert "400 succeeded" in (tmp_path / "h2load.txt").read_text()
     assert len((tmp_path / "requests.log").read_text().splitlines()) == 400
     assert "latency ms: p50" in result.stdout
+
+
+def test_h2load_scenario_fails_loudly_when_every_request_fails(tmp_path):
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        ["loadtest/h2load.sh", "healthz", "--url", nobody, "-n", "20", "-c", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "all 20 requests failed" in result.stderr, result.stdout + result.stderr
+    assert "nan" not in result.stdout
 
 
 @pytest.mark.parametrize(("min_rps", "exit_code"), [(1, 0), (10**9, 1)])

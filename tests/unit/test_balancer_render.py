@@ -95,3 +95,29 @@ def test_nginx_sizes_in_bytes():
     from balancer.render import size_bytes
 
     assert [size_bytes(s) for s in ("1m", "512k", "4096", "2G")] == [1048576, 524288, 4096, 2 * 1024**3]
+
+
+@pytest.mark.parametrize("limit", [0, 7, 10, 99, 100, 1000, 4096, 12288])
+def test_the_l1_body_limit_regex_matches_exactly_0_to_the_limit_in_python_and_in_sh(limit):
+    import re
+    import subprocess
+
+    from balancer.render import ENVSH, at_most_regex
+
+    pattern = re.compile(at_most_regex(limit))
+    assert all(pattern.match(str(n)) for n in range(limit + 1))
+    assert not any(pattern.match(str(n)) for n in range(limit + 1, 10 * limit + 20))
+    script = ENVSH.read_text()
+    function = script[script.index("balancer_at_most() {") : script.index("\n}\n", script.index("balancer_at_most"))]
+    shell = subprocess.run(["sh", "-c", f'{function}\n}}\nbalancer_at_most "$1"', "sh", str(limit)],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert shell.stdout == at_most_regex(limit)
+
+
+def test_the_l1_can_be_turned_off_and_refuses_bodies_its_key_cannot_hold():
+    from balancer.render import BalancerSettings, RenderError, render
+
+    assert "proxy_cache off;" in render(BalancerSettings(l1_cache="off"))
+    assert "proxy_cache l1;" in render(BalancerSettings())
+    with pytest.raises(RenderError, match="BALANCER_L1_MAX_BODY_BYTES"):
+        render(BalancerSettings(l1_max_body_bytes="20000"))

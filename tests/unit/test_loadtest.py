@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import report
+from loadtest import bench, report
 from loadtest.generators import write_wrk_payloads
 from loadtest.parsers import (
     parse_h2load,
@@ -105,3 +105,61 @@ def test_report_builds_from_captured_results(tmp_path):
     page = paths["html"].read_text()
     assert page.count("data:image/png;base64,") == 4 and "http" not in page.split("<body>")[0]
     assert raw["environment"]["git_sha"][:7] in page
+
+
+def test_h2load_summaries_in_every_time_unit():
+    from loadtest.parsers import parse_h2load
+
+    counts = "requests: 20 total, 0 started, 0 done, 0 succeeded, 20 failed, 20 errored, 0 timeout\n"
+    counts += "status codes: 0 2xx, 0 3xx, 0 4xx, 0 5xx\n"
+    for line, seconds in (("783us", 0.000783), ("3.73ms", 0.00373), ("2.5s", 2.5)):
+        parsed = parse_h2load(f"finished in {line}, 0.00 req/s, 0B/s\n{counts}")
+        assert abs(parsed["seconds"] - seconds) < 1e-9 and parsed["errored"] == 20
+
+
+def test_disturbed_points_are_marked_and_their_targets_unsure(tmp_path):
+    raw = json.loads((FIXTURES / "results.json").read_text())
+    shaken = raw["points"][0]
+    shaken["disturbance"] = {"other_cores": 0.93, "steal_cores": 0.0, "threshold_cores": 0.1, "disturbed": True}
+    for point in raw["points"][1:]:
+        point["disturbance"] = {"other_cores": 0.01, "steal_cores": 0.0, "threshold_cores": 0.1, "disturbed": False}
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    markdown = report.build(tmp_path)["md"].read_text()
+    assert f"1 of {len(raw['points']) + len(raw['h2load'])} measurements" in markdown and "0.93 cores" in markdown
+    every_point = markdown.split("## Every point")[1].split("##")[0]
+    assert every_point.split("\n\n")[1].count("⚠") == 1 and "0.93 ⚠" in every_point
+    target = {"target": "t", "measured": 2.0, "goal": 1.8, "at_least": True, "met": True}
+    assert report.verdict(target) == "MET" and report.verdict({**target, "disturbed": True}) == "UNSURE"
+    assert bench.print_targets([{**target, "disturbed": True}]).startswith("UNSURE")
+
+
+def test_a_plot_of_one_x_value_is_a_table(tmp_path):
+    point = {"rps": 1234.0, "disturbance": {"disturbed": False}}
+    blocks = report._figure(tmp_path, "x.png", "Throughput vs replicas", "replicas", "requests/s", "caption",
+                            [("iris, 100% hits", [2], [1234.0], "-", [point])])  # fmt: skip
+    assert [b[0] for b in blocks] == ["p", "table"] and blocks[1][2] == [["iris, 100% hits", "2", "1,234"]]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_targets_take_the_median_of_rounds_and_show_the_spread():
+    def point(kind: str, model: str, hit: float, rps: float, round_no: int, disturbed: bool = False) -> dict:
+        return {"kind": kind, "model": model, "hit_ratio": hit, "concurrency": 32, "rps": rps, "p50_ms": 10.0,
+                "p99_ms": 20.0, "round": round_no, "disturbance": {"disturbed": disturbed},
+                "cpu_ms_per_request": {"replica-1": 0.2, "replica-2": 0.2, "nginx": 0.1}}  # fmt: skip
+
+    points = []
+    for round_no, ours in enumerate((2100.0, 1500.0, 2400.0)):
+        points += [point("cluster", "iris", 0.0, ours, round_no), point("baseline", "iris", 0.0, 1000.0, round_no)]
+    h2load = [
+        {"kind": k, "rps": rps, "round": r} for r in range(3) for k, rps in (("cluster", 30000.0), ("baseline", 1000.0))
+    ]
+    targets = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
+    misses = targets["iris, all misses: req/s vs baseline"]
+    assert (misses["measured"], misses["min"], misses["max"], misses["runs"]) == (2.1, 1.5, 2.4, 3)
+    assert misses["met"] and not misses["disturbed"]
+    assert targets["hot iris row through the L1 (h2load): req/s vs baseline"]["measured"] == 30.0
+    assert targets["iris, all misses: replica CPU ms per request"]["measured"] == pytest.approx(0.4)
+    points[0]["disturbance"]["disturbed"] = True
+    shaken = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
+    assert report.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
+    assert "[1.50–2.40, 3 runs]" in bench.print_targets(list(targets.values()))

@@ -1,0 +1,155 @@
+"""nginx's L1 micro-cache on a real local cluster, with its defaults on: it answers a
+repeated prediction itself, and never one request's answer for another's."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+
+import pytest
+import requests
+from requests.adapters import HTTPAdapter
+
+from balancer.render import BalancerSettings
+from tests.support import access_log, wait_until
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 2
+MAX_BODY = int(BalancerSettings().l1_max_body_bytes)
+V1 = "/v1/models/iris:predict"
+
+
+@pytest.fixture(scope="module")
+def cluster(start_cluster):
+    return start_cluster(
+        2,
+        BALANCER_L1_CACHE="on",
+        BALANCER_L1_TTL_S=str(TTL_S),
+        # 127.0.0.1 (these tests) is not limited; 127.0.0.2 is an ordinary client.
+        BALANCER_RATE_LIMIT_EXEMPT="127.0.0.1/32",
+        BALANCER_RATE_LIMIT="5r/s",
+        BALANCER_RATE_LIMIT_BURST="5",
+    )
+
+
+def post(
+    cluster, path: str, body: bytes, headers: dict[str, str | None] | None = None, session=None
+) -> requests.Response:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return (session or requests).post(f"{cluster.url}{path}", data=body, headers=headers, timeout=30)
+
+
+def fresh(cluster, path: str, body: bytes, headers: dict[str, str | None] | None = None) -> requests.Response:
+    """The replicas' own answer: `Cache-Control: no-cache` passes the L1 by."""
+    answer = post(cluster, path, body, {**(headers or {}), "Cache-Control": "no-cache"})
+    assert answer.headers["X-L1-Cache"] == "BYPASS"
+    return answer
+
+
+def rows_body(*rows: list[float], pad_to: int = 0) -> bytes:
+    body = json.dumps({"instances": list(rows)}).encode()
+    return body[:-1] + b" " * max(0, pad_to - len(body)) + b"}"
+
+
+def log_of(cluster) -> list[dict]:
+    return access_log(cluster.run_dir / "logs" / "access.log")
+
+
+def test_a_repeat_is_answered_by_nginx_with_the_replicas_answer(cluster):
+    body = rows_body([5.0, 3.1, 1.5, 0.25])
+    first, second = post(cluster, V1, body), post(cluster, V1, body)
+    assert (first.headers["X-L1-Cache"], second.headers["X-L1-Cache"]) == ("MISS", "HIT")
+    assert second.content == first.content == fresh(cluster, V1, body).content
+    assert second.headers["X-Request-ID"] != first.headers["X-Request-ID"], "each answer has its own request id"
+
+
+def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(cluster):
+    body = rows_body([6.1, 2.9, 4.7, 1.4])
+    other_row = rows_body([6.3, 3.3, 6.0, 2.5])
+    cases = {
+        "the body": (V1, other_row, {}),
+        "a version path": ("/v1/models/iris/versions/1:predict", body, {}),
+        "the V2 route": ("/v2/models/iris/infer", body, {}),
+        "no Content-Type": (V1, body, {"Content-Type": None}),
+        "a compressed body": (V1, gzip.compress(body), {"Content-Encoding": "gzip"}),
+    }
+    post(cluster, V1, body)
+    assert post(cluster, V1, body).headers["X-L1-Cache"] == "HIT"
+    for name, (path, data, headers) in cases.items():
+        answer = post(cluster, path, data, headers)
+        assert answer.headers.get("X-L1-Cache") in ("MISS", "BYPASS"), (name, answer.headers)
+        assert answer.content == fresh(cluster, path, data, headers).content, name
+    # The same bytes on the same route from one more client: a hit, the first answer.
+    assert post(cluster, V1, body).content == fresh(cluster, V1, body).content
+
+
+def test_bodies_up_to_the_limit_are_cached_and_larger_ones_pass_through(cluster):
+    at_limit = rows_body([4.4, 2.9, 1.4, 0.2], pad_to=MAX_BODY)
+    over = rows_body([4.4, 2.9, 1.4, 0.2], pad_to=MAX_BODY + 1)
+    assert (len(at_limit), len(over)) == (MAX_BODY, MAX_BODY + 1)
+    assert [post(cluster, V1, at_limit).headers["X-L1-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    assert [post(cluster, V1, over).headers["X-L1-Cache"] for _ in range(2)] == ["BYPASS", "BYPASS"]
+    # Large bodies (nginx may buffer them to a file, where they have no key) each get their own answer.
+    big = [rows_body(*[[float(i), float(j), 1.0, 0.5] for j in range(400)]) for i in range(2)]
+    answers = [post(cluster, V1, b) for b in big * 2]
+    assert all(a.headers["X-L1-Cache"] == "BYPASS" for a in answers)
+    assert answers[0].content == answers[2].content != answers[1].content == answers[3].content
+
+
+def test_errors_are_never_cached(cluster):
+    wrong_width = rows_body([1.0, 2.0, 3.0])
+    answers = [post(cluster, V1, wrong_width) for _ in range(3)]
+    assert [a.status_code for a in answers] == [400] * 3
+    assert all(a.headers["X-L1-Cache"] == "MISS" for a in answers), "each one reached a replica"
+
+
+def test_answers_expire_after_the_ttl(cluster):
+    body = rows_body([5.5, 2.5, 4.0, 1.3])
+    assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    time.sleep(TTL_S + 1)
+    # EXPIRED, or MISS if nginx's cache manager has removed the entry already.
+    assert post(cluster, V1, body).headers["X-L1-Cache"] in ("EXPIRED", "MISS")
+    assert post(cluster, V1, body).headers["X-L1-Cache"] == "HIT"
+
+
+def test_identical_concurrent_misses_send_one_request_to_a_replica(cluster):
+    # digits' predict takes tens of ms: the 16 requests arrive while the first is computed.
+    body = json.dumps({"instances": [[float((i * 5 + j) % 17) for j in range(64)] for i in range(8)]}).encode()
+    path = "/v1/models/digits:predict"
+    mark = len(log_of(cluster))
+    barrier, answers = threading.Barrier(16), []
+
+    def one() -> None:
+        barrier.wait()
+        answers.append(post(cluster, path, body))
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == 16 and {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    # nginx writes a line just after the answer: wait for all 16.
+    lines = wait_until(lambda: (found := [ln for ln in log_of(cluster)[mark:] if ln["uri"] == path]) and
+                       len(found) == 16 and found, 10, "16 access-log lines")  # fmt: skip
+    upstream = [line for line in lines if line["upstream_addr"]]
+    assert len(upstream) == 1, [(line["l1"], line["upstream_addr"]) for line in lines]
+
+
+def test_a_rate_limited_client_is_limited_for_cached_answers_too(cluster):
+    body = rows_body([5.9, 3.0, 5.1, 1.8])
+    post(cluster, V1, body)  # cached, by an unlimited client
+
+    class FromOtherClient(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            kwargs["source_address"] = ("127.0.0.2", 0)
+            return super().init_poolmanager(*args, **kwargs)
+
+    with requests.Session() as session:
+        session.mount("http://", FromOtherClient())
+        statuses = [post(cluster, V1, body, session=session).status_code for _ in range(30)]
+    assert statuses.count(200) <= 5 + 1 + 2 and statuses.count(429) >= 20, statuses
