@@ -84,6 +84,8 @@ class BalancerSettings:
     l1_max_body_bytes: str = _setting(
         "4096", "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through."
     )
+    l1_min_uses: str = _setting("2", "Requests for the same key before the L1 stores the answer: 1 stores every "
+                                "answer (a file write each, even for requests never repeated).")
     l1_size: str = _setting("64m", "Most disk (tmpfs in containers) the L1's answers take.")
     l1_lock_timeout_ms: str = _setting(
         "1000", "Identical misses wait this long for the first one's answer before going to a replica themselves."

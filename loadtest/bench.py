@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in chosen.items() if v is not None}
     plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline,
                    "disturbance_cores": args.disturbance_cores, "wait_quiet_s": args.wait_quiet})  # fmt: skip
-    out = args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    # Absolute: nginx and gunicorn of the baseline run with their own working directories.
+    out = (args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     cluster = Cluster(ROOT / setting(os.environ, "CLUSTER_RUN_DIR"))

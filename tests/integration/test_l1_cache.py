@@ -1,5 +1,7 @@
 """nginx's L1 micro-cache on a real local cluster, with its defaults on: it answers a
-repeated prediction itself, and never one request's answer for another's."""
+repeated prediction itself, and never one request's answer for another's. It stores an
+answer from the second request for a key on (BALANCER_L1_MIN_USES=2), so a first
+repeat is still a MISS."""
 
 from __future__ import annotations
 
@@ -60,10 +62,10 @@ def log_of(cluster) -> list[dict]:
 
 def test_a_repeat_is_answered_by_nginx_with_the_replicas_answer(cluster):
     body = rows_body([5.0, 3.1, 1.5, 0.25])
-    first, second = post(cluster, V1, body), post(cluster, V1, body)
-    assert (first.headers["X-L1-Cache"], second.headers["X-L1-Cache"]) == ("MISS", "HIT")
-    assert second.content == first.content == fresh(cluster, V1, body).content
-    assert second.headers["X-Request-ID"] != first.headers["X-Request-ID"], "each answer has its own request id"
+    first, second, third = (post(cluster, V1, body) for _ in range(3))
+    assert [a.headers["X-L1-Cache"] for a in (first, second, third)] == ["MISS", "MISS", "HIT"]
+    assert third.content == first.content == fresh(cluster, V1, body).content
+    assert third.headers["X-Request-ID"] != second.headers["X-Request-ID"], "each answer has its own request id"
 
 
 def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(cluster):
@@ -76,7 +78,7 @@ def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(clu
         "no Content-Type": (V1, body, {"Content-Type": None}),
         "a compressed body": (V1, gzip.compress(body), {"Content-Encoding": "gzip"}),
     }
-    post(cluster, V1, body)
+    post(cluster, V1, body), post(cluster, V1, body)
     assert post(cluster, V1, body).headers["X-L1-Cache"] == "HIT"
     for name, (path, data, headers) in cases.items():
         answer = post(cluster, path, data, headers)
@@ -90,8 +92,8 @@ def test_bodies_up_to_the_limit_are_cached_and_larger_ones_pass_through(cluster)
     at_limit = rows_body([4.4, 2.9, 1.4, 0.2], pad_to=MAX_BODY)
     over = rows_body([4.4, 2.9, 1.4, 0.2], pad_to=MAX_BODY + 1)
     assert (len(at_limit), len(over)) == (MAX_BODY, MAX_BODY + 1)
-    assert [post(cluster, V1, at_limit).headers["X-L1-Cache"] for _ in range(2)] == ["MISS", "HIT"]
-    assert [post(cluster, V1, over).headers["X-L1-Cache"] for _ in range(2)] == ["BYPASS", "BYPASS"]
+    assert [post(cluster, V1, at_limit).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
+    assert [post(cluster, V1, over).headers["X-L1-Cache"] for _ in range(3)] == ["BYPASS"] * 3
     # Large bodies (nginx may buffer them to a file, where they have no key) each get their own answer.
     big = [rows_body(*[[float(i), float(j), 1.0, 0.5] for j in range(400)]) for i in range(2)]
     answers = [post(cluster, V1, b) for b in big * 2]
@@ -108,11 +110,11 @@ def test_errors_are_never_cached(cluster):
 
 def test_answers_expire_after_the_ttl(cluster):
     body = rows_body([5.5, 2.5, 4.0, 1.3])
-    assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
     time.sleep(TTL_S + 1)
     # EXPIRED, or MISS if nginx's cache manager has removed the entry already.
     assert post(cluster, V1, body).headers["X-L1-Cache"] in ("EXPIRED", "MISS")
-    assert post(cluster, V1, body).headers["X-L1-Cache"] == "HIT"
+    assert post(cluster, V1, body).headers["X-L1-Cache"] in ("HIT", "MISS")  # MISS: counted again from 1
 
 
 def test_identical_concurrent_misses_send_one_request_to_a_replica(cluster):
@@ -136,13 +138,15 @@ def test_identical_concurrent_misses_send_one_request_to_a_replica(cluster):
     # nginx writes a line just after the answer: wait for all 16.
     lines = wait_until(lambda: (found := [ln for ln in log_of(cluster)[mark:] if ln["uri"] == path]) and
                        len(found) == 16 and found, 10, "16 access-log lines")  # fmt: skip
+    # The first request is the key's first use (not stored); of the rest, one goes upstream
+    # while the others wait for its answer.
     upstream = [line for line in lines if line["upstream_addr"]]
-    assert len(upstream) == 1, [(line["l1"], line["upstream_addr"]) for line in lines]
+    assert len(upstream) <= 2, [(line["l1"], line["upstream_addr"]) for line in lines]
 
 
 def test_a_rate_limited_client_is_limited_for_cached_answers_too(cluster):
     body = rows_body([5.9, 3.0, 5.1, 1.8])
-    post(cluster, V1, body)  # cached, by an unlimited client
+    post(cluster, V1, body), post(cluster, V1, body)  # cached, by an unlimited client
 
     class FromOtherClient(HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
