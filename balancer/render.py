@@ -79,16 +79,23 @@ class BalancerSettings:
         "itself for BALANCER_L1_TTL_S; off: every request reaches a replica.",
     )
     l1_ttl_s: str = _setting(
-        "5", "How long the L1 keeps a 200 answer: a new model version under an unversioned path is served within it."
+        "5",
+        "How long the L1 keeps a 200 answer fresh (an expired one is served while one request refreshes it): a "
+        "new model version under an unversioned path shows within it.",
     )
     l1_max_body_bytes: str = _setting(
         "4096", "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through."
     )
-    l1_min_uses: str = _setting("2", "Requests for the same key before the L1 stores the answer: 1 stores every "
-                                "answer (a file write each, even for requests never repeated).")
+    l1_min_uses: str = _setting(
+        "2",
+        "Requests for the same key before the L1 stores the answer: 1 stores every "
+        "answer (a file write each, even for requests never repeated).",
+    )
     l1_size: str = _setting("64m", "Most disk (tmpfs in containers) the L1's answers take.")
     l1_lock_timeout_ms: str = _setting(
-        "1000", "Identical misses wait this long for the first one's answer before going to a replica themselves."
+        "50",
+        "Identical concurrent misses wait this long for the first one's answer (nginx looks once, at the end) "
+        "before going to a replica themselves.",
     )
     pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
     error_log: str = _setting("stderr", "nginx error log.")
