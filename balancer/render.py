@@ -49,7 +49,11 @@ class BalancerSettings:
     )
     max_fails: str = _setting("2", "Failures within fail_timeout that take a replica out of rotation.")
     fail_timeout_s: str = _setting("5", "How long a failed replica stays out before nginx tries it again.")
-    next_upstream_tries: str = _setting("3", "Most replicas one request is tried on.")
+    next_upstream_tries: str = _setting(
+        "0",
+        "Most replicas one request is tried on; 0: as many as answer within BALANCER_NEXT_UPSTREAM_TIMEOUT_S "
+        "(several replicas stopping at once each refuse with a 503 while they drain).",
+    )
     next_upstream_timeout_s: str = _setting("15", "Most time spent trying replicas for one request.")
     proxy_connect_timeout_ms: str = _setting("500", "Connecting to a replica (loopback/LAN: fast or dead).")
     proxy_read_timeout_s: str = _setting("10", "Longest wait for a replica's answer before trying the next.")

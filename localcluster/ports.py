@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def port_free(port: int) -> bool:
@@ -24,6 +26,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks as a connection's source port."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_block(count: int, taken: set[int]) -> int:
+    """The first port of `count` consecutive free ones between 10000 and the ephemeral range."""
+    low, high = 10000, _ephemeral_low() - count
+    rng = random.SystemRandom()
+    for _ in range(2000):
+        base = rng.randrange(low, max(high, low + 1))
+        block = range(base, base + count)
+        if not any(p in taken for p in block) and all(port_free(p) for p in block):
+            return base
+    raise RuntimeError(f"no {count} free consecutive ports between {low} and {high + count}")
+
+
 @dataclass(frozen=True)
 class Ports:
     """Where each component listens; replicas take `replica_base`, `replica_base + 1`, ..."""
@@ -36,21 +58,20 @@ class Ports:
 
     @classmethod
     def auto(cls, slots: int) -> Ports:
-        """Free ports for everything, and a block of `slots` free ones for the replicas."""
+        """Free ports for everything, and a block of `slots` free ones for the replicas, all
+        below the kernel's ephemeral range. nginx connects to empty replica slots (and the
+        replicas to a stopped Redis): to a port in that range the kernel may pick the same
+        port as the source, and the socket connects to itself (TCP simultaneous open) and
+        reads back its own request ("upstream sent no valid HTTP/1.0 header", seen here)."""
         taken: set[int] = set()
 
-        def pick() -> int:
-            port = free_port()
-            while port in taken:
-                port = free_port()
-            taken.add(port)
-            return port
+        def pick(count: int) -> int:
+            base = _free_block(count, taken)
+            taken.update(range(base, base + count))
+            return base
 
-        balancer, status, internal, redis = pick(), pick(), pick(), pick()
-        base = free_port()
-        while base + slots > 65535 or any(p in taken or not port_free(p) for p in range(base, base + slots)):
-            base = free_port()
-        return cls(balancer, status, internal, redis, base)
+        balancer, status, internal, redis = pick(1), pick(1), pick(1), pick(1)
+        return cls(balancer, status, internal, redis, pick(slots))
 
     @classmethod
     def from_balancer_port(cls, port: int) -> Ports:

@@ -98,9 +98,15 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
         cluster.stop()
     measured = {name: [*raw["points"], *raw["h2load"]] for name, raw in (("quiet", quiet), ("noisy", noisy))}
     print({name: [m["disturbance"] for m in ms] for name, ms in measured.items()})
-    assert not any(m["disturbance"]["disturbed"] for m in measured["quiet"]), measured["quiet"]
+    # Processes: nothing else ran beside the quiet run. Steal time is the hypervisor's (this
+    # shared VM showed up to 0.56 cores of it): a point is disturbed by it, whatever we do.
+    threshold = quiet["points"][0]["disturbance"]["threshold_cores"]
+    for m in measured["quiet"]:
+        found = m["disturbance"]
+        assert found["other_cores"] <= threshold and found["disturbed"] == (found["steal_cores"] > threshold), found
     assert all(m["disturbance"]["disturbed"] for m in measured["noisy"])
     assert all(m["disturbance"]["other_cores"] > 0.5 for m in measured["noisy"]), "about one core: the burner"
     assert "other processes keep" in noisy_run.stderr, "warned before measuring"
     assert "Do not trust this report" in (tmp_path / "noisy" / "report.md").read_text()
-    assert "Do not trust" not in (tmp_path / "quiet" / "report.md").read_text()
+    quiet_report = (tmp_path / "quiet" / "report.md").read_text()
+    assert ("Do not trust" in quiet_report) == any(m["disturbance"]["disturbed"] for m in measured["quiet"])
