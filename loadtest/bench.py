@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from loadtest.parsers import (
     summarize_access_log,
 )
 from loadtest.payloads import Mix, pool_row
-from loadtest.procstat import busy_cores, disturbance, machine_cpu_seconds, memory, own_cpu_seconds, snapshot
+from loadtest.procstat import busy_cores, memory, snapshot, watching
 from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
@@ -190,17 +189,9 @@ class Sweep:
             "command": self.commands[-1],
         }  # fmt: skip
 
-    @contextlib.contextmanager
-    def watching(self, components: dict[str, int]) -> Iterator[dict[str, Any]]:
-        """Fills the yielded dict with the disturbance (procstat.disturbance) of the block:
-        CPU the machine spent beyond this process, its children and `components`."""
-        found: dict[str, Any] = {}
-        own, machine, known, wall = own_cpu_seconds(), machine_cpu_seconds(), snapshot(components), time.monotonic()
-        yield found
-        known_after = snapshot(components)
-        known_cpu_s = own_cpu_seconds() - own + sum(known_after.get(n, 0.0) - known[n] for n in known)
-        found.update(disturbance(machine, machine_cpu_seconds(), known_cpu_s, time.monotonic() - wall,
-                                 self.plan.disturbance_cores))  # fmt: skip
+    def watching(self, components: dict[str, int]) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """procstat.watching at this plan's threshold."""
+        return watching(components, self.plan.disturbance_cores)
 
     def wait_until_quiet(self, components: dict[str, int]) -> None:
         """Before measuring: sample the machine for a few seconds; warn if others keep it

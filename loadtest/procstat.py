@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +106,21 @@ def own_cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+@contextlib.contextmanager
+def watching(components: dict[str, int], threshold_cores: float) -> Iterator[dict[str, Any]]:
+    """Fills the yielded dict with the block's disturbance (see `disturbance`): CPU the
+    machine spent beyond this process, its children and the `components` trees."""
+    found: dict[str, Any] = {}
+    own, machine, known, wall = own_cpu_seconds(), machine_cpu_seconds(), snapshot(components), time.monotonic()
+    yield found
+    known_after = snapshot(components)
+    known_cpu_s = own_cpu_seconds() - own + sum(known_after.get(n, 0.0) - known[n] for n in known)
+    found.update(disturbance(machine, machine_cpu_seconds(), known_cpu_s, time.monotonic() - wall, threshold_cores))
+
+
 def busy_cores(seconds: float, components: dict[str, int] | None = None) -> float:
     """Cores the rest of the machine (not this process, its children or `components`)
     keeps busy, sampled over `seconds`."""
-    import time
-
-    components = components or {}
-
-    def known() -> float:
-        return own_cpu_seconds() + sum(snapshot(components).values())
-
-    machine, known_before, started = machine_cpu_seconds(), known(), time.monotonic()
-    time.sleep(seconds)
-    known_s, wall_s = known() - known_before, time.monotonic() - started
-    return float(disturbance(machine, machine_cpu_seconds(), known_s, wall_s, 0.0)["other_cores"])
+    with watching(components or {}, 0.0) as found:
+        time.sleep(seconds)
+    return float(found["other_cores"])

@@ -101,13 +101,16 @@ class GracefulGeventWorker(GeventWorker):
         finally:
             self._idle.discard(current)
 
+    def _state(self) -> Any:
+        """The app's ServiceState; None while the app is still loading (no self.wsgi yet)."""
+        return getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: /readyz turns 503 and every response says `Connection: close`, so the
         balancer stops reusing connections to this replica; serve on for the drain delay,
         then stop accepting (gunicorn) and close the connections still idle (here);
         in-flight requests finish."""
-        # The signal may arrive while the app is still loading (no self.wsgi yet).
-        state = getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
+        state = self._state()
         delay = 0.0
         if state is not None:
             state.draining = True
@@ -130,7 +133,7 @@ class GracefulGeventWorker(GeventWorker):
         CLOSING_MAX_S). nginx retries each elsewhere and, after max_fails of them, stops
         choosing this replica: when the listening socket closes next, no connection sits
         in its accept queue (the kernel resets those, with the request already sent)."""
-        state = getattr(getattr(self, "wsgi", None), "extensions", {}).get("prediction")
+        state = self._state()
         if state is None:
             return
         state.closing = True

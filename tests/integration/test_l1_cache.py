@@ -12,10 +12,9 @@ import time
 
 import pytest
 import requests
-from requests.adapters import HTTPAdapter
 
 from balancer.render import BalancerSettings
-from tests.support import access_log, wait_until
+from tests.support import SourceAddressAdapter, access_log, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -152,12 +151,7 @@ def test_a_rate_limited_client_is_limited_for_cached_answers_too(cluster):
     body = rows_body([5.9, 3.0, 5.1, 1.8])
     post(cluster, V1, body), post(cluster, V1, body)  # cached, by an unlimited client
 
-    class FromOtherClient(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            kwargs["source_address"] = ("127.0.0.2", 0)
-            return super().init_poolmanager(*args, **kwargs)
-
     with requests.Session() as session:
-        session.mount("http://", FromOtherClient())
+        session.mount("http://", SourceAddressAdapter("127.0.0.2"))
         statuses = [post(cluster, V1, body, session=session).status_code for _ in range(30)]
     assert statuses.count(200) <= 5 + 1 + 2 and statuses.count(429) >= 20, statuses
