@@ -42,6 +42,7 @@ from loadtest.procstat import busy_cores, memory, snapshot, watching
 from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
+from localcluster.redis_topology import TOPOLOGIES
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +67,9 @@ class Plan:
     wait_quiet_s: float = 0.0
     # Rounds of the whole plan, cluster and baseline interleaved in each (bench-targets: 3).
     rounds: int = 1
+    # Redis topologies (localcluster.redis_topology) to compare the cache points on, each in
+    # a cluster of its own, at the most replicas and the headline concurrency.
+    redis_topologies: tuple[str, ...] = ()
 
     @property
     def headline_concurrency(self) -> int:
@@ -114,6 +118,7 @@ class Sweep:
         self.total = len(plan.replicas) * len(plan.concurrency) * len(plan.hit_ratios) * len(plan.models)
         if plan.baseline:
             self.total += len(plan.concurrency) * len(plan.models)
+        self.total += len(plan.redis_topologies) * len(plan.models) * len(plan.hit_ratios)
         self.total *= plan.rounds
         self.round = 0
         (out / "raw").mkdir(parents=True, exist_ok=True)
@@ -229,6 +234,7 @@ class Sweep:
 
     def run_cluster(self) -> None:
         """Every replicas × concurrency × hit ratio × model point."""
+        topology = self.cluster.status().redis_topology
         for replicas in self.plan.replicas:
             self.progress(f"scaling the cluster to {replicas} replica(s)")
             self.cluster.scale(replicas)
@@ -238,8 +244,9 @@ class Sweep:
                 for hit_ratio in self.plan.hit_ratios:
                     for concurrency in self.plan.concurrency:
                         self.progress(f"cluster: {replicas} replica(s), c={concurrency}, hits {hit_ratio:.0%}, {model}")
-                        self.points.append(self.measure("cluster", url, pids, access_log, status_url, replicas,
-                                                        concurrency, hit_ratio, model))  # fmt: skip
+                        point = self.measure("cluster", url, pids, access_log, status_url, replicas, concurrency,
+                                             hit_ratio, model)  # fmt: skip
+                        self.points.append({**point, "redis": topology})
                         self.done += 1
 
     def _wait_for_spread(self, replicas: int) -> None:
@@ -312,6 +319,32 @@ class Sweep:
         mix = re.search(r"X-Cache mix: (\{.*\})", result.stdout + result.stderr)
         return {"users": users, "exit_code": result.returncode, "rows": rows, "cache_mix": mix.group(1) if mix else "",
                 "command": " ".join(argv)}  # fmt: skip
+
+
+# The topology comparison measures the replicas' result cache: cached for every model, and
+# no L1 in front of it (it would answer the repeated hits itself).
+TOPOLOGY_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on", "BALANCER_L1_CACHE": "off"}
+
+
+def run_on_topology(sweep: Sweep, topology: str) -> None:
+    """The cache points (every model and hit ratio, the most replicas, the headline
+    concurrency) on a cluster of their own whose result cache runs on `topology`."""
+    replicas, concurrency = max(sweep.plan.replicas), sweep.plan.headline_concurrency
+    environ = {**sweep.cluster.environ, **TOPOLOGY_ENVIRONMENT, "CLUSTER_REDIS_TOPOLOGY": topology}
+    other = Cluster(sweep.out / f"redis-{topology}-run-{sweep.round + 1}", environ)
+    sweep.progress(f"starting a cluster on Redis {topology}")
+    other.start(replicas, Ports.auto(DEFAULT_SLOTS), redis=topology)
+    try:
+        url, pids, access_log, status_url = sweep.cluster_components(other)
+        for model in sweep.plan.models:
+            for hit_ratio in sweep.plan.hit_ratios:
+                sweep.progress(f"cache on Redis {topology}: c={concurrency}, hits {hit_ratio:.0%}, {model}")
+                point = sweep.measure(f"cache on Redis {topology}", url, pids, access_log, status_url, replicas,
+                                      concurrency, hit_ratio, model)  # fmt: skip
+                sweep.points.append({**point, "redis": topology})
+                sweep.done += 1
+    finally:
+        other.stop()
 
 
 def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency: int, replicas: int) -> None:
@@ -443,6 +476,7 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
         "per_replica": {name: {k: v for k, v in r.items() if k not in common} for name, r in replicas.items()},
         "nginx_conf": "raw/nginx.conf",
         "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)],
+        "redis_topology": cluster.status().redis_topology,
     }
 
 
@@ -506,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="run the whole plan this many times, cluster and baseline "
                         "interleaved in each; targets take the median (default 1; bench-targets 3)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
+    parser.add_argument("--redis", type=lambda s: tuple(t for t in s.split(",") if t), metavar="TOPOLOGIES",
+                        help="also compare the cache points on these Redis topologies (single, cluster, sentinel), "
+                        "each in a cluster of its own with the cache on and no L1, in the same rounds; ratios are "
+                        "against the first: e.g. --redis single,cluster")  # fmt: skip
     parser.add_argument(
         "--targets",
         action="store_true",
@@ -533,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(replicas=(os.cpu_count() or 2,), concurrency=(32,), hit_ratios=(0.0, 1.0),
                     models=("iris", "digits"), seconds=8.0, locust_seconds=0.0, rounds=3)  # fmt: skip
     chosen = {"replicas": args.replicas, "concurrency": args.concurrency, "hit_ratios": args.hit_ratios,
-              "models": args.models, "seconds": args.seconds, "rounds": args.rounds}  # fmt: skip
+              "models": args.models, "seconds": args.seconds, "rounds": args.rounds,
+              "redis_topologies": args.redis}  # fmt: skip
     overrides = {k: v for k, v in chosen.items() if v is not None}
     plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline,
                    "disturbance_cores": args.disturbance_cores, "wait_quiet_s": args.wait_quiet})  # fmt: skip
@@ -541,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    unknown = set(plan.redis_topologies) - set(TOPOLOGIES)
+    if unknown:
+        parser.error(f"--redis: unknown topology {', '.join(sorted(unknown))}; one of {', '.join(TOPOLOGIES)}")
     cluster = Cluster(ROOT / setting(os.environ, "CLUSTER_RUN_DIR"))
     reused = cluster.status().healthy
     before = cluster.status().replicas if reused else None
@@ -559,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep.run_cluster()
             if round_no == 0:
                 ran = what_ran(cluster, out)
+            for topology in plan.redis_topologies:
+                run_on_topology(sweep, topology)
             url = str(cluster.status().balancer)
             sweep.progress("h2load: cluster, iris, all hits, c=32")
             sweep.h2load_results.append(sweep.h2load("cluster", url, sweep.cluster_components()[1]))

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import math
+import statistics
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -305,6 +306,44 @@ def _replica_mib(point: dict[str, Any]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def topologies(results: Results) -> list[Block]:
+    """The cache points on each Redis topology; each ratio against the first topology is
+    taken within one round, the median (and spread) over the rounds."""
+    points = [p for p in results.points if p["kind"].startswith("cache on Redis ")]
+    if not points:
+        return []
+    order = list(dict.fromkeys(p["redis"] for p in points))
+    first = order[0]
+    rows = []
+    for model, hit in sorted({(p["model"], p["hit_ratio"]) for p in points}):
+        for topology in order:
+            chosen = [p for p in points if (p["model"], p["hit_ratio"], p["redis"]) == (model, hit, topology)]
+            if not chosen:
+                continue
+            ratios = []
+            for point in chosen:
+                ref = next((r for r in points if (r["model"], r["hit_ratio"], r["redis"], r.get("round", 0))
+                            == (model, hit, first, point.get("round", 0))), None)  # fmt: skip
+                if ref and ref["rps"]:
+                    ratios.append(point["rps"] / ref["rps"])
+            spread = f" [{min(ratios):.2f}–{max(ratios):.2f}]" if len(ratios) > 1 else ""
+            shaken = " ⚠" if any(disturbed(p) for p in chosen) else ""
+            rows.append([model, f"{hit:.0%}", topology + shaken, _fmt(statistics.median(p["rps"] for p in chosen)),
+                         _fmt(statistics.median(p["p50_ms"] for p in chosen), 1),
+                         _fmt(statistics.median(p["p99_ms"] for p in chosen), 1),
+                         " ".join(f"{k}:{v}" for k, v in sorted(chosen[-1]["cache"].items())),
+                         f"{statistics.median(ratios):.2f}×{spread}" if ratios else "–"])  # fmt: skip
+    return [
+        ("h2", f"The result cache on each Redis topology ({points[0]['replicas']} replicas, "
+               f"c={points[0]['concurrency']})"),
+        ("table", ["model", "hits", "Redis", "req/s", "p50 ms", "p99 ms", "X-Cache", f"vs {first}"], rows),
+        ("p", "Each topology ran in a cluster of its own (SERVICE_CACHE_POLICY=on, BALANCER_L1_CACHE=off: the "
+              "replicas' result cache answers every repeat), one after the other in each round; each ratio is "
+              f"taken within one round, the median over {results.plan['rounds']} round(s) with the min–max in "
+              "brackets. X-Cache: the last round's."),
+    ]  # fmt: skip
+
+
 def blocks(results: Results, folder: Path) -> list[Block]:
     """The report's content, rendered to Markdown and HTML alike."""
     env = results.env
@@ -347,6 +386,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                  _fmt(h["max_ms"], 1), str(h["s2xx"]), str(h["failed"] + h["errored"])]
                 for h in results.raw["h2load"]]  # fmt: skip
         out.append(("table", ["set-up", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "2xx", "failed"], rows))
+    out.extend(topologies(results))
     out.append(("h2", "Plots"))
     out.extend(plots(results, folder / "plots"))
     out.append(("h2", "Every point"))

@@ -1,6 +1,6 @@
 """scripts/cluster: the local cluster from the command line.
 
-    scripts/cluster up [--replicas N] [--port P | --ports auto] [...]   start, wait, summarize
+    scripts/cluster up [--replicas N] [--port P | --ports auto] [--redis single|cluster|sentinel] [...]
     scripts/cluster status [--json]                                    each component: pid, port, health
     scripts/cluster scale N                                            add or drain-and-remove replicas
     scripts/cluster restart --rolling                                  one replica at a time
@@ -28,11 +28,12 @@ def print_status(status: Status) -> None:
     if not status.components:
         print(f"nothing running (run dir {status.run_dir})")
         return
-    print(f"{'component':<12} {'pid':>8} {'port':>6}  {'state':<8} health")
+    print(f"{'component':<14} {'pid':>8} {'port':>6}  {'state':<8} health")
     for row in status.components:
         state = "healthy" if row.healthy else "running" if row.running else "stopped"
-        print(f"{row.name:<12} {row.pid:>8} {row.port:>6}  {state:<8} {row.health}")
+        print(f"{row.name:<14} {row.pid:>8} {row.port:>6}  {state:<8} {row.health}")
     print(f"\nbalancer: {status.balancer}   internal: {status.internal}   logs: {status.logs}")
+    print(f"result cache: Redis {status.redis_topology} at {status.redis_url}")
 
 
 def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis-port", type=int, help="Redis port (default 6390)")
     up.add_argument("--replica-base-port", type=int, help="first replica's port (default 8001)")
     up.add_argument("--bind", dest="bind_host", help="balancer address (default 127.0.0.1; 0.0.0.0 for all)")
+    up.add_argument("--redis", choices=["single", "cluster", "sentinel"],
+                    help="the result cache: one server, a Redis Cluster of 3 primaries, or a primary + replica "
+                         "watched by 3 sentinels (default CLUSTER_REDIS_TOPOLOGY, else single)")  # fmt: skip
     status = sub.add_parser("status", help="show each component")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     scale = sub.add_parser("scale", help="change the replica count of a running cluster")
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report.to_dict(), indent=2)) if args.json else print_status(report)
             return 0 if report.healthy or not report.components else 1
         if args.command == "up":
-            print_status(cluster.start(args.replicas, _ports(args, environ), args.bind_host))
+            print_status(cluster.start(args.replicas, _ports(args, environ), args.bind_host, args.redis))
         elif args.command == "scale":
             cluster.scale(args.replicas)
             print(f"scaled to {args.replicas} replica(s)")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from localcluster import redis_topology
 from localcluster.balancer import LocalBalancer
 from localcluster.ports import Ports, port_free
 from localcluster.processes import (
@@ -39,7 +40,15 @@ SETTINGS: dict[str, tuple[str, str]] = {
         str(DEFAULT_SLOTS),
         "Replica ports nginx lists whether or not a replica runs there: scaling within them needs no reload.",
     ),
-    "CLUSTER_REDIS_MAXMEMORY": ("256mb", "Redis `maxmemory`; least recently used results are evicted beyond it."),
+    "CLUSTER_REDIS_TOPOLOGY": (
+        "single",
+        "The result cache's Redis: single (one server), cluster (a Redis Cluster of 3 primaries) or sentinel "
+        "(a primary, a replica and 3 sentinels); `up --redis` says the same.",
+    ),
+    "CLUSTER_REDIS_MAXMEMORY": (
+        "256mb",
+        "Redis `maxmemory` (per server); least recently used results are evicted beyond it.",
+    ),
     "CLUSTER_REDIS_PASSWORD": ("", "Empty: none; else Redis `requirepass`, and the replicas' REDIS_URL carries it."),
     "CLUSTER_NGINX_BIN": ("", "nginx to run instead of the one on PATH (or /usr/sbin)."),
     "CLUSTER_REDIS_BIN": ("", "redis-server to run instead of the one on PATH."),
@@ -84,6 +93,8 @@ class Status:
     internal: str | None  # the internal listener's URL (load generators, /metrics)
     replicas: int
     components: list[ComponentStatus]
+    redis_topology: str = "single"
+    redis_url: str = ""  # what the replicas use, without the password
 
     @property
     def healthy(self) -> bool:
@@ -122,18 +133,27 @@ class Cluster:
         self._nginx_binary: str | None = None
 
     # --- commands -------------------------------------------------------------------------
-    def start(self, replicas: int, ports: Ports | None = None, bind_host: str | None = None) -> Status:
-        """Start what is not running, scale to `replicas`, wait until the balancer answers."""
+    def start(
+        self, replicas: int, ports: Ports | None = None, bind_host: str | None = None, redis: str | None = None
+    ) -> Status:
+        """Start what is not running, scale to `replicas`, wait until the balancer answers.
+        `redis` is the cache's topology (default CLUSTER_REDIS_TOPOLOGY)."""
         if replicas < 1:
             raise ClusterError("--replicas must be at least 1")
+        topology = redis or setting(self.caller_environ, "CLUSTER_REDIS_TOPOLOGY")
+        if topology not in redis_topology.TOPOLOGIES:
+            raise ClusterError(f"unknown Redis topology {topology!r}: one of {', '.join(redis_topology.TOPOLOGIES)}")
         with self.state_file.locked():
             self.state = self.state_file.load()
             if self.state.any_running():
                 if ports is not None and ports.balancer != self.state.ports.balancer:
                     raise ClusterError(f"the cluster already runs on port {self.state.ports.balancer}; stop it first")
+                if redis is not None and redis != self.state.redis_topology:
+                    running = self.state.redis_topology
+                    raise ClusterError(f"the cluster already runs with Redis {running}; stop it first")
             else:
                 self.state = State(ports=ports or self.state.ports, bind_host=bind_host or self.state.bind_host,
-                                   settings=settings_of(self.caller_environ))  # fmt: skip
+                                   settings=settings_of(self.caller_environ), redis_topology=topology)  # fmt: skip
             self._ensure_redis()
             self._scale(replicas)
         return self.status()
@@ -172,8 +192,10 @@ class Cluster:
         """Stop nginx first (no new requests), then the replicas, then Redis; forget the state."""
         with self.state_file.locked():
             self.state = self.state_file.load()
-            order = {"nginx": 0, "replica": 1, "redis": 2}
-            signals = {"nginx": signal.SIGQUIT, "replica": signal.SIGTERM, "redis": signal.SIGTERM}
+            # Sentinels before the servers: no failover while Redis stops.
+            order = {"nginx": 0, "replica": 1, "sentinel": 2, "redis": 3}
+            signals = {"nginx": signal.SIGQUIT, "replica": signal.SIGTERM, "sentinel": signal.SIGTERM,
+                       "redis": signal.SIGTERM}  # fmt: skip
             for component in sorted(self.state.components.values(), key=lambda c: order[c.kind]):
                 self._stop(component, signals[component.kind], 60)
             self.state_file.remove()
@@ -189,9 +211,10 @@ class Cluster:
         rows = []
         for component in sorted(self.state.components.values(), key=lambda c: (c.kind, c.name)):
             running = component.running
-            if component.kind == "redis":
-                healthy = running and redis_ping(component.port, self.redis_password)
-                health = f"redis://127.0.0.1:{component.port}"
+            if component.kind in ("redis", "sentinel"):
+                password = self.redis_password if component.kind == "redis" else ""
+                healthy = running and redis_ping(component.port, password)
+                health = f"{component.kind}://127.0.0.1:{component.port}"
             elif component.kind == "replica":
                 healthy = running and self._replica_ready(component)
                 health = f"http://127.0.0.1:{component.port}/readyz"
@@ -207,6 +230,10 @@ class Cluster:
             internal=f"http://127.0.0.1:{ports.internal}" if rows else None,
             replicas=len(self.state.replicas()),
             components=rows,
+            redis_topology=self.state.redis_topology,
+            redis_url=redis_topology.url(self.state.redis_topology, ports.redis, "***" if self.redis_password else "")
+            if rows
+            else "",
         )
 
     def replica_environments(self) -> dict[str, dict[str, str]]:
@@ -296,30 +323,44 @@ class Cluster:
         wait_until(ready, timeout_s, f"{component.name} on port {component.port} to be ready")
 
     def _ensure_redis(self) -> None:
-        current = self.state.components.get("redis")
-        if current and current.running:
-            return
-        component = Component("redis", "redis", self.state.ports.redis)
+        """Start the topology's servers that are not running; a fresh Redis Cluster is
+        created with redis-cli; wait until the topology serves."""
+        topology = self.state.redis_topology
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            find_binary("redis-server", "CLUSTER_REDIS_BIN", self.environ),
-            "--port", str(component.port),
-            "--bind", "127.0.0.1",  # local mode: never reachable from other hosts
-            "--save", "",  # a result cache: nothing worth writing to disk
-            "--appendonly", "no",
-            "--maxmemory", setting(self.environ, "CLUSTER_REDIS_MAXMEMORY"),
-            "--maxmemory-policy", "allkeys-lru",  # evict the least recently used results when full
-            "--dir", str(data_dir),
-        ]  # fmt: skip
-        if self.redis_password:
-            argv += ["--requirepass", self.redis_password]
-        self._spawn(component, argv)
-        self._check_started(component, lambda: redis_ping(component.port, self.redis_password), 15)
+        maxmemory = setting(self.environ, "CLUSTER_REDIS_MAXMEMORY")
+        servers = redis_topology.servers(topology, self.state.ports.redis, data_dir, maxmemory, self.redis_password)
+        running = {s.name for s in servers if (c := self.state.components.get(s.name)) is not None and c.running}
+        if len(running) == len(servers):
+            return
+        fresh = not running
+        if fresh:  # state files of an earlier cluster would make these nodes join it
+            for stale in [*data_dir.glob("nodes-*.conf"), *data_dir.glob("sentinel-*.conf")]:
+                stale.unlink()
+        binary = find_binary("redis-server", "CLUSTER_REDIS_BIN", self.environ)
+        started = []
+        for server in servers:
+            if server.name in running:
+                continue
+            if server.config and not Path(server.args[0]).exists():
+                Path(server.args[0]).write_text(server.config)
+            component = Component(server.name, server.kind, server.port)
+            self._spawn(component, [binary, *server.args])
+            password = self.redis_password if server.kind == "redis" else ""
+            self._check_started(component, functools.partial(redis_ping, server.port, password), 15)
+            started.append(component)
+        if topology == "cluster" and fresh:
+            cli = Path(binary).with_name("redis-cli")
+            argv = redis_topology.create_cluster_argv(str(cli) if cli.exists() else "redis-cli", self.state.ports.redis,
+                                                      self.redis_password)  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+            if done.returncode != 0:
+                raise ClusterError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        wait_until(lambda: redis_topology.ready(topology, self.state.ports.redis, self.redis_password), 60,
+                   f"the Redis {topology} to serve")  # fmt: skip
 
     def _redis_url(self) -> str:
-        auth = f":{self.redis_password}@" if self.redis_password else ""
-        return f"redis://{auth}127.0.0.1:{self.state.ports.redis}/0"
+        return redis_topology.url(self.state.redis_topology, self.state.ports.redis, self.redis_password)
 
     def _start_replica(self, number: int) -> Component:
         name = f"replica-{number}"

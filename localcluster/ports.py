@@ -7,6 +7,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+PORTS_PER_CLUSTER = 6  # Redis: every topology of localcluster.redis_topology fits in these
+
 
 def port_free(port: int) -> bool:
     """Nothing listens on this loopback port (TIME_WAIT does not count)."""
@@ -53,7 +55,7 @@ class Ports:
     balancer: int = 8080
     status: int = 8081  # stub_status, loopback only
     internal: int = 8082  # the balancer's unlimited listener for load generators and scrapers
-    redis: int = 6390
+    redis: int = 6390  # the first of the Redis topology's block of ports (6390-6395)
     replica_base: int = 8001
 
     @classmethod
@@ -70,7 +72,7 @@ class Ports:
             taken.update(range(base, base + count))
             return base
 
-        balancer, status, internal, redis = pick(1), pick(1), pick(1), pick(1)
+        balancer, status, internal, redis = pick(1), pick(1), pick(1), pick(PORTS_PER_CLUSTER)
         return cls(balancer, status, internal, redis, pick(slots))
 
     @classmethod

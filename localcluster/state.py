@@ -19,7 +19,7 @@ class Component:
     """One process the cluster started."""
 
     name: str
-    kind: str  # redis | replica | nginx
+    kind: str  # redis | sentinel | replica | nginx
     port: int
     pid: int = 0
     start_time: str = ""
@@ -43,6 +43,7 @@ class State:
     ports: Ports = field(default_factory=Ports)
     bind_host: str = "127.0.0.1"
     slots: int = 0  # replica ports listed in nginx's upstream, running or not
+    redis_topology: str = "single"  # see localcluster.redis_topology
     # The SERVICE_*, REDIS_*, BALANCER_* and CLUSTER_* variables the cluster started with:
     # every later command starts replicas and renders nginx with these, whoever runs it.
     settings: dict[str, str] = field(default_factory=dict)

@@ -11,7 +11,7 @@ from pathlib import Path
 from flask import Flask
 
 from service.api import bp
-from service.cache import CircuitBreaker, RedisResultCache
+from service.cache import ResultCache, open_result_cache
 from service.inference import Predictor
 from service.metrics import Metrics
 from service.models import ModelRegistry
@@ -54,7 +54,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     registry: ModelRegistry | None = None,
-    cache: RedisResultCache | None = None,
+    cache: ResultCache | None = None,
     load_in_background: bool = False,
 ) -> Flask:
     """Build the app from settings (default: the environment), loading models now, or
@@ -76,15 +76,14 @@ def create_app(
                 _native_thread(registry.retry_until_ready)
     metrics = Metrics(settings.server.prometheus_multiproc_dir)
     if cache is None and settings.cache.redis_url:
-        breaker = CircuitBreaker(
-            settings.cache.breaker_backoff_s, settings.cache.breaker_max_backoff_s, on_change=metrics.breaker_changed
-        )
-        cache = RedisResultCache(
+        cache = open_result_cache(
             settings.cache.redis_url,
             ttl_s=settings.cache.ttl_s,
             timeout_ms=settings.cache.timeout_ms,
             max_connections=settings.redis_pool_size,
-            breaker=breaker,
+            backoff_s=settings.cache.breaker_backoff_s,
+            max_backoff_s=settings.cache.breaker_max_backoff_s,
+            on_change=metrics.breaker_changed,
         )
     predictor = Predictor(
         cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)

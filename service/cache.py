@@ -4,21 +4,34 @@ A request's rows are looked up with one MGET; rows that were missing are written
 in one pipelined batch of SETs with a TTL. When Redis fails or is slow the breaker
 opens and requests bypass the cache at once, instead of each paying a timeout; after
 a back-off one request probes Redis, and caching resumes when the probe succeeds.
+
+REDIS_URL picks the topology (`parse_redis_url`): one server, a Sentinel-managed primary
+(redis-py's Sentinel finds the primary on every new connection, so a failover needs no
+restart), or a Redis Cluster (keys grouped by the node that owns their hash slot, one
+pipelined round trip per node, the nodes in parallel, a breaker per node).
 This module knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from service.redis_url import parse_redis_url
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +55,21 @@ class CircuitBreaker:
         max_backoff_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[bool], None] | None = None,
+        what: str = "result cache",
     ) -> None:
         self._on_change = on_change or (lambda is_open: None)
+        self._what = what
         self._base_backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._clock = clock
         self._backoff_s = backoff_s
         self._open_until: float | None = None
         self._probing = False
+
+    @property
+    def backoff_s(self) -> float:
+        """The first back-off after a failure."""
+        return self._base_backoff_s
 
     @property
     def is_open(self) -> bool:
@@ -68,7 +88,7 @@ class CircuitBreaker:
     def record_success(self) -> None:
         """A call succeeded: close."""
         if self._open_until is not None:
-            log.warning("result cache reachable again; caching resumes")
+            log.warning("%s reachable again; caching resumes", self._what)
             self._on_change(False)
         self._open_until = None
         self._probing = False
@@ -77,18 +97,32 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         """A call failed: open for the current back-off, and double it for next time."""
         if self._open_until is None:
-            log.warning("result cache unavailable; bypassing it for %.1f s", self._backoff_s)
+            log.warning("%s unavailable; bypassing it for %.1f s", self._what, self._backoff_s)
             self._on_change(True)
         self._open_until = self._clock() + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
         self._probing = False
 
 
+class Unavailable:
+    """A row the cache could not look up: the Redis Cluster node that owns it is failing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+UNAVAILABLE = Unavailable()
+Value = bytes | None | Unavailable
+
+
 class ResultCache(Protocol):
     """What the data plane needs of a cache."""
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """Values for keys (None where missing), or None when the cache is unavailable."""
+    def get_many(self, keys: Sequence[str]) -> Sequence[Value] | None:
+        """Values for keys (None where missing, UNAVAILABLE where that part of the cache
+        failed), or None when the whole cache is unavailable."""
 
     def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values; failures are swallowed (a cache never breaks a request)."""
@@ -98,27 +132,11 @@ class ResultCache(Protocol):
 
 
 class RedisResultCache:
-    """ResultCache on Redis with bounded timeouts and a circuit breaker."""
+    """ResultCache on one Redis client (a server, or Sentinel's current primary) with a
+    circuit breaker. The client has bounded timeouts and no retries of its own."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        ttl_s: int,
-        timeout_ms: int,
-        max_connections: int,
-        breaker: CircuitBreaker,
-    ) -> None:
-        timeout_s = timeout_ms / 1000
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # No retries: the breaker is the retry policy, and a retry doubles the wait.
-            retry=Retry(NoBackoff(), 0),
-            max_connections=max_connections,
-            health_check_interval=0,
-        )
+    def __init__(self, client: redis.Redis, *, ttl_s: int, breaker: CircuitBreaker) -> None:
+        self._client = client
         self._ttl_s = ttl_s
         self.breaker = breaker
 
@@ -155,18 +173,291 @@ class RedisResultCache:
         is doing meanwhile), or None if Redis fails."""
         if not self.breaker.allow():
             return None
-        times = []
         try:
-            for _ in range(samples):
-                started = time.perf_counter()
-                self._client.ping()
-                times.append((time.perf_counter() - started) * 1000)
+            fastest = _fastest_ping(self._client, samples)
         except (redis.RedisError, OSError):
             self.breaker.record_failure()
             return None
         self.breaker.record_success()
-        return min(times)
+        return fastest
 
     def close(self) -> None:
         """Release the connection pool."""
         self._client.close()
+
+
+def _fastest_ping(client: redis.Redis, samples: int) -> float:
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        client.ping()
+        times.append((time.perf_counter() - started) * 1000)
+    return min(times)
+
+
+_threads: ThreadPoolExecutor | None = None
+
+
+def in_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Run calls (which must not raise) side by side: greenlets under gevent's
+    monkey-patching (the replicas), else a small thread pool. One call runs inline."""
+    global _threads
+    if len(calls) == 1:
+        return [calls[0]()]
+    try:
+        from gevent import monkey
+
+        patched = monkey.is_module_patched("socket")
+    except ImportError:
+        patched = False
+    if patched:
+        import gevent
+
+        jobs = [gevent.spawn(call) for call in calls]
+        gevent.joinall(jobs)
+        return [job.value for job in jobs]
+    if _threads is None:
+        _threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cache-node")
+    return list(_threads.map(lambda call: call(), calls))
+
+
+# {node name: (node, {slot: indices of the keys in that slot})}
+NodeSlots = dict[str, tuple[ClusterNode, dict[int, list[int]]]]
+
+# What a failing cache raises (redis-py's cluster errors are not RedisErrors).
+_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
+# Replies that mean "ask again elsewhere" (slots moved), not "this node is failing".
+_REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)
+
+
+class ClusterResultCache:
+    """ResultCache on a Redis Cluster.
+
+    Keys are grouped by the node that owns their hash slot (redis-py's slot map): per
+    node one pipeline of MGETs, one per slot, in one round trip; the nodes are asked in
+    parallel. Each node has its own breaker, so a failing primary only turns its own
+    rows UNAVAILABLE while the live slots keep caching. A redirect (slots moved) or a
+    failing node marks the slot map stale; it is fetched again at most once per
+    back-off, by the next request. Until the first map is fetched (the cluster may be
+    down when the replica starts) `breaker` guards the attempts.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], RedisCluster],
+        *,
+        ttl_s: int,
+        breaker: CircuitBreaker,
+        node_breaker: Callable[[Callable[[bool], None], str], CircuitBreaker],
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._connect = connect
+        self._cluster: RedisCluster | None = None
+        self._ttl_s = ttl_s
+        self.breaker = breaker
+        self._node_breaker = node_breaker
+        self._on_change = on_change or (lambda is_open: None)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._open: set[str] = set()
+        self._stale = False
+        self._refresh_after = 0.0
+
+    def _topology(self) -> RedisCluster | None:
+        """The cluster client with a usable slot map, or None (cluster unreachable)."""
+        if self._cluster is None:
+            if not self.breaker.allow():
+                return None
+            try:
+                self._cluster = self._connect()
+            except _FAILURES as exc:
+                log.debug("cannot reach the Redis Cluster: %s", exc)
+                self.breaker.record_failure()
+                return None
+            self.breaker.record_success()
+        elif self._stale and time.monotonic() >= self._refresh_after:
+            self._refresh_after = time.monotonic() + self.breaker.backoff_s
+            try:
+                self._cluster.nodes_manager.initialize()
+                self._stale = False
+            except _FAILURES as exc:
+                log.debug("cannot refresh the Redis Cluster's slot map: %s", exc)
+        return self._cluster
+
+    def _breaker(self, node: str) -> CircuitBreaker:
+        breaker = self._breakers.get(node)
+        if breaker is None:
+
+            def changed(is_open: bool, node: str = node) -> None:
+                was_open = bool(self._open)
+                (self._open.add if is_open else self._open.discard)(node)
+                if is_open:
+                    self._on_change(True)  # every opening counts
+                elif was_open and not self._open:
+                    self._on_change(False)
+
+            breaker = self._breakers[node] = self._node_breaker(changed, f"result cache node {node}")
+        return breaker
+
+    def _by_node(self, cluster: RedisCluster, keys: Sequence[str]) -> tuple[NodeSlots, list[int]]:
+        """{node name: (node, {slot: key indices})}, and the indices of keys whose slot no
+        known node serves."""
+        nodes: NodeSlots = {}
+        orphans = []
+        for i, key in enumerate(keys):
+            slot = cluster.keyslot(key)
+            try:
+                node = cluster.nodes_manager.get_node_from_slot(slot)
+            except redis.exceptions.SlotNotCoveredError:
+                orphans.append(i)
+                continue
+            nodes.setdefault(node.name, (node, {}))[1].setdefault(slot, []).append(i)
+        return nodes, orphans
+
+    def _on_node(self, name: str, node: ClusterNode, work: Callable[[Any], list[Any]]) -> list[Any] | None:
+        """`work(pipeline)` on one node, under its breaker; None when it could not run."""
+        breaker = self._breaker(name)
+        if not breaker.allow():
+            return None
+        client = node.redis_connection
+        if client is None:
+            self._stale = True
+            return None
+        try:
+            result = work(client.pipeline(transaction=False))
+        except _REDIRECTS as exc:
+            log.debug("cache node %s redirected: %s", name, exc)
+            self._stale = True
+            breaker.record_success()  # it answered: alive, just not the owner any more
+            return None
+        except _FAILURES as exc:
+            log.debug("cache node %s failed: %s", name, exc)
+            self._stale = True
+            breaker.record_failure()
+            return None
+        breaker.record_success()
+        return result
+
+    def get_many(self, keys: Sequence[str]) -> list[Value] | None:
+        """One pipelined MGET per slot, one round trip per node, nodes in parallel; rows
+        whose node fails are UNAVAILABLE; None if no node could be reached."""
+        cluster = self._topology()
+        if cluster is None:
+            return None
+        nodes, orphans = self._by_node(cluster, keys)
+        if orphans:
+            self._stale = True
+
+        def lookup(name: str, node: ClusterNode, slots: dict[int, list[int]]) -> list[Any] | None:
+            def work(pipe: Any) -> list[Any]:
+                for indices in slots.values():
+                    pipe.mget([keys[i] for i in indices])
+                return cast("list[Any]", pipe.execute())
+
+            return self._on_node(name, node, work)
+
+        replies = in_parallel([functools.partial(lookup, name, node, slots) for name, (node, slots) in nodes.items()])
+        values: list[Value] = [UNAVAILABLE] * len(keys)
+        answered = False
+        for (_node, slots), reply in zip(nodes.values(), replies, strict=True):
+            if reply is None:
+                continue
+            answered = True
+            for indices, found in zip(slots.values(), reply, strict=True):
+                for i, value in zip(indices, found, strict=True):
+                    values[i] = value
+        return values if answered else None
+
+    def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """SET each item with the TTL: one pipeline per node, nodes in parallel; a failing
+        node's items are dropped."""
+        cluster = self._topology() if items else None
+        if cluster is None:
+            return
+        nodes, _orphans = self._by_node(cluster, [key for key, _ in items])
+
+        def store(name: str, node: ClusterNode, slots: dict[int, list[int]]) -> list[Any] | None:
+            def work(pipe: Any) -> list[Any]:
+                for indices in slots.values():
+                    for i in indices:
+                        pipe.set(items[i][0], items[i][1], ex=self._ttl_s)
+                return cast("list[Any]", pipe.execute())
+
+            return self._on_node(name, node, work)
+
+        in_parallel([functools.partial(store, name, node, slots) for name, (node, slots) in nodes.items()])
+
+    def round_trip_ms(self, samples: int = 5) -> float | None:
+        """Fastest of a few PINGs to one primary (a single-row lookup asks one node)."""
+        cluster = self._topology()
+        if cluster is None:
+            return None
+        for node in cluster.get_primaries():
+            breaker = self._breaker(node.name)
+            if node.redis_connection is None or not breaker.allow():
+                continue
+            try:
+                fastest = _fastest_ping(node.redis_connection, samples)
+            except _FAILURES:
+                breaker.record_failure()
+                continue
+            breaker.record_success()
+            return fastest
+        return None
+
+    def close(self) -> None:
+        """Release every node's connection pool."""
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def open_result_cache(
+    url: str,
+    *,
+    ttl_s: int,
+    timeout_ms: int,
+    max_connections: int,
+    backoff_s: float,
+    max_backoff_s: float,
+    on_change: Callable[[bool], None] | None = None,
+) -> RedisResultCache | ClusterResultCache:
+    """The result cache REDIS_URL names, connected lazily (Redis may be down at start)."""
+    target = parse_redis_url(url)
+    timeout_s = timeout_ms / 1000
+    common: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        # No retries: the breaker is the retry policy, and a retry doubles the wait.
+        "retry": Retry(NoBackoff(), 0),
+        "max_connections": max_connections,
+        "health_check_interval": 0,
+    }
+    breaker = CircuitBreaker(backoff_s, max_backoff_s, on_change=on_change)
+    if target.topology == "single":
+        return RedisResultCache(redis.Redis.from_url(url, **common), ttl_s=ttl_s, breaker=breaker)
+    auth: dict[str, Any] = {"username": target.username, "password": target.password}
+    if target.topology == "sentinel":
+        sentinel = Sentinel(
+            list(target.nodes),
+            sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                             "retry": Retry(NoBackoff(), 0), "ssl": target.tls},
+        )  # fmt: skip
+        client = sentinel.master_for(target.service_name, db=target.db, ssl=target.tls, **auth, **common)
+        return RedisResultCache(client, ttl_s=ttl_s, breaker=breaker)
+
+    def connect() -> RedisCluster:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            require_full_coverage=False,  # a failed primary's slots do not stop the others
+            ssl=target.tls,
+            **auth,
+            **common,
+        )
+
+    return ClusterResultCache(
+        connect,
+        ttl_s=ttl_s,
+        breaker=breaker,
+        node_breaker=lambda changed, what: CircuitBreaker(backoff_s, max_backoff_s, on_change=changed, what=what),
+        on_change=on_change,
+    )

@@ -1,7 +1,8 @@
 """The data plane: rows in, predictions out, through the shared result cache and batching.
 
 Knows nothing of HTTP. Cache status per request: HIT (every row cached), MISS (none),
-PARTIAL (some), BYPASS (cache off for this model, or unavailable).
+PARTIAL (some), BYPASS (cache off for this model, or unavailable for at least one of
+its rows: with a Redis Cluster, rows on live nodes are still read and written).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import orjson
 
 from service.batching import Batcher
-from service.cache import ResultCache, row_keys
+from service.cache import UNAVAILABLE, ResultCache, row_keys
 from service.metrics import Metrics
 from service.models import LoadedModel
 from service.settings import ModelServing
@@ -127,14 +128,17 @@ class Predictor:
             labels, proba = self._infer(model, rows)
             self._metrics.count_cache(model.name, BYPASS, len(rows))
             return Prediction(labels, proba, BYPASS)
-        missing = [i for i, value in enumerate(cached) if value is None]
+        unavailable = {i for i, value in enumerate(cached) if value is UNAVAILABLE}
+        missing = [i for i, value in enumerate(cached) if value is None or i in unavailable]
         hits = len(rows) - len(missing)
         self._metrics.count_cache(model.name, HIT, hits)
-        self._metrics.count_cache(model.name, MISS, len(missing))
+        self._metrics.count_cache(model.name, MISS, len(missing) - len(unavailable))
+        if unavailable:
+            self._metrics.count_cache(model.name, BYPASS, len(unavailable))
         labels_out: list[Any] = [None] * len(rows)
         proba_out: list[Any] = [None] * len(rows)
         for i, value in enumerate(cached):
-            if value is not None:
+            if isinstance(value, bytes):
                 labels_out[i], proba_out[i] = orjson.loads(value)
         if missing:
             new_labels, new_proba = self._infer(model, rows[missing])
@@ -142,8 +146,11 @@ class Predictor:
             for n, i in enumerate(missing):
                 row_proba = new_proba[n] if new_proba is not None else None
                 labels_out[i], proba_out[i] = new_labels[n], row_proba
-                writes.append((keys[i], _encode(new_labels[n], row_proba)))
+                if i not in unavailable:
+                    writes.append((keys[i], _encode(new_labels[n], row_proba)))
             assert self._cache is not None
             self._cache.set_many(writes)
+        if unavailable:
+            return Prediction(labels_out, proba_out if model.has_proba else None, BYPASS)
         status = HIT if not missing else MISS if not hits else PARTIAL
         return Prediction(labels_out, proba_out if model.has_proba else None, status)

@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from service.redis_url import RedisUrlError, parse_redis_url
+
 CACHE_POLICIES = ("on", "off", "auto")
 SWITCH = ("on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -184,8 +186,10 @@ class CacheSettings(_Group):
     """The shared result cache in Redis and the breaker in front of it."""
 
     redis_url: str = setting(
-        "REDIS_URL", "redis://127.0.0.1:6379/0", "Result cache; empty turns the cache off. "
-        "redis://[:password@]host:port/db.",
+        "REDIS_URL", "redis://127.0.0.1:6379/0", "Result cache; empty turns the cache off. One server: "
+        "redis://[[user]:password@]host:port/db (rediss:// for TLS); Sentinel: "
+        "redis+sentinel://[[user]:password@]host:port,host:port,.../service-name/db (the password is the primary's); "
+        "Redis Cluster: redis+cluster://[[user]:password@]host:port,host:port,... (any reachable nodes).",
     )  # fmt: skip
     timeout_ms: int = setting(
         "SERVICE_REDIS_TIMEOUT_MS", 100,
@@ -214,6 +218,11 @@ class CacheSettings(_Group):
     )  # fmt: skip
 
     def check(self) -> None:
+        if self.redis_url:
+            try:
+                parse_redis_url(self.redis_url)
+            except RedisUrlError as exc:
+                raise SettingsError(str(exc)) from None
         if self.breaker_max_backoff_s < self.breaker_backoff_s:
             raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be <= SERVICE_BREAKER_MAX_BACKOFF_S")
 

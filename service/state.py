@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.cache import RedisResultCache
+from service.cache import ResultCache
 from service.inference import Predictor
 from service.metrics import Metrics
 from service.models import ModelRegistry
@@ -20,7 +20,7 @@ class ServiceState:
     registry: ModelRegistry
     predictor: Predictor
     metrics: Metrics
-    cache: RedisResultCache | None
+    cache: ResultCache | None
     draining: bool = False  # set on SIGTERM by service.worker
     closing: bool = False  # after the drain delay: every request but /healthz gets a 503
     # Whether this replica's other workers have loaded their models too (gunicorn).

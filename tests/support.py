@@ -197,6 +197,8 @@ class Outcome:
     served_by: str
     ok: bool
     seconds: float = 0.0
+    cache: str = ""  # X-Cache
+    body: int = 0  # which of the load's bodies
 
 
 class PacedLoad:
@@ -208,18 +210,20 @@ class PacedLoad:
     connection are told apart); a connection that failed is reopened. Stops by itself
     after `max_seconds`; `stopped_in_time` says whether the test stopped it first, and a
     client thread that died is in `thread_errors`. `source` binds the clients to a local
-    address (another client, as far as the balancer can tell).
+    address (another client, as far as the balancer can tell). With `bodies`, each client
+    sends them in turn (`Outcome.body` says which).
     """
 
     def __init__(self, url: str, rate: float = 100.0, clients: int = 4, max_seconds: float = 300.0,
                  path: str = "/v1/models/iris:predict", body: dict | None = None,
-                 source: str | None = None) -> None:  # fmt: skip
+                 source: str | None = None, bodies: Sequence[dict] = ()) -> None:  # fmt: skip
         import threading
         import urllib.parse
 
         parsed = urllib.parse.urlsplit(url)
         self.host, self.port, self.path = parsed.hostname or "127.0.0.1", parsed.port or 80, path
-        self.body = json.dumps(body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+        chosen = bodies or [body or {"instances": [[5.1, 3.5, 1.4, 0.2]]}]
+        self.bodies = [json.dumps(item).encode() for item in chosen]
         self.source_address = (source, 0) if source else None
         self.interval_s = clients / rate
         self.max_seconds = max_seconds
@@ -230,12 +234,12 @@ class PacedLoad:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def _request(self, connection: http.client.HTTPConnection) -> tuple[str, str, bool]:
-        connection.request("POST", self.path, self.body, {"Content-Type": "application/json"})
+    def _request(self, connection: http.client.HTTPConnection, body: bytes) -> tuple[str, str, bool, str]:
+        connection.request("POST", self.path, body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         data = response.read()
         ok = response.status == 200 and b'"predictions"' in data
-        return str(response.status), response.getheader("X-Served-By", ""), ok
+        return str(response.status), response.getheader("X-Served-By", ""), ok, response.getheader("X-Cache", "")
 
     def _connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=30, source_address=self.source_address)
@@ -245,16 +249,21 @@ class PacedLoad:
             deadline = time.monotonic() + self.max_seconds
             connection = self._connect()
             next_at = time.monotonic()
+            sent = 0
             while not self._stop.is_set() and time.monotonic() < deadline:
                 started = time.monotonic()
+                body = sent % len(self.bodies)
+                sent += 1
                 try:
-                    outcome, served_by, ok = self._request(connection)
+                    outcome, served_by, ok, cache = self._request(connection, self.bodies[body])
                 except (OSError, http.client.HTTPException) as exc:
-                    outcome, served_by, ok = type(exc).__name__, "", False
+                    outcome, served_by, ok, cache = type(exc).__name__, "", False, ""
                     connection.close()
                     connection = self._connect()
                 with self._lock:
-                    self.results.append(Outcome(started, outcome, served_by, ok, time.monotonic() - started))
+                    self.results.append(
+                        Outcome(started, outcome, served_by, ok, time.monotonic() - started, cache, body)
+                    )
                 next_at += self.interval_s
                 self._stop.wait(max(0.0, next_at - time.monotonic()))
             connection.close()

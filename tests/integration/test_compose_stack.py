@@ -38,6 +38,8 @@ RESOLVER_VALID_S = int(container_settings({}).resolver_valid_s)
 FAIL_TIMEOUT_S = int(container_settings({}).fail_timeout_s)
 ACCESS_LOG = "/tmp/nginx/access.log"
 ROW = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
+# Every optional profile, so that `down` removes whatever a test started.
+PROFILES = ("--profile", "loadtest", "--profile", "redis-cluster")
 
 
 def report(what: str, **numbers: object) -> None:
@@ -81,7 +83,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         )
     failed_before = 0
     try:
-        stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans", check=False)  # a previous run's
+        stack.compose(*PROFILES, "down", "-v", "--remove-orphans", check=False)  # a previous run's
         started = time.monotonic()
         stack.compose("--profile", "loadtest", "build", timeout=1800)
         report("images built", seconds=round(time.monotonic() - started, 1))
@@ -93,9 +95,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         yield stack
     finally:
         if request.session.testsfailed > failed_before or not hasattr(stack, "up_output"):
-            logs = stack.compose("--profile", "loadtest", "logs", "--no-color", "--tail", "60", check=False)
+            logs = stack.compose(*PROFILES, "logs", "--no-color", "--tail", "60", check=False)
             print(f"\n----- compose logs -----\n{logs.stdout[-12000:]}\n{logs.stderr[-2000:]}")
-        stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans", check=False)
+        stack.compose(*PROFILES, "down", "-v", "--remove-orphans", check=False)
         shutil.rmtree(ROOT / "reports" / reports_dir, ignore_errors=True)
         if driver is not None:
             os.killpg(driver.pid, signal.SIGTERM)
@@ -369,6 +371,29 @@ def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(
     assert requests_total > 100 and failures == 0, aggregated
 
 
+def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
+    """The README's Redis Cluster recipe: the profile's nodes, its one-shot init, and the
+    replicas recreated with API_REDIS_URL pointing at the cluster."""
+    started = time.monotonic()
+    nodes = ["redis-cluster-1", "redis-cluster-2", "redis-cluster-3"]
+    # As docs/containers.md says: the profile on, API_REDIS_URL set; compose starts the
+    # nodes, runs the init once they are healthy and recreates the replicas after it.
+    stack.env["API_REDIS_URL"] = "redis+cluster://:change-me@" + ",".join(f"{n}:6379" for n in nodes)
+    stack.compose("--profile", "redis-cluster", "up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300",
+                  timeout=600)  # fmt: skip
+    init = stack.compose("--profile", "redis-cluster", "logs", "--no-color", "redis-cluster-init").stdout
+    assert "All 16384 slots covered" in init, init
+    rows = [[4.4 + i / 100, 2.9, 1.4, 0.2] for i in range(30)]
+    # nginx finds the recreated replicas within its resolver's `valid`; until then it may
+    # try addresses that are gone and retry: answers still come, from the new replicas.
+    statuses = [post(stack, "/v1/models/iris:predict", {"instances": rows}).headers["X-Cache"] for _ in range(3)]
+    keys = {n: int(stack.compose("exec", "-T", n, "redis-cli", "-a", "change-me", "--no-auth-warning", "dbsize")
+                   .stdout.strip() or 0) for n in nodes}  # fmt: skip
+    report("Redis Cluster profile", seconds=round(time.monotonic() - started, 1), x_cache=statuses, keys=keys)
+    assert statuses == ["MISS", "HIT", "HIT"]
+    assert sum(keys.values()) == len(rows) and all(keys.values()), "the rows are spread over the three primaries"
+
+
 def test_the_l1_micro_cache_answers_repeats_in_the_container(stack):
     # The other checks run with the L1 off (they follow one body to the replicas). Turn it
     # on as users get it: the balancer recreated with the compose file's default.
@@ -386,7 +411,7 @@ def test_the_l1_micro_cache_answers_repeats_in_the_container(stack):
 
 
 def test_down_leaves_nothing_behind(stack):
-    stack.compose("--profile", "loadtest", "down", "-v", "--remove-orphans")
+    stack.compose(*PROFILES, "down", "-v", "--remove-orphans")
     label = f"label=com.docker.compose.project={PROJECT}"
     left = {
         "containers": stack.cli("ps", "-a", "-q", "--filter", label).stdout.split(),

@@ -95,3 +95,44 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
     assert predictor.cache_decision(model) is expected
     assert (prediction.cache_status == BYPASS) is (expected is not True)
     assert cache.reads == (1 if expected else 0)
+
+
+class HalfCache:
+    """A cache whose second row lives on a failing node: one row found, one UNAVAILABLE, one missing."""
+
+    def __init__(self, found: bytes) -> None:
+        self.found = found
+        self.written: list[str] = []
+
+    def get_many(self, keys):
+        from service.cache import UNAVAILABLE
+
+        return [self.found, UNAVAILABLE, None]
+
+    def set_many(self, items) -> None:
+        self.written += [key for key, _ in items]
+
+    def round_trip_ms(self):
+        return 0.1
+
+
+def test_rows_on_a_failing_node_are_computed_not_written_and_the_request_says_bypass(models_dir):
+    import orjson
+
+    from service.cache import row_keys
+    from service.models import ModelRegistry
+
+    registry = ModelRegistry(models_dir, "iris")
+    registry.load()
+    model = registry.get("iris")
+    rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]])
+    expected_labels, _ = model.predict(rows)
+    cache = HalfCache(orjson.dumps(["from-cache", [1.0, 0.0, 0.0]]))
+    serving = ModelServing(cache_policy="on", batching=False, batch_max_rows=64, batch_max_wait_ms=5.0)
+    metrics = Metrics()
+    prediction = Predictor(cache, metrics, "t", lambda model: serving).predict(model, rows)
+    assert prediction.cache_status == BYPASS
+    assert prediction.labels == ["from-cache", *expected_labels[1:]]
+    assert cache.written == [row_keys("t", "iris", model.version, rows)[2]], "only the row whose node answered"
+    counted = {s.labels["result"]: s.value for s in metrics.cache_rows.collect()[0].samples if s.name.endswith("total")}
+    assert counted == {"hit": 1.0, "bypass": 1.0, "miss": 1.0}

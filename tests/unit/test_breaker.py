@@ -1,5 +1,7 @@
 """The circuit breaker, driven by a fake clock."""
 
+import pytest
+
 from service.cache import CircuitBreaker
 
 
@@ -56,3 +58,17 @@ def test_it_tells_when_it_opens_and_closes_only():
     breaker.record_success()
     breaker.record_success()
     assert changes == [True, False]
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://127.0.0.1:9,127.0.0.1:10", "redis+sentinel://127.0.0.1:9/name/0",
+                                 "redis://127.0.0.1:9/0"])  # fmt: skip
+def test_an_unreachable_redis_of_any_topology_is_bypassed_never_raised(url):
+    from service.cache import open_result_cache
+
+    changes = []
+    cache = open_result_cache(url, ttl_s=5, timeout_ms=100, max_connections=2, backoff_s=60, max_backoff_s=60,
+                              on_change=changes.append)  # fmt: skip
+    assert cache.get_many(["a", "b"]) is None
+    cache.set_many([("a", b"1")])
+    assert cache.round_trip_ms() is None
+    assert changes == [True], "one opening, then the breaker bypasses without trying again"

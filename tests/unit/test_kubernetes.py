@@ -117,3 +117,31 @@ def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path
     result = subprocess.run([str(nginx), "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
+
+
+def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_cluster_redis(tmp_path):
+    import os
+
+    from service.redis_url import parse_redis_url
+
+    base = ROOT / "deploy" / "kubernetes"
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(base / 'overlays' / 'prod', tmp_path)}\n"
+        f"components:\n  - {os.path.relpath(base / 'components' / 'managed-redis', tmp_path)}\n"
+    )
+    rendered = subprocess.run([KUBECTL, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
+    (tmp_path / "rendered.yaml").write_text(rendered.stdout)
+    objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the in-cluster Redis is gone"
+    variables = _one(objects, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    env = [e["name"] for e in variables]
+    url = next(e["value"] for e in variables if e["name"] == "REDIS_URL")
+    assert env.index("REDIS_PASSWORD") < env.index("REDIS_URL"), "$(REDIS_PASSWORD) must be defined first"
+    target = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "secret"))
+    assert (target.topology, target.tls, target.password) == ("cluster", True, "secret")
+    result = subprocess.run(
+        [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet",
+         str(tmp_path / "rendered.yaml")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,101 @@
+"""REDIS_URL: which Redis topology the result cache uses, and where.
+
+Pure parsing (no redis import): the settings check it in gunicorn's master, which must
+not import redis before the workers' gevent monkey-patching.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass
+
+SCHEMES = {
+    "redis": "single", "rediss": "single", "unix": "single",
+    "redis+sentinel": "sentinel", "rediss+sentinel": "sentinel",
+    "redis+cluster": "cluster", "rediss+cluster": "cluster",
+}  # fmt: skip
+
+
+class RedisUrlError(ValueError):
+    """REDIS_URL cannot be used; the message says why and what the forms are."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where the cache lives, parsed from REDIS_URL."""
+
+    topology: str  # single | sentinel | cluster
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()  # sentinels, or cluster startup nodes
+    service_name: str = ""  # sentinel: the monitored primary's name
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @property
+    def redacted(self) -> str:
+        """The URL without its password (logs, reports, status)."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+URL_FORMS = (
+    "redis[s]://[[user]:password@]host:port[/db] (one server), "
+    "redis[s]+sentinel://[[user]:password@]host:port[,host:port...]/service-name[/db] (Sentinel), "
+    "redis[s]+cluster://[[user]:password@]host:port[,host:port...] (Redis Cluster)"
+)
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    item = item.strip()
+    if item.startswith("["):  # [IPv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise RedisUrlError(f"REDIS_URL: {item!r} is not host:port")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise RedisUrlError(f"REDIS_URL: port {port!r} of {item!r} is not a number") from None
+    if not 0 < number < 65536:
+        raise RedisUrlError(f"REDIS_URL: port {number} of {item!r} is out of range")
+    return host, number
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The topology and nodes REDIS_URL names (RedisUrlError if it names none)."""
+    scheme, sep, rest = url.partition("://")
+    topology = SCHEMES.get(scheme.lower())
+    if not sep or topology is None:
+        raise RedisUrlError(f"REDIS_URL {url!r}: unknown scheme {scheme!r}; the forms are {URL_FORMS}")
+    tls = scheme.lower().startswith("rediss")
+    if topology == "single":
+        return RedisTarget("single", url, tls=tls)
+    userinfo, _, location = rest.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    hosts, _, path = location.partition("/")
+    path, _, _query = path.partition("?")
+    nodes = tuple(_host_port(item, 26379 if topology == "sentinel" else 6379) for item in hosts.split(",") if item)
+    if not nodes:
+        raise RedisUrlError(f"REDIS_URL {url!r}: no host:port; the forms are {URL_FORMS}")
+    parts = [unquoted for unquoted in (urllib.parse.unquote(p) for p in path.split("/")) if unquoted]
+    service_name, db = "", 0
+    if topology == "sentinel":
+        if not parts:
+            raise RedisUrlError(f"REDIS_URL {url!r}: Sentinel needs the primary's service name: {URL_FORMS}")
+        service_name, parts = parts[0], parts[1:]
+    if parts:
+        if topology == "cluster" or len(parts) > 1 or not parts[0].isdigit():
+            raise RedisUrlError(f"REDIS_URL {url!r}: unexpected path {path!r}; the forms are {URL_FORMS}")
+        db = int(parts[0])
+    return RedisTarget(
+        topology, url, nodes, service_name, db,
+        urllib.parse.unquote(username) or None, urllib.parse.unquote(password) or None, tls,
+    )  # fmt: skip
