@@ -5,6 +5,7 @@
     scripts/cluster scale N                                            add or drain-and-remove replicas
     scripts/cluster restart --rolling                                  one replica at a time
     scripts/cluster down                                               stop everything started, by pid
+    scripts/cluster model load|unload|policy|index|status ...          model versions on every replica
 
 State (pids, ports) lives in <run dir>/cluster.json, logs in <run dir>/logs/. The run
 directory is ./run unless CLUSTER_RUN_DIR says otherwise.
@@ -17,14 +18,17 @@ import dataclasses
 import json
 import os
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 
 from localcluster.cluster import ROOT, Cluster, Status, setting
 from localcluster.ports import Ports
 from localcluster.processes import ClusterError
 
 
-def print_status(status: Status) -> None:
-    """The human-readable table."""
+def print_status(status: Status, models: dict | None = None) -> None:
+    """The human-readable table (and the model repository's convergence, if known)."""
     if not status.components:
         print(f"nothing running (run dir {status.run_dir})")
         return
@@ -34,6 +38,12 @@ def print_status(status: Status) -> None:
         print(f"{row.name:<14} {row.pid:>8} {row.port:>6}  {state:<8} {row.health}")
     print(f"\nbalancer: {status.balancer}   internal: {status.internal}   logs: {status.logs}")
     print(f"result cache: Redis {status.redis_topology} at {status.redis_url}")
+    if models is not None:
+        workers = models["workers"]
+        done = sum(1 for r in workers.values() if r["generation"] == models["generation"])
+        errors = sorted({e for r in workers.values() for e in r.get("errors", [])})
+        print(f"models: desired generation {models['generation']}, {done}/{len(workers)} workers converged"
+              + (f"; errors: {'; '.join(errors)}" if errors else ""))  # fmt: skip
 
 
 def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:
@@ -50,6 +60,41 @@ def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:
         return None
     base = Ports.from_balancer_port(args.port) if args.port else Ports()
     return dataclasses.replace(base, **{k: v for k, v in explicit.items() if v is not None})
+
+
+def model_request(args: argparse.Namespace) -> tuple[str, str, dict | None]:
+    """(method, path, body) of a `model` command."""
+    if args.action == "index":
+        return "POST", "/v2/repository/index", None
+    if args.action == "status":
+        return "GET", "/v2/repository/status", None
+    path = f"/v2/repository/models/{urllib.parse.quote(args.name)}/{args.action}"
+    if args.action == "policy":
+        body: dict = {}
+        if args.default is not None:
+            body["default"] = args.default
+        if args.weights is not None:
+            pairs = [item.split("=", 1) for item in args.weights.split(",") if item]
+            body["weights"] = {version: int(weight) for version, weight in pairs}
+        return "POST", path, body
+    parameters = {k: v for k, v in (("version", args.version), ("weight", getattr(args, "weight", None)))
+                  if v is not None}  # fmt: skip
+    return "POST", path, {"parameters": parameters} if parameters else None
+
+
+def send_model_request(base: str, args: argparse.Namespace) -> int:
+    """Send a `model` command to the balancer's internal listener; print the answer."""
+    method, path, body = model_request(args)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            print(json.dumps(json.loads(response.read()), indent=2))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"cluster: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,14 +120,36 @@ def main(argv: list[str] | None = None) -> int:
     restart = sub.add_parser("restart", help="restart the replicas (new code, models or settings)")
     restart.add_argument("--rolling", action="store_true", required=True, help="one at a time, no failed request")
     sub.add_parser("down", help="stop everything `up` started")
+    model = sub.add_parser("model", help="load, unload and route model versions on every replica")
+    action = model.add_subparsers(dest="action", required=True)
+    load = action.add_parser("load", help="load a model (or one version) from the models folder")
+    load.add_argument("name")
+    load.add_argument("version", nargs="?")
+    load.add_argument("--weight", type=int, help="percent of unversioned requests the version gets (a canary)")
+    unload = action.add_parser("unload", help="unload a model (or one version)")
+    unload.add_argument("name")
+    unload.add_argument("version", nargs="?")
+    policy = action.add_parser("policy", help="which version unversioned requests get")
+    policy.add_argument("name")
+    policy.add_argument("--default", help="latest, or a version")
+    policy.add_argument("--weights", help="e.g. 1=90,2=10 (summing to 100); '' ends a split")
+    action.add_parser("index", help="every version on disk or served, and its state")
+    action.add_parser("status", help="the desired state and which generation each worker serves")
     args = parser.parse_args(argv)
 
     environ = dict(os.environ)
     cluster = Cluster(ROOT / setting(environ, "CLUSTER_RUN_DIR"), environ)
     try:
+        if args.command == "model":
+            cluster._require_running_now()
+            return send_model_request(cluster.internal_url, args)
         if args.command == "status":
             report = cluster.status()
-            print(json.dumps(report.to_dict(), indent=2)) if args.json else print_status(report)
+            models = cluster.models() if report.components else None
+            if args.json:
+                print(json.dumps({**report.to_dict(), "models": models}, indent=2))
+            else:
+                print_status(report, models)
             return 0 if report.healthy or not report.components else 1
         if args.command == "up":
             print_status(cluster.start(args.replicas, _ports(args, environ), args.bind_host, args.redis))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -276,6 +277,19 @@ class Cluster:
     def nginx_conf(self) -> Path:
         """The rendered nginx.conf the balancer runs."""
         return self.run_dir / "nginx" / "nginx.conf"
+
+    def _require_running_now(self) -> None:
+        """ClusterError unless the cluster runs (for commands that talk to it)."""
+        self.state = self.state_file.load()
+        self._require_running()
+
+    def models(self) -> dict[str, Any] | None:
+        """The model repository's status (desired generation, each worker's), or None."""
+        try:
+            with urllib.request.urlopen(f"{self.internal_url}/v2/repository/status", timeout=5) as response:
+                return dict(json.loads(response.read()))
+        except (OSError, ValueError):
+            return None
 
     # --- internals ------------------------------------------------------------------------
     def _require_running(self) -> None:

@@ -6,20 +6,37 @@ Routes follow KServe V1, the Open Inference Protocol (V2 REST), and the tutorial
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
+import redis
 from flask import Blueprint, Response, request
 
 from service import __version__
 from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
-from service.models import LoadedModel, UnknownModel
+from service.lifecycle import (
+    LATEST,
+    SEEN_STALE_S,
+    Desired,
+    ModelPlan,
+    PlanError,
+    RepositoryStore,
+    check_weights,
+    choose_version,
+    new_plan,
+    split_in_effect,
+)
+from service.models import LoadedModel, ModelError, UnknownModel
 from service.openapi import openapi_document
 from service.protocols import body, shortcut, v1, v2
-from service.validation import InputError
+from service.validation import InputError, body_object, parse_json
 
 SERVER_NAME = "prediction-cluster"
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
+
+T = TypeVar("T")
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 bp = Blueprint("api", __name__)
 wire(bp)  # the converter first: the routes below use it
@@ -34,9 +51,10 @@ def _body() -> bytes:
 
 
 def _model(name: str, version: str | None = None) -> LoadedModel:
-    registry = state().registry
+    current = state()
+    registry = current.registry
     try:
-        model = registry.get(name, version)
+        model = registry.get(name, version, request.headers.get(current.settings.models.routing_key_header))
     except UnknownModel as exc:
         if not registry.ready:
             # Perhaps a model that failed to load: say so rather than "not found".
@@ -46,8 +64,20 @@ def _model(name: str, version: str | None = None) -> LoadedModel:
     return model
 
 
-def _prediction_headers(model: LoadedModel, prediction: Prediction) -> dict[str, str]:
-    return {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
+def _prediction_headers(model: LoadedModel, prediction: Prediction, versioned: bool) -> dict[str, str]:
+    current = state()
+    current.metrics.count_version(model.name, model.version)
+    headers = {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
+    # The balancer's L1 must not reuse an answer whose version was drawn for this request
+    # (a split between versions), nor one of a model whose caching is off.
+    key = (model.name, model.version)
+    declared_off = current.caching_declared_off.get(key)
+    if declared_off is None:
+        declared_off = current.settings.cache_declared_off(model.name, model.serving)
+        current.caching_declared_off[key] = declared_off
+    if declared_off or (not versioned and current.registry.split(model.name)):
+        headers["X-Accel-Expires"] = "0"
+    return headers
 
 
 def _output_names(model: LoadedModel) -> tuple[str, ...]:
@@ -115,7 +145,7 @@ def v1_predict(name: str) -> Response:
     rows = v1.decode(_body(), model.width, state().settings.models.max_batch_rows)
     prediction = state().predictor.predict(model, rows)
     encoded = v1.encode(prediction.labels, prediction.probabilities)
-    return Response(encoded, headers=_prediction_headers(model, prediction), mimetype="application/json")
+    return Response(encoded, headers=_prediction_headers(model, prediction, False), mimetype="application/json")
 
 
 @bp.post("/predict")
@@ -126,7 +156,7 @@ def shortcut_predict() -> Response:
     rows = shortcut.decode(_body(), model.width, current.settings.models.max_batch_rows)
     prediction = current.predictor.predict(model, rows)
     encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
-    return Response(encoded, headers=_prediction_headers(model, prediction), mimetype="application/json")
+    return Response(encoded, headers=_prediction_headers(model, prediction, False), mimetype="application/json")
 
 
 # --- Open Inference Protocol (V2 REST) --------------------------------------------------
@@ -203,4 +233,208 @@ def v2_infer(name: str, version: str | None = None) -> Response:
             outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
     call_id = parsed.request_id if parsed.request_id is not None else request_id()
     encoded, headers, content_type = v2.encode(model.name, model.version, call_id, outputs, parsed.binary_outputs)
-    return Response(encoded, headers={**headers, **_prediction_headers(model, prediction)}, content_type=content_type)
+    headers = {**headers, **_prediction_headers(model, prediction, version is not None)}
+    return Response(encoded, headers=headers, content_type=content_type)
+
+
+# --- the model repository (operator routes: the balancer serves them on its internal
+# listener only, like /metrics) ----------------------------------------------------------
+
+
+def _off_loop(work: Callable[[], T]) -> T:
+    """Run CPU-bound work (unpickling a model) in an OS thread while this request's
+    greenlet waits, so the worker keeps answering other requests meanwhile."""
+    try:
+        from gevent import monkey
+
+        if monkey.is_module_patched("socket"):
+            import gevent
+
+            return cast(T, gevent.get_hub().threadpool.apply(work))
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        pass
+    return work()
+
+
+def _repository() -> RepositoryStore:
+    connect = state().repository
+    if connect is None:
+        raise InputError("the model repository needs Redis (REDIS_URL) and SERVICE_REPOSITORY_POLL_S > 0: every "
+                         "replica must hear of a change", 503)  # fmt: skip
+    try:
+        return connect()
+    except REDIS_FAILURES as exc:
+        raise InputError(f"the model repository is unavailable (Redis: {exc}); nothing changed", 503) from None
+
+
+def _parameters() -> dict[str, Any]:
+    """The optional {"parameters": {...}} of a repository request."""
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        return {}
+    payload = body_object(parse_json(raw))
+    parameters = payload.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InputError("parameters must be an object")
+    return parameters
+
+
+def _change(change: Callable[[Desired], Desired], added: list[LoadedModel] | None = None) -> Desired:
+    """Store a change of the desired state, then converge this worker on it at once (the
+    others within SERVICE_REPOSITORY_POLL_S); `added`: versions this worker already
+    loaded for it, served only once the change is stored."""
+    store = _repository()
+    try:
+        updated = store.update(change)
+    except PlanError as exc:
+        raise InputError(str(exc), 409) from None
+    except REDIS_FAILURES as exc:
+        raise InputError(f"the model repository is unavailable (Redis: {exc}); nothing changed", 503) from None
+    registry = state().registry  # the worker thread has no app context
+    for model in added or []:
+        registry.add(model)
+    _off_loop(lambda: registry.apply(updated))
+    return updated
+
+
+def _served(name: str) -> list[str]:
+    registry = state().registry
+    return registry.versions(name) if name in registry.names() else []
+
+
+def _changed(name: str, desired: Desired) -> Response:
+    plan = desired.plan(name)
+    return json_response({"generation": desired.generation, "model": name, "versions": _served(name),
+                          "default": plan.default, "weights": dict(plan.weights)})  # fmt: skip
+
+
+@bp.post("/v2/repository/index")
+def repository_index() -> Response:
+    """Every model version on disk or served: READY, or UNAVAILABLE with the reason."""
+    raw = request.get_data(cache=False)
+    ready_only = bool(body_object(parse_json(raw)).get("ready")) if raw.strip() else False
+    rows = state().registry.index()
+    return json_response([r for r in rows if r["state"] == "READY"] if ready_only else rows)
+
+
+@bp.post("/v2/repository/models/<model:name>/load")
+def repository_load(name: str) -> Response:
+    """Load a model's versions from disk on every replica: all of them, or
+    {"parameters": {"version": "2", "weight": 10}} (one version, and optionally the
+    percent of unversioned requests it gets, the rest staying on today's version)."""
+    parameters = _parameters()
+    registry = state().registry
+    version = parameters.get("version")
+    weight = parameters.get("weight")
+    if version is not None and not isinstance(version, str | int):
+        raise InputError("parameters.version must be a string")
+    if weight is not None and (version is None or type(weight) is not int or not 0 <= weight <= 100):
+        raise InputError("parameters.weight must be an integer percent, with parameters.version")
+    _repository()  # Redis first: a version only this worker knew of would split the replicas
+    disk, _ = registry.on_disk()
+    versions = [str(version)] if version is not None else sorted(disk.get(name, {}))
+    if not versions:
+        raise InputError(f"no model folder {name}/<version> under {registry.models_dir}", 404)
+    try:  # verify (sha256) and load here first: a version that fails changes nothing anywhere
+        loaded = _off_loop(lambda: [registry.load_version(name, v) for v in versions])
+    except UnknownModel as exc:
+        raise InputError(str(exc), 404) from None
+    except ModelError as exc:
+        if version is not None:
+            registry.version_errors[(name, str(version))] = str(exc)
+        raise InputError(f"refused: {exc}", 422) from None
+
+    def change(desired: Desired) -> Desired:
+        plan = desired.plan(name)
+        if version is None:
+            return desired.with_plan(name, new_plan(plan, versions=None))
+        listed = set(plan.versions if plan.versions is not None else _served(name)) | {str(version)}
+        weights = dict(plan.weights)
+        if weight is not None:
+            if split_in_effect(plan):
+                raise PlanError(f"{name} is already split between versions ({dict(plan.weights)}); set the "
+                                "weights with the policy route instead")  # fmt: skip
+            others = [v for v in _served(name) if v != str(version)]
+            base = choose_version(name, new_plan(plan, weights={}), others, None)
+            weights = {str(version): weight, **({base: 100 - weight} if base and weight < 100 else {})}
+        return desired.with_plan(name, new_plan(plan, versions=tuple(sorted(listed)), weights=weights))
+
+    return _changed(name, _change(change, loaded))
+
+
+@bp.post("/v2/repository/models/<model:name>/unload")
+def repository_unload(name: str) -> Response:
+    """Unload a model on every replica, or one version of it ({"parameters": {"version": "1"}}):
+    refused while unversioned requests are still sent to that version."""
+    parameters = _parameters()
+    version = parameters.get("version")
+    if version is not None and not isinstance(version, str | int):
+        raise InputError("parameters.version must be a string")
+    if not _served(name) and version is None:
+        raise InputError(f"model {name!r} not found", 404)
+
+    def change(desired: Desired) -> Desired:
+        plan = desired.plan(name)
+        served = _served(name)
+        if version is None:
+            return desired.with_plan(name, ModelPlan(versions=()))
+        gone = str(version)
+        if gone not in served:
+            raise PlanError(f"model {name!r} serves no version {gone!r}")
+        if plan.weights.get(gone, 0) > 0:
+            raise PlanError(f"version {gone} still gets {plan.weights[gone]} % of {name}'s unversioned requests; "
+                            "move them with the policy route first")  # fmt: skip
+        if plan.default == gone:
+            raise PlanError(f"version {gone} is {name}'s pinned default; change the policy first")
+        remaining = tuple(v for v in served if v != gone)
+        weights = {v: w for v, w in plan.weights.items() if v != gone}
+        return desired.with_plan(name, new_plan(plan, versions=remaining, weights=weights))
+
+    return _changed(name, _change(change))
+
+
+@bp.post("/v2/repository/models/<model:name>/policy")
+def repository_policy(name: str) -> Response:
+    """Which version unversioned requests get: {"default": "latest" | "<version>",
+    "weights": {"1": 90, "2": 10}} (weights over served versions, summing to 100; {} ends
+    a split). Explicit version paths always get their version."""
+    payload = body_object(parse_json(request.get_data(cache=False)))
+    unknown = set(payload) - {"default", "weights"}
+    if unknown:
+        raise InputError(f"unknown policy fields: {', '.join(sorted(unknown))} (known: default, weights)")
+    if not _served(name):
+        raise InputError(f"model {name!r} not found", 404)
+
+    def change(desired: Desired) -> Desired:
+        plan = desired.plan(name)
+        served = set(_served(name))
+        default = str(payload.get("default", plan.default))
+        if default != LATEST and default not in served:
+            raise PlanError(f"default must be 'latest' or a served version of {name} ({', '.join(sorted(served))})")
+        raw = payload.get("weights", plan.weights)
+        if not isinstance(raw, dict):
+            raise PlanError("weights must be an object of version: percent")
+        weights = check_weights({str(k): v for k, v in raw.items()}, served)
+        return desired.with_plan(name, new_plan(plan, default=default, weights=weights))
+
+    return _changed(name, _change(change))
+
+
+@bp.get("/v2/repository/status")
+def repository_status() -> Response:
+    """The desired state, and which generation each worker of each replica serves."""
+    store = _repository()
+    current = state()
+    try:
+        desired = store.read()
+        workers = store.reports(SEEN_STALE_S + 3 * current.settings.models.repository_poll_s)
+    except REDIS_FAILURES as exc:
+        raise InputError(f"the model repository is unavailable (Redis: {exc})", 503) from None
+    behind = sorted(w for w, r in workers.items() if r["generation"] != desired.generation)
+    return json_response({
+        "generation": desired.generation,
+        "models": {name: plan.to_json() for name, plan in desired.models.items()},
+        "workers": workers,
+        "converged": bool(workers) and not behind,
+        "behind": behind,
+    })  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +12,15 @@ from pathlib import Path
 from flask import Flask
 
 from service.api import bp
-from service.cache import ResultCache, open_result_cache
+from service.cache import ResultCache, open_result_cache, redis_client
 from service.inference import Predictor
+from service.lifecycle import Converger, Desired, RepositoryStore
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.settings import Settings
 from service.state import ServiceState
+
+log = logging.getLogger(__name__)
 
 
 def _native_thread(target: Callable[[], None]) -> None:
@@ -32,11 +36,39 @@ def _native_thread(target: Callable[[], None]) -> None:
     start(target, ())
 
 
-def _load_then_mark(registry: ModelRegistry, folder: Path) -> None:
-    """Load every model, then leave a mark that this worker is ready (see _workers_ready)."""
-    registry.load_until_ready()
+def _repository(settings: Settings) -> Callable[[], RepositoryStore] | None:
+    """How to reach the shared desired model state, or None when there is none to share
+    (no Redis, or convergence turned off)."""
+    if not settings.cache.redis_url or settings.models.repository_poll_s <= 0:
+        return None
+    timeout_s = max(settings.cache.timeout_ms / 1000, 0.5)  # off the request path: no hurry
+    url, prefix = settings.cache.redis_url, settings.cache.key_prefix
+    return lambda: RepositoryStore(redis_client(url, timeout_s), prefix)
+
+
+def _desired_now(connect: Callable[[], RepositoryStore] | None) -> Desired | None:
+    """The desired state if Redis answers now (a replica that starts after a change loads
+    what the others serve); None: load what is on disk and converge later."""
+    if connect is None:
+        return None
+    try:
+        return connect().read()
+    except Exception as exc:  # noqa: BLE001 - any failure here just means "converge later"
+        log.warning("model repository: desired state unreadable at start (%s); loading every model on disk", exc)
+        return None
+
+
+def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings) -> None:
+    """Load the models (the versions the desired state lists), leave a mark that this
+    worker is ready (see _workers_ready), then converge on the desired state for ever."""
+    connect = _repository(settings)
+    registry.load_until_ready(functools.partial(_desired_now, connect))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"ready-{os.getpid()}").touch()
+    if connect is not None:
+        worker = f"{settings.server.replica_id}/{os.getpid()}"
+        Converger(registry.apply, connect, worker, settings.models.repository_poll_s,
+                  settings.models.models_poll_s).run_forever()  # fmt: skip
 
 
 def _workers_ready(folder: Path) -> bool:
@@ -68,7 +100,7 @@ def create_app(
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.
-            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path))
+            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings))
         else:
             registry.load()
             if not registry.ready:
@@ -88,7 +120,8 @@ def create_app(
     predictor = Predictor(
         cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)
     )
-    app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache)
+    app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache,
+                                                repository=_repository(settings))  # fmt: skip
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
     app.register_blueprint(bp)

@@ -411,6 +411,23 @@ class ClusterResultCache:
             self._cluster.close()
 
 
+def redis_client(url: str, timeout_s: float) -> Any:
+    """A plain client of the Redis REDIS_URL names (any topology), for single-key commands
+    (the model repository's record). A Redis Cluster client connects at once: the caller
+    handles the failure."""
+    target = parse_redis_url(url)
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                               "retry": Retry(NoBackoff(), 0)}  # fmt: skip
+    if target.topology == "single":
+        return redis.Redis.from_url(url, **options)
+    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.topology == "sentinel":
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**options, "ssl": target.tls})
+        return sentinel.master_for(target.service_name, db=target.db, **auth, **options)
+    nodes = [ClusterNode(host, port) for host, port in target.nodes]
+    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **auth, **options)
+
+
 def open_result_cache(
     url: str,
     *,

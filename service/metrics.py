@@ -88,6 +88,13 @@ class Metrics:
             "Times a worker's result-cache breaker opened.",
             registry=registry,
         )
+        self.predictions = Counter(
+            "prediction_model_version_requests",
+            "Prediction requests answered, by model and the version that answered.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self._version_children: dict[tuple[str, str], Counter] = {}
         self._cache_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -107,6 +114,13 @@ class Metrics:
             if child is None:
                 child = self._cache_children[(model, result)] = self.cache_rows.labels(model, result.lower())
             child.inc(rows)
+
+    def count_version(self, model: str, version: str) -> None:
+        """Count one prediction request answered by this version."""
+        child = self._version_children.get((model, version))
+        if child is None:
+            child = self._version_children[(model, version)] = self.predictions.labels(model, version)
+        child.inc()
 
     def breaker_changed(self, is_open: bool) -> None:
         """The result cache's breaker opened or closed."""

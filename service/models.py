@@ -12,11 +12,14 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from service.lifecycle import Desired, ModelPlan, choose_version, split_in_effect
 
 log = logging.getLogger(__name__)
 
@@ -171,53 +174,144 @@ def _one_row_predict_ms(model: LoadedModel, repeats: int = 5) -> float:
 
 
 class ModelRegistry:
-    """Every model version found under one folder; not ready if any failed to load."""
+    """Every model version found under one folder, or the versions the desired state
+    (service.lifecycle) lists; not ready until every one of those loaded at start.
+
+    Readers (requests, in the gevent loop) and the loaders (an OS thread) share it: every
+    change builds new dicts and swaps them in, so a reader sees one state or the next."""
 
     def __init__(self, models_dir: Path, default_model: str) -> None:
         self.models_dir = models_dir
         self.default_model = default_model
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
+        self.desired = Desired()
         self.errors: list[str] = ["models are still loading"]
+        # After start, versions that failed to load: reported, never a reason to be unready.
+        self.version_errors: dict[tuple[str, str], str] = {}
+        self._started = False
 
-    def load(self) -> None:
-        """(Re)scan the folder; models load all-or-nothing per version, errors are logged."""
-        models: dict[str, dict[str, LoadedModel]] = {}
-        errors: list[str] = []
+    def on_disk(self) -> tuple[dict[str, dict[str, Path]], list[str]]:
+        """{name: {version: folder}} of every model folder, and the folders misnamed."""
+        found: dict[str, dict[str, Path]] = {}
+        errors = []
         folders = sorted(self.models_dir.glob("*/*/model.json")) if self.models_dir.is_dir() else []
         for meta_path in folders:
             folder = meta_path.parent
             if not (NAME_PATTERN.match(folder.parent.name) and NAME_PATTERN.match(folder.name)):
                 errors.append(f"{folder}: model names and versions are [A-Za-z0-9_.-]")
                 continue
-            try:
-                model = load_model(folder)
-            except ModelError as exc:
-                errors.append(str(exc))
-                continue
-            models.setdefault(model.name, {})[model.version] = model
-            log.info(
-                "loaded model %s version %s (sha256 %s, one-row predict %.3f ms)",
-                model.name, model.version, model.sha256[:12], model.predict_ms,
-            )  # fmt: skip
-        if not folders:
+            found.setdefault(folder.parent.name, {})[folder.name] = folder
+        return found, errors
+
+    def load(self, desired: Desired | None = None) -> None:
+        """(Re)load at start: every version on disk, or those `desired` lists; all-or-nothing
+        per version, errors logged; not ready while any failed."""
+        if desired is not None:
+            self.desired = desired
+        disk, errors = self.on_disk()
+        models: dict[str, dict[str, LoadedModel]] = {}
+        for name, versions in disk.items():
+            wanted = self.desired.plan(name).versions
+            for version, folder in versions.items():
+                if wanted is not None and version not in wanted:
+                    continue
+                try:
+                    model = self._loaded(name, version) or load_model(folder)
+                except ModelError as exc:
+                    errors.append(str(exc))
+                    continue
+                models.setdefault(model.name, {})[model.version] = model
+        if not disk:
             errors.append(f"no models found under {self.models_dir} (expected <name>/<version>/model.json)")
-        elif self.default_model not in models:
+        elif self.default_model not in models and self.desired.plan(self.default_model).versions != ():
             errors.append(f"default model {self.default_model!r} is not among the loaded models")
         for message in errors:
             if message not in self.errors:  # the background rescans repeat only what changed
                 log.error("model not served: %s", message)
-        self._models = models
-        self._latest = {name: versions[max(versions, key=_version_key)] for name, versions in models.items()}
+        self._swap(models)
         self.errors = errors
+        self._started = self.ready
+
+    def _loaded(self, name: str, version: str) -> LoadedModel | None:
+        return self._models.get(name, {}).get(version)
+
+    def _swap(self, models: dict[str, dict[str, LoadedModel]]) -> None:
+        for name, versions in models.items():
+            for version, model in versions.items():
+                if self._loaded(name, version) is None:
+                    log.info(
+                        "loaded model %s version %s (sha256 %s, one-row predict %.3f ms)",
+                        name, version, model.sha256[:12], model.predict_ms,
+                    )  # fmt: skip
+        for name, versions in self._models.items():
+            for version in versions:
+                if version not in models.get(name, {}):
+                    log.info("unloaded model %s version %s", name, version)
+        self._models = {name: versions for name, versions in models.items() if versions}
+        self._latest = {name: versions[max(versions, key=_version_key)] for name, versions in self._models.items()}
+
+    def apply(self, desired: Desired, _scan: bool = False) -> list[str]:
+        """Converge on `desired` after start (called when it changed, or to look for new
+        folders): load listed versions not loaded, unload those no longer listed, and load
+        new folders of models whose versions nobody listed. A version that fails to load
+        leaves the others serving; the errors are returned."""
+        if not self._started:
+            return ["models are still loading"]
+        self.desired = desired
+        disk, _ = self.on_disk()
+        models = {name: dict(versions) for name, versions in self._models.items()}
+        errors: list[str] = []
+        for name in sorted(set(disk) | set(models) | set(desired.models)):
+            wanted = desired.plan(name).versions
+            if wanted is None:  # every version on disk (new folders load on a change, or a scan)
+                target = set(models.get(name, {})) | set(disk.get(name, {}))
+            else:
+                target = set(wanted)
+            current = models.setdefault(name, {})
+            for version in sorted(set(current) - target):
+                del current[version]
+            for version in sorted(target - set(current)):
+                folder = disk.get(name, {}).get(version)
+                try:
+                    if folder is None:
+                        raise ModelError(f"{self.models_dir / name / version}: no such model folder")
+                    current[version] = load_model(folder)
+                    self.version_errors.pop((name, version), None)
+                except ModelError as exc:
+                    self.version_errors[(name, version)] = str(exc)
+                    errors.append(str(exc))
+        for message in errors:
+            log.error("model version not served: %s", message)
+        self._swap(models)
+        return errors
+
+    def load_version(self, name: str, version: str) -> LoadedModel:
+        """Verify and load one version from disk (not served until added); ModelError if it
+        cannot be, UnknownModel if there is no such folder."""
+        folder = self.models_dir / name / version
+        if not (NAME_PATTERN.match(name) and NAME_PATTERN.match(version)) or not (folder / "model.json").is_file():
+            raise UnknownModel(f"no model folder {name}/{version} under {self.models_dir}")
+        return self._loaded(name, version) or load_model(folder)
+
+    def add(self, model: LoadedModel) -> None:
+        """Serve one more version (loaded by load_version)."""
+        models = {name: dict(versions) for name, versions in self._models.items()}
+        models.setdefault(model.name, {})[model.version] = model
+        self.version_errors.pop((model.name, model.version), None)
+        self._swap(models)
 
     @property
     def ready(self) -> bool:
-        """All found models loaded, and the default model among them."""
+        """At start: every model to serve loaded, and the default model among them."""
         return bool(self._models) and not self.errors
 
-    def load_until_ready(self) -> None:
-        """Load now, then keep rescanning until every model has loaded."""
+    def load_until_ready(self, desired: Callable[[], Desired | None] | None = None) -> None:
+        """Load now (the versions `desired()` lists, if it can say), then keep rescanning
+        until every model has loaded."""
+        known = desired() if desired else None
+        if known is not None:
+            self.desired = known
         self.load()
         self.retry_until_ready()
 
@@ -238,16 +332,45 @@ class ModelRegistry:
             raise UnknownModel(f"model {name!r} not found")
         return sorted(self._models[name], key=_version_key)
 
-    def get(self, name: str, version: str | None = None) -> LoadedModel:
-        """The named model, its latest version unless one is asked for."""
+    def plan(self, name: str) -> ModelPlan:
+        """The model's desired plan (versions and version policy)."""
+        return self.desired.plan(name)
+
+    def split(self, name: str) -> bool:
+        """Whether unversioned requests of `name` are split between versions now."""
+        return split_in_effect(self.desired.plan(name))
+
+    def get(self, name: str, version: str | None = None, routing_key: str | None = None) -> LoadedModel:
+        """The named version, or the one the model's version policy gives an unversioned
+        request (`routing_key` keeps a client on one version of a split)."""
+        versions = self._models.get(name)
         if version is None:
-            model = self._latest.get(name)
-            if model is None:
+            if not versions:
                 raise UnknownModel(f"model {name!r} not found")
-            return model
-        model = self._models.get(name, {}).get(version)
+            plan = self.desired.plan(name)
+            if not plan.weights and plan.default not in versions:
+                return self._latest[name]
+            chosen = choose_version(name, plan, sorted(versions, key=_version_key), routing_key)
+            return versions[chosen] if chosen else self._latest[name]
+        model = (versions or {}).get(version)
         if model is None:
-            if name not in self._models:
+            if not versions:
                 raise UnknownModel(f"model {name!r} not found")
             raise UnknownModel(f"model {name!r} has no version {version!r}")
         return model
+
+    def index(self) -> list[dict[str, str]]:
+        """Every version on disk or loaded: READY, or UNAVAILABLE with the reason."""
+        disk, _ = self.on_disk()
+        rows = []
+        for name in sorted(set(disk) | set(self._models)):
+            wanted = self.desired.plan(name).versions
+            for version in sorted(set(disk.get(name, {})) | set(self._models.get(name, {})), key=_version_key):
+                if version in self._models.get(name, {}):
+                    rows.append({"name": name, "version": version, "state": "READY", "reason": ""})
+                    continue
+                reason = self.version_errors.get((name, version)) or (
+                    "unloaded" if wanted is not None and version not in wanted else "not loaded"
+                )
+                rows.append({"name": name, "version": version, "state": "UNAVAILABLE", "reason": reason})
+        return rows

@@ -24,13 +24,43 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     texts = {
         400: "Malformed JSON, wrong shape, type or non-finite number",
+        403: "Operator route, refused on the balancer's public listener",
         404: "Unknown model or version",
+        409: "The change conflicts with the version policy (nothing changed)",
+        422: "The model version failed verification or loading (nothing changed)",
         413: "Body or batch too large",
         415: "Content-Type is not JSON",
         429: "Rate limited (from the balancer)",
         503: "Not ready or overloaded",
     }
     return {str(c): _json(_ERROR, texts[c]) for c in codes}
+
+
+_ANY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": _PATTERN}}
+_PARAMETERS = {
+    "type": "object",
+    "properties": {"parameters": {"type": "object", "properties": {
+        "version": {"type": "string"}, "weight": {"type": "integer", "minimum": 0, "maximum": 100}}}},
+}  # fmt: skip
+_POLICY = {
+    "type": "object",
+    "properties": {"default": {"type": "string"},
+                   "weights": {"type": "object", "additionalProperties": {"type": "integer"}}},
+}  # fmt: skip
+_CHANGED = {"type": "object", "required": ["generation", "model", "versions"]}
+
+
+def _operator(summary: str, name: dict[str, Any] | None, request: dict[str, Any],
+              response: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """A model repository route: served on the balancer's internal listener only."""
+    op: dict[str, Any] = {
+        "summary": f"{summary} (operator route: refused on the balancer's public listener)",
+        "requestBody": {"required": False, "content": {"application/json": {"schema": request}}},
+        "responses": {"200": _json(response, "OK"), **_errors(400, 403, 404, 409, 422, 503)},
+    }
+    if name:
+        op["parameters"] = [name]
+    return {"post": op}
 
 
 def _get(summary: str, schema: dict[str, Any], *codes: int, params: list[Any] | None = None) -> dict[str, Any]:
@@ -225,6 +255,33 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
             "/v2/models/{name}/versions/{version}/infer": _post(
                 "Open Inference Protocol infer on a version", "V2InferRequest", "V2InferResponse", [_NAME, _VERSION]
             ),
+            "/v2/repository/index": _operator(
+                "Every model version on disk or served, and its state",
+                None,
+                {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+                {"type": "array", "items": {"type": "object"}},
+            ),  # fmt: skip
+            "/v2/repository/models/{name}/load": _operator(
+                "Load a model (or one version, optionally with a share of unversioned requests) on every replica",
+                _ANY_NAME,
+                _PARAMETERS,
+                _CHANGED,
+            ),
+            "/v2/repository/models/{name}/unload": _operator(
+                "Unload a model (or one version) on every replica", _ANY_NAME, _PARAMETERS, _CHANGED
+            ),
+            "/v2/repository/models/{name}/policy": _operator(
+                "Which version unversioned requests get: a default and weights between versions",
+                _ANY_NAME,
+                _POLICY,
+                _CHANGED,
+            ),
+            "/v2/repository/status": {
+                "get": {
+                    "summary": "The desired model state and the generation each worker serves (operator route)",
+                    "responses": {"200": _json({"type": "object"}, "OK"), **_errors(403, 503)},
+                }
+            },
         },
         "components": {"schemas": _SCHEMAS},
     }

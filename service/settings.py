@@ -179,6 +179,23 @@ class ModelSettings(_Group):
     max_batch_rows: int = setting(
         "SERVICE_MAX_BATCH_ROWS", 1024, "Most rows one prediction request may carry.", check=positive
     )
+    repository_poll_s: float = setting(
+        "SERVICE_REPOSITORY_POLL_S", 1.0,
+        "How often each worker reads the desired model state (loads, unloads, version policy) from Redis and "
+        "converges on it; 0: never (each replica serves what it loaded at start, and the repository routes "
+        "answer 503).", check=non_negative,
+    )  # fmt: skip
+    models_poll_s: float = setting(
+        "SERVICE_MODELS_POLL_S", 0.0,
+        "Rescan SERVICE_MODELS_DIR this often and load new <name>/<version>/ folders of models whose versions "
+        "no operator has listed (a load or unload of one version lists them); 0: only at start and when the "
+        "desired model state changes.",
+        check=non_negative,
+    )  # fmt: skip
+    routing_key_header: str = setting(
+        "SERVICE_ROUTING_KEY_HEADER", "X-Routing-Key",
+        "Request header whose value keeps a client on one version of a model split between versions.",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -293,6 +310,12 @@ class Settings:
             batch_max_rows=int(from_model_json.get("batch_max_rows", self.batching.max_rows)),
             batch_max_wait_ms=float(from_model_json.get("batch_max_wait_ms", self.batching.max_wait_ms)),
         )
+
+    def cache_declared_off(self, model: str, from_model_json: Mapping[str, Any]) -> bool:
+        """Whether caching this model's answers is declared off (SERVICE_CACHE_POLICY or its
+        model.json), not merely not worth it or without Redis: then nobody may reuse them."""
+        declared = self.cache.policy.explicit(model) or from_model_json.get("cache_policy") or self.cache.policy.default
+        return declared == "off"
 
     def flat(self) -> dict[str, str]:
         """Every setting as `group.field` → its value as text (reports, logs)."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.cache import ResultCache
 from service.inference import Predictor
+from service.lifecycle import RepositoryStore
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.settings import Settings
@@ -25,6 +26,10 @@ class ServiceState:
     closing: bool = False  # after the drain delay: every request but /healthz gets a 503
     # Whether this replica's other workers have loaded their models too (gunicorn).
     peers_ready: Callable[[], bool] = lambda: True
+    # The shared desired model state (None: no Redis, or SERVICE_REPOSITORY_POLL_S=0).
+    repository: Callable[[], RepositoryStore] | None = None
+    # (model, version) -> whether its caching is declared off (no L1 reuse either).
+    caching_declared_off: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def is_ready(self) -> bool:
         """Every model found has loaded (in every worker), and not draining."""

@@ -199,6 +199,7 @@ class Outcome:
     seconds: float = 0.0
     cache: str = ""  # X-Cache
     body: int = 0  # which of the load's bodies
+    version: str = ""  # X-Model-Version
 
 
 class PacedLoad:
@@ -234,12 +235,13 @@ class PacedLoad:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def _request(self, connection: http.client.HTTPConnection, body: bytes) -> tuple[str, str, bool, str]:
+    def _request(self, connection: http.client.HTTPConnection, body: bytes) -> tuple[str, str, bool, str, str]:
         connection.request("POST", self.path, body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         data = response.read()
         ok = response.status == 200 and b'"predictions"' in data
-        return str(response.status), response.getheader("X-Served-By", ""), ok, response.getheader("X-Cache", "")
+        return (str(response.status), response.getheader("X-Served-By", ""), ok, response.getheader("X-Cache", ""),
+                response.getheader("X-Model-Version", ""))  # fmt: skip
 
     def _connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=30, source_address=self.source_address)
@@ -255,14 +257,14 @@ class PacedLoad:
                 body = sent % len(self.bodies)
                 sent += 1
                 try:
-                    outcome, served_by, ok, cache = self._request(connection, self.bodies[body])
+                    outcome, served_by, ok, cache, version = self._request(connection, self.bodies[body])
                 except (OSError, http.client.HTTPException) as exc:
-                    outcome, served_by, ok, cache = type(exc).__name__, "", False, ""
+                    outcome, served_by, ok, cache, version = type(exc).__name__, "", False, "", ""
                     connection.close()
                     connection = self._connect()
                 with self._lock:
                     self.results.append(
-                        Outcome(started, outcome, served_by, ok, time.monotonic() - started, cache, body)
+                        Outcome(started, outcome, served_by, ok, time.monotonic() - started, cache, body, version)
                     )
                 next_at += self.interval_s
                 self._stop.wait(max(0.0, next_at - time.monotonic()))

@@ -155,3 +155,12 @@ def test_a_rate_limited_client_is_limited_for_cached_answers_too(cluster):
         session.mount("http://", SourceAddressAdapter("127.0.0.2"))
         statuses = [post(cluster, V1, body, session=session).status_code for _ in range(30)]
     assert statuses.count(200) <= 5 + 1 + 2 and statuses.count(429) >= 20, statuses
+
+
+def test_a_model_whose_caching_is_declared_off_is_never_micro_cached(start_cluster):
+    other = start_cluster(1, BALANCER_L1_CACHE="on", SERVICE_CACHE_POLICY="iris=off,*=on")
+    body = {"instances": [[6.1, 2.8, 4.7, 1.2]]}
+    answers = [requests.post(other.url + V1, json=body, timeout=10) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200] * 4
+    assert "HIT" not in [a.headers.get("X-L1-Cache") for a in answers]
+    assert "X-Accel-Expires" not in answers[0].headers, "nginx keeps the replica's instruction to itself"

@@ -232,3 +232,42 @@ def test_a_closing_replica_answers_503_except_liveness(client):
     refused = client.post("/predict", json={"features": SETOSA})
     assert refused.status_code == 503 and "shutting down" in refused.json["error"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_the_model_repository_routes_answer_json_and_need_redis_to_change_anything(client):
+    index = client.post("/v2/repository/index")
+    assert index.status_code == 200
+    assert {(r["name"], r["version"], r["state"]) for r in index.json} >= {("iris", "1", "READY")}
+    assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
+    # Without Redis no replica could tell the others: refused, nothing loaded or unloaded.
+    for path, body in (("/v2/repository/models/iris/load", {"parameters": {"version": "1"}}),
+                       ("/v2/repository/models/iris/unload", None)):  # fmt: skip
+        refused = client.post(path, json=body)
+        assert refused.status_code == 503 and "needs Redis" in refused.json["error"], path
+    assert client.get("/v2/repository/status").status_code == 503
+    assert client.post("/v1/models/iris:predict", json={"instances": [SETOSA]}).status_code == 200
+    bad = [
+        ("/v2/repository/models/iris/load", b"{", 400),
+        ("/v2/repository/models/iris/load", b'{"parameters": []}', 400),
+        ("/v2/repository/models/iris/load", b'{"parameters": {"weight": 10}}', 400),
+        ("/v2/repository/models/iris/policy", b'{"weights": {"1": 100}, "colour": "red"}', 400),
+        ("/v2/repository/models/nosuch/policy", b'{"default": "latest"}', 404),
+        ("/v2/repository/models/nosuch/unload", b"", 404),
+    ]
+    for path, body, status in bad:
+        answer = client.post(path, data=body, content_type="application/json")
+        assert answer.status_code == status and "error" in answer.json, (path, body, answer.json)
+
+
+def test_an_answer_drawn_from_a_split_tells_the_balancer_not_to_reuse_it(client):
+    from service.lifecycle import Desired, ModelPlan
+
+    registry = client.application.extensions["prediction"].registry
+    plain = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]})
+    assert "X-Accel-Expires" not in plain.headers
+    registry.desired = Desired(1, {"iris": ModelPlan(weights={"1": 50, "0": 50})})
+    split = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]})
+    assert split.headers["X-Accel-Expires"] == "0"
+    pinned = client.post("/v2/models/iris/versions/1/infer", json={
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]})  # fmt: skip
+    assert pinned.status_code == 200 and "X-Accel-Expires" not in pinned.headers
