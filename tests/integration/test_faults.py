@@ -291,6 +291,7 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(cluster, tmp_path)
     tail = result.stdout[-3000:]
     print(tail)
     assert result.returncode == 0, tail
-    assert "16/16" in result.stdout, "every operation of the OpenAPI document was tested"
+    # Every operation but the five model repository routes.
+    assert "Selected: 16/21" in result.stdout and "Tested: 16" in result.stdout, "every other operation was tested"
     failed = [line for line in _access_log(cluster)[log_mark:] if line["status"] >= 500]
     assert failed == [], "no 5xx, from nginx or a replica, during the whole matrix"

@@ -61,8 +61,15 @@ def single(start_cluster):
 @pytest.fixture(scope="module")
 def sharded(start_cluster):
     """A Redis Cluster of 3 primaries; one gunicorn worker per replica, so a test can
-    follow one worker's connections to every node."""
-    return start_cluster(2, CLUSTER_REDIS_TOPOLOGY="cluster", CLUSTER_REDIS_PASSWORD=PASSWORD, SERVICE_WORKERS="1")
+    follow one worker's connections to every node, and no other Redis traffic."""
+    return start_cluster(
+        2,
+        CLUSTER_REDIS_TOPOLOGY="cluster",
+        CLUSTER_REDIS_PASSWORD=PASSWORD,
+        SERVICE_WORKERS="1",
+        # No model repository polls: the round-trip test counts every read.
+        SERVICE_REPOSITORY_POLL_S="0",
+    )
 
 
 @pytest.fixture(scope="module")

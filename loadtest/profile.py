@@ -1,0 +1,174 @@
+"""Where a replica's CPU goes: CPU per request of one replica worker against a minimal
+Flask app doing the same predict, measured side by side, and a py-spy profile of the
+replica under the same load.
+
+    python -m loadtest.profile [--model iris] [--hit-ratio 0] [--seconds 8] [--rounds 2]
+
+Both run as one gunicorn gevent worker on loopback, loaded directly (no nginx) by wrk
+with the benchmark's payloads (each request a pool row with probability --hit-ratio, or
+a row never sent before); the replica is a real local cluster of one replica with its
+Redis. CPU per request is the worker's CPU time (from /proc) over the requests wrk
+completed, in a run without the profiler; the profile is a separate run under py-spy
+(`pip install py-spy`; root, or ptrace allowed). Prints a table and the functions with
+the most samples; writes the raw stacks (flamegraph.pl or speedscope read them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtest.generators import write_wrk_payloads, wrk_argv
+from loadtest.parsers import parse_wrk
+from loadtest.payloads import Mix
+from localcluster import Cluster, Ports, free_port
+from localcluster.cluster import DEFAULT_SLOTS
+from localcluster.processes import children, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+MINIMAL_APP = '''"""The reference: the least a Flask app behind gunicorn's gevent worker does for a prediction."""
+import joblib
+import numpy as np
+from flask import Flask, jsonify, request
+
+model = joblib.load({artifact!r})
+classes = {classes!r}
+app = Flask(__name__)
+
+
+@app.post("/v1/models/<name>:predict")
+def predict(name):
+    rows = np.asarray(request.get_json()["instances"], dtype=float)
+    proba = model.predict_proba(rows)
+    labels = [classes[i] for i in proba.argmax(axis=1)]
+    return jsonify(predictions=labels, probabilities=proba.tolist())
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def only_worker(master: int) -> int:
+    """The one worker of a gunicorn master."""
+    return int(wait_until(lambda: [pid for pid, _ in children(master)], 30, "the gunicorn worker")[0])
+
+
+def measure(url: str, worker: int, args: argparse.Namespace, out: Path, tag: str,
+            profile: bool = False) -> dict[str, float]:  # fmt: skip
+    """One wrk run against `url`: req/s and the worker's CPU ms per request."""
+    mix = Mix(pool_size=1000, hit_ratio=args.hit_ratio, skew="zipf")
+    payloads = write_wrk_payloads(out / f"{tag}.lua", args.model, mix, random.SystemRandom().randint(10**5, 10**6))
+    spy = None
+    if profile:
+        spy = subprocess.Popen(
+            [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(worker),
+             "-d", str(round(args.seconds)), "-r", "250", "-f", "raw", "-o", str(out / "replica.stacks.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1)
+    before = cpu_seconds(worker)
+    result = subprocess.run(wrk_argv(url, args.connections, args.seconds), capture_output=True, text=True,
+                            env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=args.seconds + 60)  # fmt: skip
+    used = cpu_seconds(worker) - before
+    if spy is not None:
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode != 0:
+            raise SystemExit(f"py-spy failed: {err.strip()}")
+    parsed = parse_wrk(result.stdout)
+    errors = parsed["non_2xx"] + parsed["socket_errors"]
+    if errors:
+        raise SystemExit(f"{tag}: {errors} failed requests:\n{result.stdout}")
+    return {"rps": parsed["rps"], "cpu_ms": 1000 * used / max(parsed["requests"], 1)}
+
+
+def top_functions(stacks: Path, count: int = 25) -> list[tuple[str, float, float]]:
+    """(function, % of samples on CPU in it, % with it on the stack) from py-spy's raw output."""
+    self_time: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in stacks.read_text().splitlines():
+        stack, _, weight = line.rpartition(" ")
+        if not stack or not weight.isdigit():
+            continue
+        # "function (file:line)": one entry per function, whichever line was running
+        frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";") if f.strip()]
+        samples += int(weight)
+        self_time[frames[-1]] += int(weight)
+        for frame in set(frames):
+            total[frame] += int(weight)
+    return [(name, 100 * n / samples, 100 * total[name] / samples) for name, n in self_time.most_common(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.profile", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--model", default="iris")
+    parser.add_argument("--hit-ratio", type=float, default=0.0)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="minimal app and replica interleaved, this many times")
+    parser.add_argument("--no-profile", action="store_true", help="only the CPU per request")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    out = (args.out or ROOT / "reports" / f"profile-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    meta = __import__("json").loads((ROOT / "models" / args.model / "1" / "model.json").read_text())
+    (out / "minimal_app.py").write_text(MINIMAL_APP.format(artifact=str(ROOT / "models" / args.model / "1" /
+                                        meta["artifact"]), classes=meta["outputs"]["classes"]))  # fmt: skip
+    port = free_port()
+    minimal = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
+         "--keep-alive", "75", "--chdir", str(out), "--no-control-socket", "minimal_app:app"],
+        stdout=(out / "minimal.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    cluster = Cluster(out / "run", {**os.environ, "SERVICE_WORKERS": "1", "SERVICE_CACHE_POLICY": "auto"})
+    try:
+        cluster.start(1, Ports.auto(DEFAULT_SLOTS))
+        replica = cluster.status().component("replica-1")
+        targets = {
+            "minimal Flask + predict": (f"http://127.0.0.1:{port}", only_worker(minimal.pid)),
+            "replica": (f"http://127.0.0.1:{replica.port}", only_worker(replica.pid)),
+        }
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for round_no in range(args.rounds):
+            for name, (url, worker) in targets.items():
+                runs[name].append(measure(url, worker, args, out, f"{name.split()[0]}-{round_no}"))
+        print(f"{args.model}, {args.hit_ratio:.0%} hits, c={args.connections}, one gevent worker, "
+              f"{args.rounds} round(s) of {args.seconds:g} s (median)")  # fmt: skip
+        reference = statistics.median(r["cpu_ms"] for r in runs["minimal Flask + predict"])
+        for name, results in runs.items():
+            cpu = statistics.median(r["cpu_ms"] for r in results)
+            rps = statistics.median(r["rps"] for r in results)
+            print(f"  {name:<26} {rps:>8,.0f} req/s  {cpu:6.3f} ms CPU/request  {cpu / reference:5.2f}× minimal")
+        if not args.no_profile:
+            url, worker = targets["replica"]
+            measure(url, worker, args, out, "replica-profiled", profile=True)
+            print("\nreplica, py-spy (self % = samples in the function itself, total % = on the stack):")
+            for function, own, inclusive in top_functions(out / "replica.stacks.txt"):
+                print(f"  {own:5.1f} {inclusive:5.1f}  {function[:150]}")
+            print(f"\nraw stacks: {out / 'replica.stacks.txt'}")
+    finally:
+        cluster.stop()
+        os.killpg(minimal.pid, 15)
+        minimal.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
