@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="minimal app and replica interleaved, this many times")
+    parser.add_argument("--cache-policy", default="auto", help="the replica's SERVICE_CACHE_POLICY (auto decides "
+                        "per worker whether Redis pays for this model; off: the compute path alone)")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true", help="only the CPU per request")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
          "--keep-alive", "75", "--chdir", str(out), "--no-control-socket", "minimal_app:app"],
         stdout=(out / "minimal.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    cluster = Cluster(out / "run", {**os.environ, "SERVICE_WORKERS": "1", "SERVICE_CACHE_POLICY": "auto"})
+    cluster = Cluster(out / "run", {**os.environ, "SERVICE_WORKERS": "1", "SERVICE_CACHE_POLICY": args.cache_policy})
     try:
         cluster.start(1, Ports.auto(DEFAULT_SLOTS))
         replica = cluster.status().component("replica-1")
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             for name, (url, worker) in targets.items():
                 runs[name].append(measure(url, worker, args, out, f"{name.split()[0]}-{round_no}"))
-        print(f"{args.model}, {args.hit_ratio:.0%} hits, c={args.connections}, one gevent worker, "
+        print(f"{args.model}, {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, c={args.connections}, "
+              "one gevent worker, "
               f"{args.rounds} round(s) of {args.seconds:g} s (median)")  # fmt: skip
         reference = statistics.median(r["cpu_ms"] for r in runs["minimal Flask + predict"])
         for name, results in runs.items():

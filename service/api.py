@@ -7,10 +7,10 @@ Routes follow KServe V1, the Open Inference Protocol (V2 REST), and the tutorial
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import redis
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from service import __version__
 from service.http import json_response, label_model, request_id, state, wire
@@ -30,9 +30,11 @@ from service.lifecycle import (
 from service.models import LoadedModel, ModelError, UnknownModel
 from service.openapi import openapi_document
 from service.protocols import body, shortcut, v1, v2
+from service.state import ServiceState
 from service.validation import InputError, body_object, parse_json
 
 SERVER_NAME = "prediction-cluster"
+JSON = "application/json"
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
 
 T = TypeVar("T")
@@ -42,30 +44,81 @@ bp = Blueprint("api", __name__)
 wire(bp)  # the converter first: the routes below use it
 
 
-def _body() -> bytes:
+class Call(Protocol):
+    """One prediction request as the views need it, from Flask's request or (the fast
+    lane, service.fastlane) straight from the WSGI environ."""
+
+    request_id: str
+    mimetype: str
+    model_name: str  # the model the request named, once known (the metrics label)
+
+    def header(self, name: str) -> str | None:
+        """A request header, or None."""
+
+    def raw_body(self, limit: int) -> bytes:
+        """The body as sent; a 413 InputError beyond `limit` bytes."""
+
+
+class FlaskCall:
+    """The Call of the request Flask is handling."""
+
+    def __init__(self) -> None:
+        self.request_id = request_id()
+        self.mimetype = request.mimetype
+
+    @property
+    def model_name(self) -> str:
+        return str(g.get("model_label", ""))
+
+    @model_name.setter
+    def model_name(self, name: str) -> None:
+        label_model(name)
+
+    def header(self, name: str) -> str | None:
+        return request.headers.get(name)
+
+    def raw_body(self, limit: int) -> bytes:
+        return request.get_data(cache=False)  # MAX_CONTENT_LENGTH: a 413 beyond it
+
+
+# What a prediction view returns: the body, its headers, the content type and the model's
+# name (the metrics label).
+Answer = tuple[bytes, dict[str, str], str, str]
+
+
+def _body(current: ServiceState, call: Call) -> bytes:
     """The request body as the protocol codecs take it: a content type real clients send,
     decompressed (bounded by the body limit)."""
-    body.check_content_type(request.mimetype)
-    limit = state().settings.models.max_body_bytes
-    return body.decompress(request.get_data(cache=False), request.headers.get("Content-Encoding", ""), limit)
+    body.check_content_type(call.mimetype)
+    limit = current.settings.models.max_body_bytes
+    return body.decompress(call.raw_body(limit), call.header("Content-Encoding") or "", limit)
 
 
-def _model(name: str, version: str | None = None) -> LoadedModel:
+def _model(name: str, version: str | None = None, call: Call | None = None) -> LoadedModel:
     current = state()
+    model = _lookup(current, name, version, call)
+    label_model(model.name)
+    return model
+
+
+def _lookup(current: ServiceState, name: str, version: str | None, call: Call | None) -> LoadedModel:
     registry = current.registry
     try:
-        model = registry.get(name, version, request.headers.get(current.settings.models.routing_key_header))
+        key = call.header(current.settings.models.routing_key_header) if call is not None else None
+        model = registry.get(name, version, key)
     except UnknownModel as exc:
         if not registry.ready:
             # Perhaps a model that failed to load: say so rather than "not found".
             raise InputError(f"{exc}; replica not ready: {'; '.join(registry.errors)}", 503) from None
         raise InputError(str(exc), 404) from None
-    label_model(model.name)
+    if call is not None:
+        call.model_name = model.name
     return model
 
 
-def _prediction_headers(model: LoadedModel, prediction: Prediction, versioned: bool) -> dict[str, str]:
-    current = state()
+def _prediction_headers(
+    current: ServiceState, model: LoadedModel, prediction: Prediction, versioned: bool
+) -> dict[str, str]:
     current.metrics.count_version(model.name, model.version)
     headers = {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
     # The balancer's L1 must not reuse an answer whose version was drawn for this request
@@ -78,6 +131,12 @@ def _prediction_headers(model: LoadedModel, prediction: Prediction, versioned: b
     if declared_off or (not versioned and current.registry.split(model.name)):
         headers["X-Accel-Expires"] = "0"
     return headers
+
+
+def _flask_answer(answer: Answer) -> Response:
+    encoded, headers, content_type, model_name = answer
+    label_model(model_name)
+    return Response(encoded, headers=headers, content_type=content_type)
 
 
 def _output_names(model: LoadedModel) -> tuple[str, ...]:
@@ -141,22 +200,31 @@ def v1_model(name: str) -> Response:
 @bp.post("/v1/models/<model:name>:predict")
 def v1_predict(name: str) -> Response:
     """{"instances": [[...]]} → {"predictions": [...], "probabilities": [[...]]}."""
-    model = _model(name)
-    rows = v1.decode(_body(), model.width, state().settings.models.max_batch_rows)
-    prediction = state().predictor.predict(model, rows)
+    return _flask_answer(predict_v1(state(), FlaskCall(), name))
+
+
+def predict_v1(current: ServiceState, call: Call, name: str) -> Answer:
+    """KServe V1 predict (the Flask route and the fast lane)."""
+    model = _lookup(current, name, None, call)
+    rows = v1.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
+    prediction = current.predictor.predict(model, rows)
     encoded = v1.encode(prediction.labels, prediction.probabilities)
-    return Response(encoded, headers=_prediction_headers(model, prediction, False), mimetype="application/json")
+    return encoded, _prediction_headers(current, model, prediction, False), JSON, model.name
 
 
 @bp.post("/predict")
 def shortcut_predict() -> Response:
     """The tutorials' shortcut for the default model."""
-    current = state()
-    model = _model(current.settings.models.default_model)
-    rows = shortcut.decode(_body(), model.width, current.settings.models.max_batch_rows)
+    return _flask_answer(predict_shortcut(state(), FlaskCall()))
+
+
+def predict_shortcut(current: ServiceState, call: Call) -> Answer:
+    """The tutorials' /predict (the Flask route and the fast lane)."""
+    model = _lookup(current, current.settings.models.default_model, None, call)
+    rows = shortcut.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
     prediction = current.predictor.predict(model, rows)
     encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
-    return Response(encoded, headers=_prediction_headers(model, prediction, False), mimetype="application/json")
+    return encoded, _prediction_headers(current, model, prediction, False), JSON, model.name
 
 
 # --- Open Inference Protocol (V2 REST) --------------------------------------------------
@@ -218,11 +286,16 @@ def v2_model_ready(name: str, version: str | None = None) -> Response:
 @bp.post("/v2/models/<model:name>/versions/<model:version>/infer")
 def v2_infer(name: str, version: str | None = None) -> Response:
     """Inference with JSON tensors or Triton's binary tensor data."""
-    model = _model(name, version)
+    return _flask_answer(predict_v2(state(), FlaskCall(), name, version))
+
+
+def predict_v2(current: ServiceState, call: Call, name: str, version: str | None) -> Answer:
+    """Open Inference Protocol infer (the Flask route and the fast lane)."""
+    model = _lookup(current, name, version, call)
     names = _output_names(model)
-    parsed = v2.decode(_body(), request.headers.get(v2.HEADER_LENGTH), model.width,
-                       state().settings.models.max_batch_rows, names)  # fmt: skip
-    prediction = state().predictor.predict(model, parsed.rows)
+    parsed = v2.decode(_body(current, call), call.header(v2.HEADER_LENGTH), model.width,
+                       current.settings.models.max_batch_rows, names)  # fmt: skip
+    prediction = current.predictor.predict(model, parsed.rows)
     count = len(prediction.labels)
     outputs = []
     for output in parsed.outputs or names:
@@ -231,10 +304,10 @@ def v2_infer(name: str, version: str | None = None) -> Response:
         else:
             flat = [p for row in prediction.probabilities or [] for p in row]
             outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
-    call_id = parsed.request_id if parsed.request_id is not None else request_id()
+    call_id = parsed.request_id if parsed.request_id is not None else call.request_id
     encoded, headers, content_type = v2.encode(model.name, model.version, call_id, outputs, parsed.binary_outputs)
-    headers = {**headers, **_prediction_headers(model, prediction, version is not None)}
-    return Response(encoded, headers=headers, content_type=content_type)
+    headers = {**headers, **_prediction_headers(current, model, prediction, version is not None)}
+    return encoded, headers, content_type, model.name
 
 
 # --- the model repository (operator routes: the balancer serves them on its internal

@@ -13,6 +13,7 @@ from flask import Flask
 
 from service.api import bp
 from service.cache import ResultCache, open_result_cache, redis_client
+from service.fastlane import FastLane
 from service.inference import Predictor
 from service.lifecycle import Converger, Desired, RepositoryStore
 from service.metrics import Metrics
@@ -125,4 +126,6 @@ def create_app(
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
     app.register_blueprint(bp)
+    # The prediction routes without Flask's per-request machinery (service/fastlane.py).
+    app.wsgi_app = FastLane(app.wsgi_app, app.extensions["prediction"])  # type: ignore[method-assign]
     return app

@@ -1,0 +1,132 @@
+"""The fast lane: the prediction routes served straight from the WSGI environ.
+
+A profile of a replica under load (python -m loadtest.profile) put about a third of its
+CPU in Flask's request machinery (request contexts, hooks, URL matching, response
+objects) and a fifth in the prediction itself. This middleware, wrapped around the Flask
+app's `wsgi_app`, answers POSTs to the four prediction routes with the same view
+functions (service.api's predict_*) and does what the Flask hooks do for them: the
+request id, the 503 while the replica closes, X-Served-By, JSON errors, the request
+metrics (same labels). Every other request, and any other method on these paths, goes
+to Flask unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+
+from service.api import JSON, Answer, predict_shortcut, predict_v1, predict_v2
+from service.http import REQUEST_ID_PATTERN
+from service.models import NAME_REGEX
+from service.state import ServiceState
+from service.validation import InputError
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+# (path pattern, the Flask rule it stands for: the metrics' route label, the handler)
+ROUTES: list[tuple[re.Pattern[str], str, Callable[..., Answer]]] = [
+    (re.compile(f"^/v1/models/({NAME_REGEX}):predict$"), "/v1/models/<model:name>:predict",
+     lambda st, call, m: predict_v1(st, call, m.group(1))),
+    (re.compile(f"^/v2/models/({NAME_REGEX})/infer$"), "/v2/models/<model:name>/infer",
+     lambda st, call, m: predict_v2(st, call, m.group(1), None)),
+    (re.compile(f"^/v2/models/({NAME_REGEX})/versions/({NAME_REGEX})/infer$"),
+     "/v2/models/<model:name>/versions/<model:version>/infer",
+     lambda st, call, m: predict_v2(st, call, m.group(1), m.group(2))),
+    (re.compile("^/predict$"), "/predict", lambda st, call, m: predict_shortcut(st, call)),
+]  # fmt: skip
+REASONS = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
+
+
+class EnvironCall:
+    """service.api.Call from the WSGI environ."""
+
+    def __init__(self, environ: dict[str, Any], request_id: str) -> None:
+        self.environ = environ
+        self.request_id = request_id
+        self.mimetype = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        self.model_name = ""
+
+    def header(self, name: str) -> str | None:
+        value = self.environ.get("HTTP_" + name.upper().replace("-", "_"))
+        return str(value) if value is not None else None
+
+    def raw_body(self, limit: int) -> bytes:
+        stream = self.environ["wsgi.input"]
+        length = self.environ.get("CONTENT_LENGTH")
+        if length:
+            try:
+                size = int(length)
+            except ValueError:
+                raise InputError("Content-Length is not a number") from None
+            if size > limit:
+                raise InputError("request body too large", 413)
+            return bytes(stream.read(size))
+        data = bytes(stream.read(limit + 1))  # chunked: read to the end, no further than the limit
+        if len(data) > limit:
+            raise InputError("request body too large", 413)
+        return data
+
+
+class FastLane:
+    """WSGI middleware: prediction POSTs here, everything else to `app`."""
+
+    def __init__(self, app: WsgiApp, current: ServiceState) -> None:
+        self.app = app
+        self.state = current
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return self.app(environ, start_response)
+        path = environ.get("PATH_INFO", "")
+        for pattern, rule, handler in ROUTES:
+            match = pattern.match(path)
+            if match is not None:
+                return self._serve(environ, start_response, rule, handler, match)
+        return self.app(environ, start_response)
+
+    def _serve(self, environ: dict[str, Any], start_response: StartResponse, rule: str,
+               handler: Callable[..., Answer], match: re.Match[str]) -> Iterable[bytes]:  # fmt: skip
+        current = self.state
+        started = time.perf_counter()
+        metrics = current.metrics
+        metrics.in_flight.inc()
+        incoming = environ.get("HTTP_X_REQUEST_ID", "")
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        call = EnvironCall(environ, request_id)
+        try:
+            if current.closing:
+                raise InputError("replica shutting down: retry on another replica", 503)
+            body, headers, content_type, _ = handler(current, call, match)
+            status = 200
+        except InputError as exc:
+            status, body, headers, content_type = exc.status, orjson.dumps({"error": str(exc)}), {}, JSON
+        except Exception:  # noqa: BLE001 - a JSON 500, the stack trace in the log only
+            log.exception("unhandled error on POST %s", path_of(environ))
+            status, body, headers, content_type = 500, orjson.dumps({"error": "internal error"}), {}, JSON
+        finally:
+            metrics.in_flight.dec()
+        response_headers = [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            *headers.items(),
+            ("X-Request-ID", request_id),
+            ("X-Served-By", current.settings.server.replica_id),
+        ]
+        metrics.observe_request(call.model_name, rule, status, time.perf_counter() - started)
+        start_response(REASONS.get(status, f"{status} Error"), response_headers)
+        return [body]
+
+
+def path_of(environ: dict[str, Any]) -> str:
+    """The request's path, for a log line."""
+    return str(environ.get("PATH_INFO", ""))
