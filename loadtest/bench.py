@@ -43,6 +43,7 @@ from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
+from service.redis_url import RedisUrlError, parse_redis_url
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -451,8 +452,11 @@ def print_targets(targets: list[dict[str, Any]]) -> str:
 
 
 def _redacted(value: str) -> str:
-    """A Redis URL without its password."""
-    return re.sub(r"(redis[s]?://[^:/@]*:)[^@]*@", r"\1***@", value)
+    """A setting's value, a Redis URL of any topology without its password."""
+    try:
+        return parse_redis_url(value).redacted
+    except RedisUrlError:
+        return value
 
 
 def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:

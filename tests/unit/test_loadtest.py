@@ -163,3 +163,14 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     shaken = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
     assert report.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
     assert "[1.50–2.40, 3 runs]" in bench.print_targets(list(targets.values()))
+
+
+def test_the_report_never_shows_a_redis_password_whatever_the_topology():
+    from loadtest.bench import _redacted
+
+    assert _redacted("redis://:s3cret@127.0.0.1:6390/0") == "redis://:***@127.0.0.1:6390/0"
+    assert (
+        _redacted("redis+cluster://:s3cret@127.0.0.1:1,127.0.0.1:2") == "redis+cluster://:***@127.0.0.1:1,127.0.0.1:2"
+    )
+    assert "s3cret" not in _redacted("redis+sentinel://u:s3cret@s1:26379/prediction/0")
+    assert _redacted("iris=off,*=auto") == "iris=off,*=auto"
