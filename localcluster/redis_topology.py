@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 
 from localcluster.ports import PORTS_PER_CLUSTER
+from localcluster.processes import redis_ping
 
 TOPOLOGIES = ("single", "cluster", "sentinel")
 CLUSTER_PRIMARIES = 3
@@ -150,8 +151,7 @@ def ready(topology: str, base_port: int, password: str) -> bool:
                     if len(sentinel.sentinel_sentinels(SENTINEL_SERVICE)) < SENTINELS - 1:
                         return False
             return True
-        with _client(base_port, password) as server:
-            return bool(server.ping())
+        return redis_ping(base_port, password)
     except (redis.RedisError, OSError):
         return False
 

@@ -7,12 +7,13 @@ Routes follow KServe V1, the Open Inference Protocol (V2 REST), and the tutorial
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast
 
-import redis
 from flask import Blueprint, Response, g, request
 
 from service import __version__
+from service.cache import REDIS_FAILURES
 from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.lifecycle import (
@@ -24,7 +25,6 @@ from service.lifecycle import (
     RepositoryStore,
     check_weights,
     choose_version,
-    new_plan,
     split_in_effect,
 )
 from service.models import LoadedModel, ModelError, UnknownModel
@@ -38,7 +38,6 @@ JSON = "application/json"
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
 
 T = TypeVar("T")
-REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 bp = Blueprint("api", __name__)
 wire(bp)  # the converter first: the routes below use it
@@ -81,9 +80,9 @@ class FlaskCall:
         return request.get_data(cache=False)  # MAX_CONTENT_LENGTH: a 413 beyond it
 
 
-# What a prediction view returns: the body, its headers, the content type and the model's
-# name (the metrics label).
-Answer = tuple[bytes, dict[str, str], str, str]
+# What a prediction view returns: the body, its headers and the content type (the model's
+# name, the metrics label, is on the Call).
+Answer = tuple[bytes, dict[str, str], str]
 
 
 def _body(current: ServiceState, call: Call) -> bytes:
@@ -134,8 +133,7 @@ def _prediction_headers(
 
 
 def _flask_answer(answer: Answer) -> Response:
-    encoded, headers, content_type, model_name = answer
-    label_model(model_name)
+    encoded, headers, content_type = answer
     return Response(encoded, headers=headers, content_type=content_type)
 
 
@@ -209,7 +207,7 @@ def predict_v1(current: ServiceState, call: Call, name: str) -> Answer:
     rows = v1.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
     prediction = current.predictor.predict(model, rows)
     encoded = v1.encode(prediction.labels, prediction.probabilities)
-    return encoded, _prediction_headers(current, model, prediction, False), JSON, model.name
+    return encoded, _prediction_headers(current, model, prediction, False), JSON
 
 
 @bp.post("/predict")
@@ -224,7 +222,7 @@ def predict_shortcut(current: ServiceState, call: Call) -> Answer:
     rows = shortcut.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
     prediction = current.predictor.predict(model, rows)
     encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
-    return encoded, _prediction_headers(current, model, prediction, False), JSON, model.name
+    return encoded, _prediction_headers(current, model, prediction, False), JSON
 
 
 # --- Open Inference Protocol (V2 REST) --------------------------------------------------
@@ -307,7 +305,7 @@ def predict_v2(current: ServiceState, call: Call, name: str, version: str | None
     call_id = parsed.request_id if parsed.request_id is not None else call.request_id
     encoded, headers, content_type = v2.encode(model.name, model.version, call_id, outputs, parsed.binary_outputs)
     headers = {**headers, **_prediction_headers(current, model, prediction, version is not None)}
-    return encoded, headers, content_type, model.name
+    return encoded, headers, content_type
 
 
 # --- the model repository (operator routes: the balancer serves them on its internal
@@ -420,7 +418,7 @@ def repository_load(name: str) -> Response:
     def change(desired: Desired) -> Desired:
         plan = desired.plan(name)
         if version is None:
-            return desired.with_plan(name, new_plan(plan, versions=None))
+            return desired.with_plan(name, replace(plan, versions=None))
         listed = set(plan.versions if plan.versions is not None else _served(name)) | {str(version)}
         weights = dict(plan.weights)
         if weight is not None:
@@ -428,9 +426,9 @@ def repository_load(name: str) -> Response:
                 raise PlanError(f"{name} is already split between versions ({dict(plan.weights)}); set the "
                                 "weights with the policy route instead")  # fmt: skip
             others = [v for v in _served(name) if v != str(version)]
-            base = choose_version(name, new_plan(plan, weights={}), others, None)
+            base = choose_version(name, replace(plan, weights={}), others, None)
             weights = {str(version): weight, **({base: 100 - weight} if base and weight < 100 else {})}
-        return desired.with_plan(name, new_plan(plan, versions=tuple(sorted(listed)), weights=weights))
+        return desired.with_plan(name, replace(plan, versions=tuple(sorted(listed)), weights=weights))
 
     return _changed(name, _change(change, loaded))
 
@@ -461,7 +459,7 @@ def repository_unload(name: str) -> Response:
             raise PlanError(f"version {gone} is {name}'s pinned default; change the policy first")
         remaining = tuple(v for v in served if v != gone)
         weights = {v: w for v, w in plan.weights.items() if v != gone}
-        return desired.with_plan(name, new_plan(plan, versions=remaining, weights=weights))
+        return desired.with_plan(name, replace(plan, versions=remaining, weights=weights))
 
     return _changed(name, _change(change))
 
@@ -488,7 +486,7 @@ def repository_policy(name: str) -> Response:
         if not isinstance(raw, dict):
             raise PlanError("weights must be an object of version: percent")
         weights = check_weights({str(k): v for k, v in raw.items()}, served)
-        return desired.with_plan(name, new_plan(plan, default=default, weights=weights))
+        return desired.with_plan(name, replace(plan, default=default, weights=weights))
 
     return _changed(name, _change(change))
 

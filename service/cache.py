@@ -224,8 +224,8 @@ def in_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
 # {node name: (node, {slot: indices of the keys in that slot})}
 NodeSlots = dict[str, tuple[ClusterNode, dict[int, list[int]]]]
 
-# What a failing cache raises (redis-py's cluster errors are not RedisErrors).
-_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+# What a failing Redis raises (redis-py's cluster errors are not RedisErrors).
+REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 # Replies that mean "ask again elsewhere" (slots moved), not "this node is failing".
 _REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)
@@ -270,7 +270,7 @@ class ClusterResultCache:
                 return None
             try:
                 self._cluster = self._connect()
-            except _FAILURES as exc:
+            except REDIS_FAILURES as exc:
                 log.debug("cannot reach the Redis Cluster: %s", exc)
                 self.breaker.record_failure()
                 return None
@@ -280,7 +280,7 @@ class ClusterResultCache:
             try:
                 self._cluster.nodes_manager.initialize()
                 self._stale = False
-            except _FAILURES as exc:
+            except REDIS_FAILURES as exc:
                 log.debug("cannot refresh the Redis Cluster's slot map: %s", exc)
         return self._cluster
 
@@ -330,7 +330,7 @@ class ClusterResultCache:
             self._stale = True
             breaker.record_success()  # it answered: alive, just not the owner any more
             return None
-        except _FAILURES as exc:
+        except REDIS_FAILURES as exc:
             log.debug("cache node %s failed: %s", name, exc)
             self._stale = True
             breaker.record_failure()
@@ -398,7 +398,7 @@ class ClusterResultCache:
                 continue
             try:
                 fastest = _fastest_ping(node.redis_connection, samples)
-            except _FAILURES:
+            except REDIS_FAILURES:
                 breaker.record_failure()
                 continue
             breaker.record_success()
@@ -411,21 +411,24 @@ class ClusterResultCache:
             self._cluster.close()
 
 
-def redis_client(url: str, timeout_s: float) -> Any:
-    """A plain client of the Redis REDIS_URL names (any topology), for single-key commands
-    (the model repository's record). A Redis Cluster client connects at once: the caller
-    handles the failure."""
+def redis_client(url: str, timeout_s: float, **pool: Any) -> Any:
+    """A client of the Redis REDIS_URL names, any topology: bounded timeouts and no
+    retries of its own (the caller's breaker or loop is the retry policy); `pool`: more
+    connection-pool options. A Redis Cluster client connects at once: the caller handles
+    the failure."""
     target = parse_redis_url(url)
-    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                               "retry": Retry(NoBackoff(), 0)}  # fmt: skip
+    # No retries: a retry doubles the wait, and the breaker decides when to try again.
+    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                                "retry": Retry(NoBackoff(), 0)}  # fmt: skip
     if target.topology == "single":
-        return redis.Redis.from_url(url, **options)
+        return redis.Redis.from_url(url, **timeouts, **pool)
     auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
     if target.topology == "sentinel":
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**options, "ssl": target.tls})
-        return sentinel.master_for(target.service_name, db=target.db, **auth, **options)
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**timeouts, "ssl": target.tls})
+        return sentinel.master_for(target.service_name, db=target.db, **auth, **timeouts, **pool)
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
-    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **auth, **options)
+    # A failed primary's slots do not stop the others.
+    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **auth, **timeouts, **pool)
 
 
 def open_result_cache(
@@ -439,38 +442,11 @@ def open_result_cache(
     on_change: Callable[[bool], None] | None = None,
 ) -> RedisResultCache | ClusterResultCache:
     """The result cache REDIS_URL names, connected lazily (Redis may be down at start)."""
-    target = parse_redis_url(url)
-    timeout_s = timeout_ms / 1000
-    common: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        # No retries: the breaker is the retry policy, and a retry doubles the wait.
-        "retry": Retry(NoBackoff(), 0),
-        "max_connections": max_connections,
-        "health_check_interval": 0,
-    }
+    connect = functools.partial(redis_client, url, timeout_ms / 1000, max_connections=max_connections,
+                                health_check_interval=0)  # fmt: skip
     breaker = CircuitBreaker(backoff_s, max_backoff_s, on_change=on_change)
-    if target.topology == "single":
-        return RedisResultCache(redis.Redis.from_url(url, **common), ttl_s=ttl_s, breaker=breaker)
-    auth: dict[str, Any] = {"username": target.username, "password": target.password}
-    if target.topology == "sentinel":
-        sentinel = Sentinel(
-            list(target.nodes),
-            sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                             "retry": Retry(NoBackoff(), 0), "ssl": target.tls},
-        )  # fmt: skip
-        client = sentinel.master_for(target.service_name, db=target.db, ssl=target.tls, **auth, **common)
-        return RedisResultCache(client, ttl_s=ttl_s, breaker=breaker)
-
-    def connect() -> RedisCluster:
-        return RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-            require_full_coverage=False,  # a failed primary's slots do not stop the others
-            ssl=target.tls,
-            **auth,
-            **common,
-        )
-
+    if parse_redis_url(url).topology != "cluster":
+        return RedisResultCache(connect(), ttl_s=ttl_s, breaker=breaker)
     return ClusterResultCache(
         connect,
         ttl_s=ttl_s,

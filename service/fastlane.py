@@ -106,12 +106,12 @@ class FastLane:
         try:
             if current.closing:
                 raise InputError("replica shutting down: retry on another replica", 503)
-            body, headers, content_type, _ = handler(current, call, match)
+            body, headers, content_type = handler(current, call, match)
             status = 200
         except InputError as exc:
             status, body, headers, content_type = exc.status, orjson.dumps({"error": str(exc)}), {}, JSON
         except Exception:  # noqa: BLE001 - a JSON 500, the stack trace in the log only
-            log.exception("unhandled error on POST %s", path_of(environ))
+            log.exception("unhandled error on POST %s", environ.get("PATH_INFO", ""))
             status, body, headers, content_type = 500, orjson.dumps({"error": "internal error"}), {}, JSON
         finally:
             metrics.in_flight.dec()
@@ -125,8 +125,3 @@ class FastLane:
         metrics.observe_request(call.model_name, rule, status, time.perf_counter() - started)
         start_response(REASONS.get(status, f"{status} Error"), response_headers)
         return [body]
-
-
-def path_of(environ: dict[str, Any]) -> str:
-    """The request's path, for a log line."""
-    return str(environ.get("PATH_INFO", ""))

@@ -21,7 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,13 @@ class Converger:
 
     def step(self) -> None:
         """One round; Redis failures are logged and the next round tries again."""
-        import redis
+        from service.cache import REDIS_FAILURES  # redis: only in the workers, after gevent's patch
 
         try:
             if self._store is None:
                 self._store = self._connect()
             desired = self._store.read()
-        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, ValueError) as exc:
+        except (*REDIS_FAILURES, ValueError) as exc:
             log.debug("model repository: cannot read the desired state: %s", exc)
             self._store = None
             return
@@ -206,7 +206,7 @@ class Converger:
             self.applied = desired.generation
         try:
             self._store.report(self.worker, self.applied, errors)
-        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.debug("model repository: cannot report: %s", exc)
             self._store = None
 
@@ -214,8 +214,3 @@ class Converger:
         while True:
             self.step()
             time.sleep(self.poll_s)
-
-
-def new_plan(plan: ModelPlan, **changes: Any) -> ModelPlan:
-    """`plan` with some fields changed."""
-    return replace(plan, **changes)
