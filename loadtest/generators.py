@@ -23,7 +23,7 @@ def _lua_string(text: str) -> str:
 
 def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: int = 50_000) -> Path:
     """The Lua data file wrk_mix.lua loads: pool bodies, pre-drawn choices, fresh-row templates."""
-    pool = [json.dumps({"instances": [pool_row(model, i)]}, separators=(",", ":")) for i in range(mix.pool_size)]
+    pool = pool_bodies(model, mix)
     tails = []
     for i in range(min(mix.pool_size, 64)):
         rest = ",".join(json.dumps(v) for v in pool_row(model, i)[1:])
@@ -40,6 +40,11 @@ def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: in
     ]
     path.write_text("\n".join(lua) + "\n")
     return path
+
+
+def pool_bodies(model: str, mix: Mix) -> list[str]:
+    """Each pool row as the exact single-row body wrk sends for it (the L1 keys on the bytes)."""
+    return [json.dumps({"instances": [pool_row(model, i)]}, separators=(",", ":")) for i in range(mix.pool_size)]
 
 
 def pool_batches(model: str, mix: Mix, batch_rows: int = 500) -> list[str]:

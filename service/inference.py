@@ -108,12 +108,16 @@ class Predictor:
                 self._deciding = False
             if round_trip is None:
                 return False  # Redis unavailable: bypass now, decide once it answers
-            cost = model.predict_ms
-            # A miss pays an MGET and a SET; a hit saves one predict.
+            # A miss pays an MGET and a SET; a hit saves the predict of one row. With batching
+            # that row shares a predict call with others when the replica is busy (when
+            # throughput counts), and saves only its share of one (models.BUSY_BATCH_ROWS).
+            batching = self._serving_for(model).batching
+            cost = model.batch_row_ms if batching else model.predict_ms
             decided = cost > 2 * round_trip
             log.info(
-                "cache auto for %s %s: predict %.3f ms vs two Redis round trips %.3f ms -> %s",
-                model.name, model.version, cost, 2 * round_trip, "on" if decided else "off",
+                "cache auto for %s %s: predict %.3f ms per row (%s) vs two Redis round trips %.3f ms -> %s",
+                model.name, model.version, cost, "in a busy batch" if batching else "alone", 2 * round_trip,
+                "on" if decided else "off",
             )  # fmt: skip
         self._uses_cache[key] = decided
         return decided

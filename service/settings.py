@@ -220,8 +220,9 @@ class CacheSettings(_Group):
     ttl_s: int = setting("SERVICE_CACHE_TTL_S", 3600, "How long a cached prediction lives in Redis.", check=positive)
     policy: PerModel = setting(
         "SERVICE_CACHE_POLICY", None,
-        "Cache per model: on, off or auto (cache only models whose predict costs more than a miss's two Redis "
-        "round trips), e.g. 'iris=off,*=auto'; a model.json `serving.cache_policy` sits between the two.",
+        "Cache per model: on, off or auto (cache only models whose predict of a row, with batching its share "
+        "of an 8-row batch, costs more than a miss's two Redis round trips), e.g. 'iris=off,*=auto'; a model.json "
+        "`serving.cache_policy` sits between the two. off also keeps the L1 from reusing the model's answers.",
         parse=per_model(CACHE_POLICIES, "auto"), factory=lambda: PerModel("auto"),
     )  # fmt: skip
     key_prefix: str = setting("SERVICE_CACHE_KEY_PREFIX", "pred", "Prefix of every cache key in Redis.")

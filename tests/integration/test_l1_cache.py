@@ -164,3 +164,17 @@ def test_a_model_whose_caching_is_declared_off_is_never_micro_cached(start_clust
     assert [a.status_code for a in answers] == [200] * 4
     assert "HIT" not in [a.headers.get("X-L1-Cache") for a in answers]
     assert "X-Accel-Expires" not in answers[0].headers, "nginx keeps the replica's instruction to itself"
+
+
+def test_the_benchmark_warms_its_pool_into_the_l1_with_the_bytes_wrk_sends(cluster):
+    """A 100 % hits point must be hits in the L1 too, not a replica's answer for every row's
+    first BALANCER_L1_MIN_USES requests (which once made the report's tails those of Python)."""
+    from loadtest.bench import warm_l1
+    from loadtest.generators import pool_bodies
+    from loadtest.payloads import Mix
+
+    mix = Mix(pool_size=20, hit_ratio=1.0, skew="zipf")  # warmed and checked within TTL_S
+    assert warm_l1(cluster.url, "iris", mix) == 20
+    states = [post(cluster, V1, body.encode()).headers["X-L1-Cache"]
+              for body in pool_bodies("iris", mix)]  # fmt: skip
+    assert states == ["HIT"] * 20

@@ -97,6 +97,23 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
     assert cache.reads == (1 if expected else 0)
 
 
+@pytest.mark.parametrize(("batching", "expected"), [(False, True), (True, False)])
+def test_auto_policy_weighs_what_a_hit_saves_a_busy_replica(models_dir, batching, expected):
+    """iris costs about as much for 8 rows as for one: with batching, a hit saves a busy
+    replica almost nothing, and a round trip that a lone predict would repay does not pay."""
+    from service.models import ModelRegistry
+
+    registry = ModelRegistry(models_dir, "iris")
+    registry.load()
+    model = registry.get("iris")
+    assert 0 < model.batch_row_ms < model.predict_ms / 3, (model.batch_row_ms, model.predict_ms)
+    between = (model.batch_row_ms * model.predict_ms) ** 0.5 / 2  # batch_row_ms < 2 × this < predict_ms
+    serving = ModelServing(cache_policy="auto", batching=batching, batch_max_rows=64, batch_max_wait_ms=5.0)
+    predictor = Predictor(FakeCache(between), Metrics(), "t", lambda model: serving)
+    predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
+    assert predictor.cache_decision(model) is expected
+
+
 class HalfCache:
     """A cache whose second row lives on a failing node: one row found, one UNAVAILABLE, one missing."""
 
