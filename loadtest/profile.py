@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
+import json
 import os
 import random
 import re
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from loadtest.generators import write_wrk_payloads, wrk_argv
@@ -37,6 +40,8 @@ from localcluster.processes import children, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MINIMAL = "minimal Flask + predict"
+REPLICA = "replica"
 
 MINIMAL_APP = '''"""The reference: the least a Flask app behind gunicorn's gevent worker does for a prediction."""
 import joblib
@@ -85,6 +90,7 @@ def measure(url: str, worker: int, args: argparse.Namespace, out: Path, tag: str
     result = subprocess.run(wrk_argv(url, args.connections, args.seconds), capture_output=True, text=True,
                             env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=args.seconds + 60)  # fmt: skip
     used = cpu_seconds(worker) - before
+    payloads.unlink()
     if spy is not None:
         _, err = spy.communicate(timeout=60)
         if spy.returncode != 0:
@@ -93,7 +99,35 @@ def measure(url: str, worker: int, args: argparse.Namespace, out: Path, tag: str
     errors = parsed["non_2xx"] + parsed["socket_errors"]
     if errors:
         raise SystemExit(f"{tag}: {errors} failed requests:\n{result.stdout}")
-    return {"rps": parsed["rps"], "cpu_ms": 1000 * used / max(parsed["requests"], 1)}
+    return {"rps": parsed["rps"], "cpu_ms": 1000 * used / max(parsed["requests"], 1), "command": " ".join(result.args)}
+
+
+@contextlib.contextmanager
+def side_by_side(out: Path, model: str, environ: Mapping[str, str]) -> Iterator[dict[str, tuple[str, int]]]:
+    """The minimal Flask app and a one-replica cluster with one worker (its settings from
+    `environ`), each as one gunicorn gevent worker: {name: (url, worker pid)}; stopped after."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((ROOT / "models" / model / "1" / "model.json").read_text())
+    (out / "minimal_app.py").write_text(MINIMAL_APP.format(artifact=str(ROOT / "models" / model / "1" /
+                                        meta["artifact"]), classes=meta["outputs"]["classes"]))  # fmt: skip
+    port = free_port()
+    minimal = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
+         "--keep-alive", "75", "--chdir", str(out), "--no-control-socket", "minimal_app:app"],
+        stdout=(out / "minimal.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    cluster = Cluster(out / "run", {**environ, "SERVICE_WORKERS": "1"})
+    try:
+        cluster.start(1, Ports.auto(DEFAULT_SLOTS))
+        replica = cluster.status().component("replica-1")
+        yield {
+            MINIMAL: (f"http://127.0.0.1:{port}", only_worker(minimal.pid)),
+            REPLICA: (f"http://127.0.0.1:{replica.port}", only_worker(replica.pid)),
+        }
+    finally:
+        cluster.stop()
+        os.killpg(minimal.pid, 15)
+        minimal.wait(timeout=30)
 
 
 def top_functions(stacks: Path, count: int = 25) -> list[tuple[str, float, float]]:
@@ -130,23 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "reports" / f"profile-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    meta = __import__("json").loads((ROOT / "models" / args.model / "1" / "model.json").read_text())
-    (out / "minimal_app.py").write_text(MINIMAL_APP.format(artifact=str(ROOT / "models" / args.model / "1" /
-                                        meta["artifact"]), classes=meta["outputs"]["classes"]))  # fmt: skip
-    port = free_port()
-    minimal = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
-         "--keep-alive", "75", "--chdir", str(out), "--no-control-socket", "minimal_app:app"],
-        stdout=(out / "minimal.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    cluster = Cluster(out / "run", {**os.environ, "SERVICE_WORKERS": "1", "SERVICE_CACHE_POLICY": args.cache_policy})
-    try:
-        cluster.start(1, Ports.auto(DEFAULT_SLOTS))
-        replica = cluster.status().component("replica-1")
-        targets = {
-            "minimal Flask + predict": (f"http://127.0.0.1:{port}", only_worker(minimal.pid)),
-            "replica": (f"http://127.0.0.1:{replica.port}", only_worker(replica.pid)),
-        }
+    environ = {**os.environ, "SERVICE_CACHE_POLICY": args.cache_policy}
+    with side_by_side(out, args.model, environ) as targets:
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for round_no in range(args.rounds):
             for name, (url, worker) in targets.items():
@@ -154,22 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model}, {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, c={args.connections}, "
               "one gevent worker, "
               f"{args.rounds} round(s) of {args.seconds:g} s (median)")  # fmt: skip
-        reference = statistics.median(r["cpu_ms"] for r in runs["minimal Flask + predict"])
+        reference = statistics.median(r["cpu_ms"] for r in runs[MINIMAL])
         for name, results in runs.items():
             cpu = statistics.median(r["cpu_ms"] for r in results)
             rps = statistics.median(r["rps"] for r in results)
             print(f"  {name:<26} {rps:>8,.0f} req/s  {cpu:6.3f} ms CPU/request  {cpu / reference:5.2f}× minimal")
         if not args.no_profile:
-            url, worker = targets["replica"]
+            url, worker = targets[REPLICA]
             measure(url, worker, args, out, "replica-profiled", profile=True)
             print("\nreplica, py-spy (self % = samples in the function itself, total % = on the stack):")
             for function, own, inclusive in top_functions(out / "replica.stacks.txt"):
                 print(f"  {own:5.1f} {inclusive:5.1f}  {function[:150]}")
             print(f"\nraw stacks: {out / 'replica.stacks.txt'}")
-    finally:
-        cluster.stop()
-        os.killpg(minimal.pid, 15)
-        minimal.wait(timeout=30)
     return 0
 
 
