@@ -115,21 +115,57 @@ def _lookup(current: ServiceState, name: str, version: str | None, call: Call | 
     return model
 
 
-def _prediction_headers(
-    current: ServiceState, model: LoadedModel, prediction: Prediction, versioned: bool
-) -> dict[str, str]:
-    current.metrics.count_version(model.name, model.version)
-    headers = {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
-    # The balancer's L1 must not reuse an answer whose version was drawn for this request
-    # (a split between versions), nor one of a model whose caching is off.
+def _reusable(current: ServiceState, model: LoadedModel, versioned: bool) -> bool:
+    """Whether the balancer's L1 may reuse this model's answer: not one whose version was
+    drawn for this request (a split between versions), nor one of a model whose caching
+    is declared off."""
     key = (model.name, model.version)
     declared_off = current.caching_declared_off.get(key)
     if declared_off is None:
         declared_off = current.settings.cache_declared_off(model.name, model.serving)
         current.caching_declared_off[key] = declared_off
-    if declared_off or (not versioned and current.registry.split(model.name)):
+    return not declared_off and (versioned or not current.registry.split(model.name))
+
+
+# How long past its TTL the balancer's L1 may still serve a kept answer while one request
+# refreshes it (Cache-Control stale-while-revalidate): bounded, so an entry whose refresh
+# fails, or comes back not reusable (a split began), stops being served.
+L1_STALE_S = 5
+L1_REUSE = f"stale-while-revalidate={L1_STALE_S}"
+
+
+def answer_etag(model: LoadedModel) -> str:
+    """What identifies the answers of a model version to a given request: the model's
+    bytes and this code's encoding of them (the same request, the same answer)."""
+    return f'"{model.name}/{model.version}/{model.sha256[:16]}/{__version__}"'
+
+
+def _prediction_headers(
+    current: ServiceState, model: LoadedModel, prediction: Prediction, versioned: bool
+) -> dict[str, str]:
+    current.metrics.count_version(model.name, model.version)
+    headers = {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
+    if _reusable(current, model, versioned):
+        headers["ETag"] = answer_etag(model)
+        headers["Cache-Control"] = L1_REUSE
+    else:
         headers["X-Accel-Expires"] = "0"
     return headers
+
+
+def unchanged(current: ServiceState, name: str, version: str | None, if_none_match: str) -> LoadedModel | None:
+    """The model whose answer to a request naming `name` (and `version`) would carry one of
+    the ETags in `if_none_match`, or None. The balancer's L1 revalidates an expired answer
+    this way (proxy_cache_revalidate): the same request, body included, so an unchanged
+    model means an unchanged answer, and a 304 spares parsing and predicting it."""
+    try:
+        model = current.registry.get(name, version)
+    except UnknownModel:
+        return None
+    if not _reusable(current, model, version is not None):
+        return None
+    wanted = answer_etag(model)
+    return model if any(tag.strip() == wanted for tag in if_none_match.split(",")) else None
 
 
 def _flask_answer(answer: Answer) -> Response:

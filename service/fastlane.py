@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from service.api import JSON, Answer, predict_shortcut, predict_v1, predict_v2
+from service.api import JSON, L1_REUSE, Answer, answer_etag, predict_shortcut, predict_v1, predict_v2, unchanged
 from service.http import REQUEST_ID_PATTERN
 from service.models import NAME_REGEX
 from service.state import ServiceState
@@ -33,16 +33,18 @@ log = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-# (path pattern, the Flask rule it stands for: the metrics' route label, the handler)
-ROUTES: list[tuple[re.Pattern[str], str, Callable[..., Answer]]] = [
+# (path pattern, the Flask rule it stands for: the metrics' route label, the handler,
+# the model and version it names)
+ROUTES: list[tuple[re.Pattern[str], str, Callable[..., Answer], Callable[..., tuple[str, str | None]]]] = [
     (re.compile(f"^/v1/models/({NAME_REGEX}):predict$"), "/v1/models/<model:name>:predict",
-     lambda st, call, m: predict_v1(st, call, m.group(1))),
+     lambda st, call, m: predict_v1(st, call, m.group(1)), lambda st, m: (m.group(1), None)),
     (re.compile(f"^/v2/models/({NAME_REGEX})/infer$"), "/v2/models/<model:name>/infer",
-     lambda st, call, m: predict_v2(st, call, m.group(1), None)),
+     lambda st, call, m: predict_v2(st, call, m.group(1), None), lambda st, m: (m.group(1), None)),
     (re.compile(f"^/v2/models/({NAME_REGEX})/versions/({NAME_REGEX})/infer$"),
      "/v2/models/<model:name>/versions/<model:version>/infer",
-     lambda st, call, m: predict_v2(st, call, m.group(1), m.group(2))),
-    (re.compile("^/predict$"), "/predict", lambda st, call, m: predict_shortcut(st, call)),
+     lambda st, call, m: predict_v2(st, call, m.group(1), m.group(2)), lambda st, m: (m.group(1), m.group(2))),
+    (re.compile("^/predict$"), "/predict", lambda st, call, m: predict_shortcut(st, call),
+     lambda st, m: (st.settings.models.default_model, None)),
 ]  # fmt: skip
 REASONS = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
@@ -88,11 +90,38 @@ class FastLane:
         if environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
         path = environ.get("PATH_INFO", "")
-        for pattern, rule, handler in ROUTES:
+        for pattern, rule, handler, names in ROUTES:
             match = pattern.match(path)
             if match is not None:
+                if "HTTP_IF_NONE_MATCH" in environ:
+                    answered = self._not_modified(environ, start_response, rule, *names(self.state, match))
+                    if answered is not None:
+                        return answered
                 return self._serve(environ, start_response, rule, handler, match)
         return self.app(environ, start_response)
+
+    def _not_modified(self, environ: dict[str, Any], start_response: StartResponse, rule: str, name: str,
+                      version: str | None) -> Iterable[bytes] | None:  # fmt: skip
+        """304 when the answer would carry the ETag the L1 revalidates (service.api.unchanged);
+        the body is never read. None: answer the request in full."""
+        current = self.state
+        if current.closing:
+            return None
+        started = time.perf_counter()
+        model = unchanged(current, name, version, environ["HTTP_IF_NONE_MATCH"])
+        if model is None:
+            return None
+        incoming = environ.get("HTTP_X_REQUEST_ID", "")
+        headers = [
+            ("ETag", answer_etag(model)),
+            ("Cache-Control", L1_REUSE),
+            ("X-Model-Version", model.version),
+            ("X-Request-ID", incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex),
+            ("X-Served-By", current.settings.server.replica_id),
+        ]
+        current.metrics.observe_request(model.name, rule, 304, time.perf_counter() - started)
+        start_response(REASONS[304], headers)
+        return []
 
     def _serve(self, environ: dict[str, Any], start_response: StartResponse, rule: str,
                handler: Callable[..., Answer], match: re.Match[str]) -> Iterable[bytes]:  # fmt: skip

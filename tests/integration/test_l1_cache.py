@@ -120,6 +120,38 @@ def test_answers_expire_after_the_ttl(cluster):
     assert refreshed
 
 
+def replica_304s(cluster) -> float:
+    """304s the replicas answered (the L1's revalidations), summed from every replica's metrics."""
+    total = 0.0
+    for component in cluster.status().components:
+        if component.kind == "replica":
+            text = requests.get(f"http://127.0.0.1:{component.port}/metrics", timeout=10).text
+            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("prediction_http_requests_total{") and 'status="304"' in line)  # fmt: skip
+    return total
+
+
+def test_an_expired_answer_is_revalidated_by_a_304_and_stays_the_same(cluster):
+    body = rows_body([5.7, 2.8, 4.1, 1.3])
+    answers = [post(cluster, V1, body) for _ in range(3)]
+    assert [a.headers["X-L1-Cache"] for a in answers] == ["MISS", "MISS", "HIT"]
+    assert answers[0].headers["ETag"].startswith('"iris/1/')
+    before = replica_304s(cluster)
+    # Asked for every 0.3 s (nginx drops entries unused for BALANCER_L1_TTL_S) until it
+    # expires (nginx counts whole seconds: TTL_S to TTL_S + 1 after it was stored). The first
+    # request after expiry gets the stale answer while nginx revalidates it in the
+    # background (If-None-Match: the ETag); the replica's 304 renews the entry.
+    states = []
+    while "STALE" not in states and len(states) < 15:
+        time.sleep(0.3)
+        states.append(post(cluster, V1, body).headers["X-L1-Cache"])
+    assert states[-1] == "STALE" and set(states[:-1]) <= {"HIT"}, states
+    wait_until(lambda: replica_304s(cluster) > before, 5, "the replica's 304")
+    # (nginx renews the entry just after the 304 arrives)
+    wait_until(lambda: post(cluster, V1, body).headers["X-L1-Cache"] == "HIT", 5, "the renewed entry")
+    assert post(cluster, V1, body).content == answers[0].content == fresh(cluster, V1, body).content
+
+
 def test_identical_concurrent_misses_send_one_request_to_a_replica(cluster):
     # digits' predict takes tens of ms: the 16 requests arrive while the first is computed.
     body = json.dumps({"instances": [[float((i * 5 + j) % 17) for j in range(64)] for i in range(8)]}).encode()
@@ -178,3 +210,37 @@ def test_the_benchmark_warms_its_pool_into_the_l1_with_the_bytes_wrk_sends(clust
     states = [post(cluster, V1, body.encode()).headers["X-L1-Cache"]
               for body in pool_bodies("iris", mix)]  # fmt: skip
     assert states == ["HIT"] * 20
+
+
+def test_a_split_that_begins_after_an_answer_was_kept_reaches_its_hot_keys(start_cluster, models_dir, tmp_path):
+    """An entry whose refresh comes back not reusable (a split began) is served stale only
+    for the replica's stale-while-revalidate, not for as long as it stays hot."""
+    import shutil
+
+    from service.api import L1_STALE_S
+
+    models = tmp_path / "models"
+    shutil.copytree(models_dir / "iris", models / "iris")
+    cluster = start_cluster(1, SERVICE_MODELS_DIR=str(models), SERVICE_REPOSITORY_POLL_S="0.3",
+                            BALANCER_L1_CACHE="on", BALANCER_L1_TTL_S="1")  # fmt: skip
+    body = rows_body([6.0, 2.2, 5.0, 1.5])
+    assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
+    shutil.copytree(models / "iris" / "1", models / "iris" / "2")
+    meta = json.loads((models / "iris" / "2" / "model.json").read_text())
+    (models / "iris" / "2" / "model.json").write_text(json.dumps({**meta, "version": "2"}))
+    loaded = requests.post(f"{cluster.internal_url}/v2/repository/models/iris/load",
+                           json={"parameters": {"version": "2", "weight": 50}}, timeout=60)  # fmt: skip
+    assert loaded.status_code == 200, loaded.text
+    wait_until(lambda: requests.get(f"{cluster.internal_url}/v2/repository/status", timeout=5).json()["converged"],
+               20, "the replica to serve the split")  # fmt: skip
+    # Kept hot (a request every 50 ms) past TTL + stale-while-revalidate: then every answer
+    # is the split's own (version 1 or 2, never reused), none the kept one.
+    deadline = time.monotonic() + 1 + L1_STALE_S + 3
+    answers = []
+    while time.monotonic() < deadline:
+        answer = post(cluster, V1, body)
+        answers.append((time.monotonic(), answer.headers["X-L1-Cache"], answer.headers["X-Model-Version"]))
+        time.sleep(0.05)
+    late = [a for a in answers if a[0] > deadline - 2]
+    assert late and all(state in ("MISS", "EXPIRED", "BYPASS") for _, state, _ in late), late[:5]
+    assert {version for _, _, version in late} == {"1", "2"}, late

@@ -271,3 +271,35 @@ def test_an_answer_drawn_from_a_split_tells_the_balancer_not_to_reuse_it(client)
     pinned = client.post("/v2/models/iris/versions/1/infer", json={
         "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]})  # fmt: skip
     assert pinned.status_code == 200 and "X-Accel-Expires" not in pinned.headers
+
+
+def test_an_unchanged_answer_is_revalidated_with_a_304_without_reading_the_body(client):
+    """The L1 revalidates an expired answer with If-None-Match: the ETag names the model
+    version's bytes, so while they are the same the replica answers 304 and predicts nothing."""
+    from service.lifecycle import Desired, ModelPlan
+
+    current = client.application.extensions["prediction"]
+    routes = {
+        "/v1/models/iris:predict": {"instances": [SETOSA]},
+        "/predict": {"features": SETOSA},
+        "/v2/models/iris/infer": {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]},
+        "/v2/models/iris/versions/1/infer": {
+            "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]
+        },
+    }
+    for path, body in routes.items():
+        first = client.post(path, json=body)
+        assert first.status_code == 200 and first.headers["ETag"].startswith('"iris/1/'), path
+        # b"never read": were it parsed, the answer would be a 400.
+        again = client.post(path, data=b"never read", headers={"If-None-Match": first.headers["ETag"]})
+        assert (again.status_code, again.data, again.headers["ETag"]) == (304, b"", first.headers["ETag"]), path
+        assert again.headers["X-Model-Version"] == "1" and again.headers["X-Served-By"] == "unit"
+        other = client.post(path, json=body, headers={"If-None-Match": '"iris/0/0000000000000000/0"'})
+        assert other.status_code == 200 and other.headers["ETag"] == first.headers["ETag"], path
+    # A split: the answer depends on the draw, the L1 may not keep it, so no 304 either.
+    tag = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]}).headers["ETag"]
+    current.registry.desired = Desired(1, {"iris": ModelPlan(weights={"1": 50, "0": 50})})
+    split = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]}, headers={"If-None-Match": tag})
+    assert split.status_code == 200 and "ETag" not in split.headers and split.headers["X-Accel-Expires"] == "0"
+    # An unknown model or a bad body with a matching-looking tag: answered in full (404, 400).
+    assert client.post("/v1/models/nope:predict", data=b"{}", headers={"If-None-Match": tag}).status_code == 404
