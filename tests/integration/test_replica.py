@@ -214,7 +214,8 @@ def test_metrics_aggregate_every_worker(shared, module_servers):
     # New connections each time, so both workers answer some of them.
     for i in range(40):
         v1(url, [[float(i), 7.0, 7.0, 7.0]], headers={"Connection": "close"})
-    after = _counter(url, needle)
+    # A worker writes its counts every metrics.FLUSH_S (the one rendering /metrics, at once).
+    after = wait_until(lambda: (n := _counter(url, needle)) == before + 40 and n, 5, "every worker's counts")
     per_worker = _requests_per_worker(Path(replica.env["SERVICE_METRICS_DIR"]))
     assert len([n for n in per_worker.values() if n > 0]) == 2, f"both workers answered: {per_worker}"
     assert after == before + 40, "/metrics sums every worker's requests"
