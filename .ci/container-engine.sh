@@ -22,7 +22,18 @@ elif [ -x "$LAB/setup.sh" ]; then
   shims="$(mktemp -d)"
   printf '#!/bin/sh\nexec %s --format=tar "$@"\n' "$(command -v mmdebstrap || echo /usr/bin/mmdebstrap)" >"$shims/mmdebstrap"
   chmod 0755 "$shims/mmdebstrap"
-  PATH="$shims:$PATH" bash "$LAB/setup.sh" >"${TMPDIR:-/tmp}/compose-lab-setup.log" 2>&1 || {
+  # setup.sh starts `podman system service` in the directory it is run from, and the conmon
+  # it forks for each container needs that directory: a service an earlier run started in
+  # a checkout deleted since still answers the API but starts no container ("write child:
+  # broken pipe"; conmon: "Failed to get working directory"). So run setup.sh from /, and
+  # stop such a service (by the pid file setup.sh wrote) so that it starts a fresh one.
+  service_pid="$(cat "${TMPDIR:-/tmp}/compose-lab/podman-service.pid" 2>/dev/null || true)"
+  if [ -n "$service_pid" ] && [[ "$(readlink "/proc/$service_pid/cwd" 2>/dev/null)" == *" (deleted)" ]]; then
+    echo "ci: the podman service (pid $service_pid) runs in a deleted directory; starting a fresh one"
+    kill "$service_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$service_pid" 2>/dev/null || break; sleep 0.2; done
+  fi
+  (cd / && PATH="$shims:$PATH" bash "$LAB/setup.sh") >"${TMPDIR:-/tmp}/compose-lab-setup.log" 2>&1 || {
     tail -n 40 "${TMPDIR:-/tmp}/compose-lab-setup.log" >&2
     echo "ci: compose-lab setup failed (log above)" >&2
     exit 1
