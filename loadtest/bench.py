@@ -368,11 +368,11 @@ class Sweep:
                 "command": " ".join(argv)}  # fmt: skip
 
 
-# The topology comparison measures the replicas' result cache: cached for every model, and
-# no L1 in front of it (it would answer the repeated hits itself).
 # The replica CPU target: 0.45 ms per iris request where a minimal Flask app took 0.69.
 CPU_VS_MINIMAL = 0.65
 
+# The topology comparison measures the replicas' result cache: cached for every model, and
+# no L1 in front of it (it would answer the repeated hits itself).
 TOPOLOGY_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on", "BALANCER_L1_CACHE": "off"}
 
 
