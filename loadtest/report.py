@@ -21,6 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from loadtest.profile import MINIMAL  # noqa: E402
+
 Block = tuple[Any, ...]
 
 
@@ -352,7 +354,7 @@ def cpu_reference(results: Results) -> list[Block]:
     rows = []
     for round_no in sorted({m["round"] for m in measured}):
         pair = {m["kind"]: m for m in measured if m["round"] == round_no}
-        reference = pair.get("minimal Flask + predict")
+        reference = pair.get(MINIMAL)
         for kind, m in sorted(pair.items()):
             share = f"{m['cpu_ms'] / reference['cpu_ms']:.2f}×" if reference and reference["cpu_ms"] else "–"
             rows.append([str(round_no + 1), kind + _mark(m), _fmt(m["rps"]), _fmt(m["cpu_ms"], 3), share])

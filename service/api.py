@@ -93,9 +93,8 @@ def _body(current: ServiceState, call: Call) -> bytes:
     return body.decompress(call.raw_body(limit), call.header("Content-Encoding") or "", limit)
 
 
-def _model(name: str, version: str | None = None, call: Call | None = None) -> LoadedModel:
-    current = state()
-    model = _lookup(current, name, version, call)
+def _model(name: str, version: str | None = None) -> LoadedModel:
+    model = _lookup(state(), name, version, None)
     label_model(model.name)
     return model
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import orjson
 
 from service.api import JSON, L1_REUSE, Answer, answer_etag, predict_shortcut, predict_v1, predict_v2, unchanged
-from service.http import REQUEST_ID_PATTERN
+from service.http import request_id_from
 from service.models import NAME_REGEX
 from service.state import ServiceState
 from service.validation import InputError
@@ -33,18 +32,17 @@ log = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-# (path pattern, the Flask rule it stands for: the metrics' route label, the handler,
-# the model and version it names)
-ROUTES: list[tuple[re.Pattern[str], str, Callable[..., Answer], Callable[..., tuple[str, str | None]]]] = [
+# (path pattern, the Flask rule it stands for: the metrics' route label, the model and
+# version a match names, the handler of that model and version)
+ROUTES: list[tuple[re.Pattern[str], str, Callable[..., tuple[str, str | None]], Callable[..., Answer]]] = [
     (re.compile(f"^/v1/models/({NAME_REGEX}):predict$"), "/v1/models/<model:name>:predict",
-     lambda st, call, m: predict_v1(st, call, m.group(1)), lambda st, m: (m.group(1), None)),
+     lambda st, m: (m.group(1), None), lambda st, call, name, version: predict_v1(st, call, name)),
     (re.compile(f"^/v2/models/({NAME_REGEX})/infer$"), "/v2/models/<model:name>/infer",
-     lambda st, call, m: predict_v2(st, call, m.group(1), None), lambda st, m: (m.group(1), None)),
+     lambda st, m: (m.group(1), None), predict_v2),
     (re.compile(f"^/v2/models/({NAME_REGEX})/versions/({NAME_REGEX})/infer$"),
-     "/v2/models/<model:name>/versions/<model:version>/infer",
-     lambda st, call, m: predict_v2(st, call, m.group(1), m.group(2)), lambda st, m: (m.group(1), m.group(2))),
-    (re.compile("^/predict$"), "/predict", lambda st, call, m: predict_shortcut(st, call),
-     lambda st, m: (st.settings.models.default_model, None)),
+     "/v2/models/<model:name>/versions/<model:version>/infer", lambda st, m: (m.group(1), m.group(2)), predict_v2),
+    (re.compile("^/predict$"), "/predict", lambda st, m: (st.settings.models.default_model, None),
+     lambda st, call, name, version: predict_shortcut(st, call)),
 ]  # fmt: skip
 REASONS = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
@@ -90,14 +88,15 @@ class FastLane:
         if environ.get("REQUEST_METHOD") != "POST":
             return self.app(environ, start_response)
         path = environ.get("PATH_INFO", "")
-        for pattern, rule, handler, names in ROUTES:
+        for pattern, rule, names, handler in ROUTES:
             match = pattern.match(path)
             if match is not None:
+                name, version = names(self.state, match)
                 if "HTTP_IF_NONE_MATCH" in environ:
-                    answered = self._not_modified(environ, start_response, rule, *names(self.state, match))
+                    answered = self._not_modified(environ, start_response, rule, name, version)
                     if answered is not None:
                         return answered
-                return self._serve(environ, start_response, rule, handler, match)
+                return self._serve(environ, start_response, rule, handler, name, version)
         return self.app(environ, start_response)
 
     def _not_modified(self, environ: dict[str, Any], start_response: StartResponse, rule: str, name: str,
@@ -111,12 +110,11 @@ class FastLane:
         model = unchanged(current, name, version, environ["HTTP_IF_NONE_MATCH"])
         if model is None:
             return None
-        incoming = environ.get("HTTP_X_REQUEST_ID", "")
         headers = [
             ("ETag", answer_etag(model)),
             ("Cache-Control", L1_REUSE),
             ("X-Model-Version", model.version),
-            ("X-Request-ID", incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex),
+            ("X-Request-ID", request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))),
             ("X-Served-By", current.settings.server.replica_id),
         ]
         current.metrics.observe_request(model.name, rule, 304, time.perf_counter() - started)
@@ -124,18 +122,17 @@ class FastLane:
         return []
 
     def _serve(self, environ: dict[str, Any], start_response: StartResponse, rule: str,
-               handler: Callable[..., Answer], match: re.Match[str]) -> Iterable[bytes]:  # fmt: skip
+               handler: Callable[..., Answer], name: str, version: str | None) -> Iterable[bytes]:  # fmt: skip
         current = self.state
         started = time.perf_counter()
         metrics = current.metrics
         metrics.in_flight.inc()
-        incoming = environ.get("HTTP_X_REQUEST_ID", "")
-        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
         call = EnvironCall(environ, request_id)
         try:
             if current.closing:
                 raise InputError("replica shutting down: retry on another replica", 503)
-            body, headers, content_type = handler(current, call, match)
+            body, headers, content_type = handler(current, call, name, version)
             status = 200
         except InputError as exc:
             status, body, headers, content_type = exc.status, orjson.dumps({"error": str(exc)}), {}, JSON

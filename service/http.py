@@ -46,6 +46,11 @@ def request_id() -> str:
     return str(g.request_id)
 
 
+def request_id_from(incoming: str) -> str:
+    """`incoming` (an X-Request-ID header) if well-formed, else a new id."""
+    return incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+
+
 def label_model(name: str) -> None:
     """Name the served model in this request's metrics (only names that exist, so the
     label set stays bounded)."""
@@ -70,8 +75,7 @@ def _register_converter(setup: BlueprintSetupState) -> None:
 def _start_request() -> None:
     g.started = time.perf_counter()
     state().metrics.in_flight.inc()
-    incoming = request.headers.get("X-Request-ID", "")
-    g.request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+    g.request_id = request_id_from(request.headers.get("X-Request-ID", ""))
     if state().closing and request.path != "/healthz":
         # The balancer retries a 503 on another replica and stops choosing this one.
         raise InputError("replica shutting down: retry on another replica", 503)

@@ -93,7 +93,8 @@ class Predictor:
         decided = self._uses_cache.get(key)
         if decided is not None:
             return decided
-        policy = self._serving_for(model).cache_policy
+        serving = self._serving_for(model)
+        policy = serving.cache_policy
         if self._cache is None or policy == "off":
             decided = False
         elif policy == "on":
@@ -111,7 +112,7 @@ class Predictor:
             # A miss pays an MGET and a SET; a hit saves the predict of one row. With batching
             # that row shares a predict call with others when the replica is busy (when
             # throughput counts), and saves only its share of one (models.BUSY_BATCH_ROWS).
-            batching = self._serving_for(model).batching
+            batching = serving.batching
             cost = model.batch_row_ms if batching else model.predict_ms
             decided = cost > 2 * round_trip
             log.info(
