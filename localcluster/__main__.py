@@ -42,7 +42,11 @@ def print_status(status: Status, models: dict | None = None) -> None:
         workers = models["workers"]
         done = sum(1 for r in workers.values() if r["generation"] == models["generation"])
         errors = sorted({e for r in workers.values() for e in r.get("errors", [])})
+        record = models.get("record", {})
+        # A record Redis lost or holds malformed: the replicas serve on and write it back.
+        untrusted = f"; record in Redis {record['state']} {record.get('problem', '')}".rstrip()
         print(f"models: desired generation {models['generation']}, {done}/{len(workers)} workers converged"
+              + (untrusted if record.get("state", "ok") != "ok" else "")
               + (f"; errors: {'; '.join(errors)}" if errors else ""))  # fmt: skip
 
 

@@ -18,14 +18,18 @@ from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.lifecycle import (
     LATEST,
+    RECORD_OK,
+    RECORD_OLDER,
     SEEN_STALE_S,
     Desired,
     ModelPlan,
     PlanError,
+    RecordError,
     RepositoryStore,
     check_weights,
     choose_version,
     split_in_effect,
+    trusted,
 )
 from service.models import LoadedModel, ModelError, UnknownModel
 from service.openapi import openapi_document
@@ -118,7 +122,7 @@ def _reusable(current: ServiceState, model: LoadedModel, versioned: bool) -> boo
     """Whether the balancer's L1 may reuse this model's answer: not one whose version was
     drawn for this request (a split between versions), nor one of a model whose caching
     is declared off."""
-    key = (model.name, model.version)
+    key = (model.name, model.version, model.sha256)
     declared_off = current.caching_declared_off.get(key)
     if declared_off is None:
         declared_off = current.settings.cache_declared_off(model.name, model.serving)
@@ -337,8 +341,10 @@ def predict_v2(current: ServiceState, call: Call, name: str, version: str | None
         else:
             flat = [p for row in prediction.probabilities or [] for p in row]
             outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
-    call_id = parsed.request_id if parsed.request_id is not None else call.request_id
-    encoded, headers, content_type = v2.encode(model.name, model.version, call_id, outputs, parsed.binary_outputs)
+    # The request's own id only (the spec's "if specified, returned"): never X-Request-ID,
+    # which differs between requests the balancer's L1 answers with one stored body.
+    encoded, headers, content_type = v2.encode(model.name, model.version, parsed.request_id, outputs,
+                                               parsed.binary_outputs)  # fmt: skip
     headers = {**headers, **_prediction_headers(current, model, prediction, version is not None)}
     return encoded, headers, content_type
 
@@ -390,13 +396,15 @@ def _change(change: Callable[[Desired], Desired], added: list[LoadedModel] | Non
     others within SERVICE_REPOSITORY_POLL_S); `added`: versions this worker already
     loaded for it, served only once the change is stored."""
     store = _repository()
+    registry = state().registry  # the worker thread has no app context
     try:
-        updated = store.update(change)
+        updated = store.update(change, registry.desired)
     except PlanError as exc:
         raise InputError(str(exc), 409) from None
+    except RecordError as exc:
+        raise InputError(f"{exc}; nothing changed", 503) from None
     except REDIS_FAILURES as exc:
         raise InputError(f"the model repository is unavailable (Redis: {exc}); nothing changed", 503) from None
-    registry = state().registry  # the worker thread has no app context
     for model in added or []:
         registry.add(model)
     _off_loop(lambda: registry.apply(updated))
@@ -406,6 +414,12 @@ def _change(change: Callable[[Desired], Desired], added: list[LoadedModel] | Non
 def _served(name: str) -> list[str]:
     registry = state().registry
     return registry.versions(name) if name in registry.names() else []
+
+
+def _planned(name: str, plan: ModelPlan) -> list[str]:
+    """The versions the desired state serves: those it lists, else those this worker serves
+    (every version on disk). Not this worker's alone: it may not have converged yet."""
+    return sorted(plan.versions) if plan.versions is not None else _served(name)
 
 
 def _changed(name: str, desired: Desired) -> Response:
@@ -450,17 +464,21 @@ def repository_load(name: str) -> Response:
             registry.version_errors[(name, str(version))] = str(exc)
         raise InputError(f"refused: {exc}", 422) from None
 
+    # The artifacts these versions are from now on: every worker serves exactly these.
+    artifacts = {model.version: model.sha256 for model in loaded}
+
     def change(desired: Desired) -> Desired:
         plan = desired.plan(name)
+        plan = replace(plan, artifacts={**plan.artifacts, **artifacts})
         if version is None:
             return desired.with_plan(name, replace(plan, versions=None))
-        listed = set(plan.versions if plan.versions is not None else _served(name)) | {str(version)}
+        listed = set(_planned(name, plan)) | {str(version)}
         weights = dict(plan.weights)
         if weight is not None:
             if split_in_effect(plan):
                 raise PlanError(f"{name} is already split between versions ({dict(plan.weights)}); set the "
                                 "weights with the policy route instead")  # fmt: skip
-            others = [v for v in _served(name) if v != str(version)]
+            others = [v for v in _planned(name, plan) if v != str(version)]
             base = choose_version(name, replace(plan, weights={}), others, None)
             weights = {str(version): weight, **({base: 100 - weight} if base and weight < 100 else {})}
         return desired.with_plan(name, replace(plan, versions=tuple(sorted(listed)), weights=weights))
@@ -481,7 +499,7 @@ def repository_unload(name: str) -> Response:
 
     def change(desired: Desired) -> Desired:
         plan = desired.plan(name)
-        served = _served(name)
+        served = _planned(name, plan)
         if version is None:
             return desired.with_plan(name, ModelPlan(versions=()))
         gone = str(version)
@@ -494,7 +512,8 @@ def repository_unload(name: str) -> Response:
             raise PlanError(f"version {gone} is {name}'s pinned default; change the policy first")
         remaining = tuple(v for v in served if v != gone)
         weights = {v: w for v, w in plan.weights.items() if v != gone}
-        return desired.with_plan(name, replace(plan, versions=remaining, weights=weights))
+        artifacts = {v: a for v, a in plan.artifacts.items() if v != gone}
+        return desired.with_plan(name, replace(plan, versions=remaining, weights=weights, artifacts=artifacts))
 
     return _changed(name, _change(change))
 
@@ -513,7 +532,7 @@ def repository_policy(name: str) -> Response:
 
     def change(desired: Desired) -> Desired:
         plan = desired.plan(name)
-        served = set(_served(name))
+        served = set(_planned(name, plan))
         default = str(payload.get("default", plan.default))
         if default != LATEST and default not in served:
             raise PlanError(f"default must be 'latest' or a served version of {name} ({', '.join(sorted(served))})")
@@ -528,19 +547,27 @@ def repository_policy(name: str) -> Response:
 
 @bp.get("/v2/repository/status")
 def repository_status() -> Response:
-    """The desired state, and which generation each worker of each replica serves."""
+    """The desired state, what Redis holds of it, and which generation each worker of each
+    replica serves. While the record is missing, malformed or older than what this worker
+    serves, the state shown is this worker's (the replicas write it back within a poll)."""
     store = _repository()
     current = state()
     try:
-        desired = store.read()
+        record = store.read()
         workers = store.reports(SEEN_STALE_S + 3 * current.settings.models.repository_poll_s)
     except REDIS_FAILURES as exc:
         raise InputError(f"the model repository is unavailable (Redis: {exc})", 503) from None
+    obeyed = trusted(record, current.registry.desired)
+    desired = obeyed if obeyed is not None else current.registry.desired
+    described = record.describe()
+    if obeyed is None and record.state == RECORD_OK:
+        described["state"] = RECORD_OLDER
     behind = sorted(w for w, r in workers.items() if r["generation"] != desired.generation)
     return json_response({
         "generation": desired.generation,
         "models": {name: plan.to_json() for name, plan in desired.models.items()},
+        "record": described,
         "workers": workers,
-        "converged": bool(workers) and not behind,
+        "converged": bool(workers) and not behind and obeyed is not None,
         "behind": behind,
     })  # fmt: skip

@@ -15,7 +15,7 @@ from service.api import bp
 from service.cache import ResultCache, open_result_cache, redis_client
 from service.fastlane import FastLane
 from service.inference import Predictor
-from service.lifecycle import Converger, Desired, RepositoryStore
+from service.lifecycle import Converger, Desired, RepositoryStore, supervise
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.settings import Settings
@@ -48,18 +48,23 @@ def _repository(settings: Settings) -> Callable[[], RepositoryStore] | None:
 
 
 def _desired_now(connect: Callable[[], RepositoryStore] | None) -> Desired | None:
-    """The desired state if Redis answers now (a replica that starts after a change loads
-    what the others serve); None: load what is on disk and converge later."""
+    """The desired state if Redis holds a good one now (a replica that starts after a
+    change loads what the others serve); None: load what is on disk and converge later
+    (a record lost meanwhile is written back by the replicas that still hold it)."""
     if connect is None:
         return None
     try:
-        return connect().read()
+        record = connect().read()
     except Exception as exc:  # noqa: BLE001 - any failure here just means "converge later"
         log.warning("model repository: desired state unreadable at start (%s); loading every model on disk", exc)
         return None
+    if record.desired is None:
+        log.warning("model repository: record %s at start %s; loading every model on disk until a replica that "
+                    "holds the state writes it back", record.state, record.problem)  # fmt: skip
+    return record.desired
 
 
-def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings) -> None:
+def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings, metrics: Metrics) -> None:
     """Load the models (the versions the desired state lists), leave a mark that this
     worker is ready (see _workers_ready), then converge on the desired state for ever."""
     connect = _repository(settings)
@@ -68,8 +73,17 @@ def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings) -
     (folder / f"ready-{os.getpid()}").touch()
     if connect is not None:
         worker = f"{settings.server.replica_id}/{os.getpid()}"
-        Converger(registry.apply, connect, worker, settings.models.repository_poll_s,
-                  settings.models.models_poll_s).run_forever()  # fmt: skip
+        converger = Converger(registry.apply, connect, worker, settings.models.repository_poll_s,
+                              settings.models.models_poll_s, known=lambda: registry.desired,
+                              on_record=metrics.repository_record_read,
+                              on_restore=metrics.repository_restores.inc)  # fmt: skip
+        supervise(converger.run_forever, functools.partial(_converger_failed, metrics))
+
+
+def _converger_failed(metrics: Metrics, exc: BaseException) -> None:
+    metrics.repository_converger_failures.inc()
+    log.error("model repository: the converger failed (%s: %s); restarting it", type(exc).__name__, exc,
+              exc_info=exc)  # fmt: skip
 
 
 def _workers_ready(folder: Path) -> bool:
@@ -96,18 +110,19 @@ def create_app(
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.models.max_body_bytes, JSON_SORT_KEYS=False)
 
+    metrics = Metrics(settings.server.prometheus_multiproc_dir)
     if registry is None:
         registry = ModelRegistry(settings.models.models_dir, settings.models.default_model)
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.
-            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings))
+            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings,
+                                             metrics))  # fmt: skip
         else:
             registry.load()
             if not registry.ready:
                 # Not ready until every model loads; keep trying beside the requests.
                 _native_thread(registry.retry_until_ready)
-    metrics = Metrics(settings.server.prometheus_multiproc_dir)
     if cache is None and settings.cache.redis_url:
         cache = open_result_cache(
             settings.cache.redis_url,
@@ -121,6 +136,9 @@ def create_app(
     predictor = Predictor(
         cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)
     )
+    # What a worker remembers of a model version follows its artifact: an unloaded or
+    # replaced one leaves nothing behind (its estimator is freed).
+    registry.listeners.append(predictor.forget_all_but)
     app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache,
                                                 repository=_repository(settings))  # fmt: skip
     if load_in_background:

@@ -36,12 +36,14 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def row_keys(prefix: str, model: str, version: str, rows: np.ndarray) -> list[str]:
-    """One key per row: model, version and a hash of the row's canonical float64 bytes."""
+def row_keys(prefix: str, model: str, version: str, artifact: str, rows: np.ndarray) -> list[str]:
+    """One key per row: model, version, the artifact (its sha256: a version rewritten with
+    another artifact never reads the old answers) and a hash of the row's canonical float64
+    bytes."""
     # Adding 0.0 turns -0.0 into 0.0, and little-endian float64 makes the bytes (so the
     # key) the same on every replica for numbers that compare equal.
     canonical = np.ascontiguousarray(rows, dtype="<f8") + 0.0
-    head = f"{prefix}:{model}:{version}:"
+    head = f"{prefix}:{model}:{version}:{artifact[:16]}:"
     return [head + hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in canonical]
 
 

@@ -41,6 +41,28 @@ def _encode(label: Any, proba: list[float] | None) -> bytes:
     return orjson.dumps([label, proba])
 
 
+def _decode(value: bytes, model: LoadedModel) -> tuple[Any, list[float] | None] | None:
+    """A cached row as _encode wrote it for this model, or None for anything else (bytes
+    that are not JSON, or not a label of the model with its probabilities): a miss."""
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    if type(decoded) is not list or len(decoded) != 2:
+        return None
+    label, proba = decoded
+    if model.classes and label not in model.classes:
+        return None
+    if model.has_proba:
+        if type(proba) is not list or len(proba) != len(model.classes):
+            return None
+        if not all(type(p) is float or type(p) is int for p in proba):
+            return None
+    elif proba is not None:
+        return None
+    return label, proba
+
+
 class Predictor:
     """Answers predictions for loaded models, reusing rows any replica already computed."""
 
@@ -55,9 +77,17 @@ class Predictor:
         self._metrics = metrics
         self._key_prefix = key_prefix
         self._serving_for = serving_for
-        self._batchers: dict[tuple[str, str], Batcher | None] = {}
-        self._uses_cache: dict[tuple[str, str], bool] = {}
+        # What this worker remembers of a model version, by its identity: name, version and
+        # the artifact's sha256 (a folder rewritten under the same version is another model).
+        self._batchers: dict[tuple[str, str, str], Batcher | None] = {}
+        self._uses_cache: dict[tuple[str, str, str], bool] = {}
         self._deciding = False
+
+    def forget_all_but(self, served: set[tuple[str, str, str]]) -> None:
+        """Drop what is remembered of model versions no longer served (a batcher holds its
+        model: the estimator is freed once nothing else does)."""
+        self._batchers = {key: b for key, b in list(self._batchers.items()) if key in served}
+        self._uses_cache = {key: u for key, u in list(self._uses_cache.items()) if key in served}
 
     def _timed_predict(self, model: LoadedModel, rows: np.ndarray) -> Result:
         started = time.perf_counter()
@@ -66,7 +96,7 @@ class Predictor:
         return result
 
     def _batcher(self, model: LoadedModel) -> Batcher | None:
-        key = (model.name, model.version)
+        key = (model.name, model.version, model.sha256)
         if key not in self._batchers:
             serving = self._serving_for(model)
             if not serving.batching:
@@ -86,10 +116,10 @@ class Predictor:
 
     def cache_decision(self, model: LoadedModel) -> bool | None:
         """Whether this model's results go through the cache (None: auto, not decided yet)."""
-        return self._uses_cache.get((model.name, model.version))
+        return self._uses_cache.get((model.name, model.version, model.sha256))
 
     def _cache_pays(self, model: LoadedModel) -> bool:
-        key = (model.name, model.version)
+        key = (model.name, model.version, model.sha256)
         decided = self._uses_cache.get(key)
         if decided is not None:
             return decided
@@ -127,24 +157,31 @@ class Predictor:
         """Predict every row, taking cached rows from the cache and caching the rest."""
         cached = None
         if self._cache is not None and self._cache_pays(model):
-            keys = row_keys(self._key_prefix, model.name, model.version, rows)
+            keys = row_keys(self._key_prefix, model.name, model.version, model.sha256, rows)
             cached = self._cache.get_many(keys)
         if cached is None:
             labels, proba = self._infer(model, rows)
             self._metrics.count_cache(model.name, BYPASS, len(rows))
             return Prediction(labels, proba, BYPASS)
         unavailable = {i for i, value in enumerate(cached) if value is UNAVAILABLE}
-        missing = [i for i, value in enumerate(cached) if value is None or i in unavailable]
+        labels_out: list[Any] = [None] * len(rows)
+        proba_out: list[Any] = [None] * len(rows)
+        missing = []
+        undecodable = 0
+        for i, value in enumerate(cached):
+            decoded = _decode(value, model) if isinstance(value, bytes) else None
+            if decoded is None:
+                missing.append(i)
+                undecodable += isinstance(value, bytes)
+            else:
+                labels_out[i], proba_out[i] = decoded
+        if undecodable:  # a value no replica wrote: a miss, overwritten below
+            self._metrics.cache_undecodable.labels(model.name).inc(undecodable)
         hits = len(rows) - len(missing)
         self._metrics.count_cache(model.name, HIT, hits)
         self._metrics.count_cache(model.name, MISS, len(missing) - len(unavailable))
         if unavailable:
             self._metrics.count_cache(model.name, BYPASS, len(unavailable))
-        labels_out: list[Any] = [None] * len(rows)
-        proba_out: list[Any] = [None] * len(rows)
-        for i, value in enumerate(cached):
-            if isinstance(value, bytes):
-                labels_out[i], proba_out[i] = orjson.loads(value)
         if missing:
             new_labels, new_proba = self._infer(model, rows[missing])
             writes = []

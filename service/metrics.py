@@ -180,6 +180,29 @@ class Metrics:
             ["model", "version"],
             registry=registry,
         )
+        self.cache_undecodable = Counter(
+            "prediction_cache_undecodable",
+            "Cached rows whose value no replica wrote (undecodable or the wrong shape): a miss, overwritten.",
+            ["model"],
+            registry=registry,
+        )
+        self.repository_record_ok = Gauge(
+            "prediction_repository_record_ok",
+            "1 while the desired-state record a worker last read was good and current; 0 while it was missing, "
+            "malformed or older (the worker serves what it has and writes its state back).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.repository_restores = Counter(
+            "prediction_repository_restores",
+            "Times a worker wrote its last good desired state back over a missing, malformed or older record.",
+            registry=registry,
+        )
+        self.repository_converger_failures = Counter(
+            "prediction_repository_converger_failures",
+            "Times a worker's converger loop failed unexpectedly and was restarted.",
+            registry=registry,
+        )
         self._version_children: dict[tuple[str, str], Counter] = {}
         self._cache_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -207,6 +230,10 @@ class Metrics:
         if child is None:
             child = self._version_children[(model, version)] = self.predictions.labels(model, version)
         child.inc()
+
+    def repository_record_read(self, ok: bool) -> None:
+        """The converger read the desired-state record: good and current, or not."""
+        self.repository_record_ok.set(1 if ok else 0)
 
     def breaker_changed(self, is_open: bool) -> None:
         """The result cache's breaker opened or closed."""

@@ -38,6 +38,10 @@ class UnknownModel(LookupError):
     """No loaded model has this name (or version)."""
 
 
+class ArtifactMismatch(ModelError):
+    """A folder holds another artifact than the one the desired state names for it."""
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -45,6 +49,14 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def declared_sha256(folder: Path) -> str | None:
+    """The sha256 a model folder's model.json declares (None: unreadable), without loading it."""
+    try:
+        return str(json.loads((folder / "model.json").read_text(encoding="utf-8"))["sha256"]).lower()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _version_key(version: str) -> tuple[int, int | str]:
@@ -198,6 +210,8 @@ class ModelRegistry:
         # After start, versions that failed to load: reported, never a reason to be unready.
         self.version_errors: dict[tuple[str, str], str] = {}
         self._started = False
+        # Told the (name, version, sha256) of every served model after each change.
+        self.listeners: list[Callable[[set[tuple[str, str, str]]], None]] = []
 
     def on_disk(self) -> tuple[dict[str, dict[str, Path]], list[str]]:
         """{name: {version: folder}} of every model folder, and the folders misnamed."""
@@ -220,12 +234,16 @@ class ModelRegistry:
         disk, errors = self.on_disk()
         models: dict[str, dict[str, LoadedModel]] = {}
         for name, versions in disk.items():
-            wanted = self.desired.plan(name).versions
+            plan = self.desired.plan(name)
             for version, folder in versions.items():
-                if wanted is not None and version not in wanted:
+                if plan.versions is not None and version not in plan.versions:
                     continue
                 try:
-                    model = self._loaded(name, version) or load_model(folder)
+                    model = self._from_disk(name, version, folder, plan.artifacts.get(version))
+                except ArtifactMismatch as exc:  # served by no replica until the folder matches again
+                    self.version_errors[(name, version)] = str(exc)
+                    log.error("model version not served: %s", exc)
+                    continue
                 except ModelError as exc:
                     errors.append(str(exc))
                     continue
@@ -244,10 +262,28 @@ class ModelRegistry:
     def _loaded(self, name: str, version: str) -> LoadedModel | None:
         return self._models.get(name, {}).get(version)
 
+    def _from_disk(self, name: str, version: str, folder: Path, expected: str | None = None) -> LoadedModel:
+        """The version as its folder holds it now: the loaded one while its artifact is the
+        one model.json declares, else loaded afresh. `expected`: the sha256 the desired
+        state names (ArtifactMismatch if the folder holds another)."""
+        loaded = self._loaded(name, version)
+        declared = declared_sha256(folder)
+        if loaded is not None and loaded.sha256 == declared:
+            model = loaded
+        elif expected is not None and declared != expected:
+            model = None
+        else:
+            model = load_model(folder)
+        if model is None or (expected is not None and model.sha256 != expected):
+            raise ArtifactMismatch(f"{folder}: holds artifact {declared or 'unreadable'} but the model repository "
+                                   f"serves {name} version {version} as {expected}; load it again to serve "
+                                   "the folder's")  # fmt: skip
+        return model
+
     def _swap(self, models: dict[str, dict[str, LoadedModel]]) -> None:
         for name, versions in models.items():
             for version, model in versions.items():
-                if self._loaded(name, version) is None:
+                if self._loaded(name, version) is not model:
                     log.info(
                         "loaded model %s version %s (sha256 %s, predict %.3f ms for one row, %.3f ms per row of %d)",
                         name, version, model.sha256[:12], model.predict_ms, model.batch_row_ms, BUSY_BATCH_ROWS,
@@ -258,6 +294,9 @@ class ModelRegistry:
                     log.info("unloaded model %s version %s", name, version)
         self._models = {name: versions for name, versions in models.items() if versions}
         self._latest = {name: versions[max(versions, key=_version_key)] for name, versions in self._models.items()}
+        served = {(m.name, m.version, m.sha256) for versions in self._models.values() for m in versions.values()}
+        for listener in self.listeners:
+            listener(served)
 
     def apply(self, desired: Desired, _scan: bool = False) -> list[str]:
         """Converge on `desired` after start (called when it changed, or to look for new
@@ -271,20 +310,23 @@ class ModelRegistry:
         models = {name: dict(versions) for name, versions in self._models.items()}
         errors: list[str] = []
         for name in sorted(set(disk) | set(models) | set(desired.models)):
-            wanted = desired.plan(name).versions
-            if wanted is None:  # every version on disk (new folders load on a change, or a scan)
+            plan = desired.plan(name)
+            if plan.versions is None:  # every version on disk (new folders load on a change, or a scan)
                 target = set(models.get(name, {})) | set(disk.get(name, {}))
             else:
-                target = set(wanted)
+                target = set(plan.versions)
             current = models.setdefault(name, {})
             for version in sorted(set(current) - target):
                 del current[version]
-            for version in sorted(target - set(current)):
+            # A served version whose artifact is not the one the plan names is replaced.
+            stale = {v for v, m in current.items() if plan.artifacts.get(v, m.sha256) != m.sha256}
+            for version in sorted((target - set(current)) | stale):
                 folder = disk.get(name, {}).get(version)
+                current.pop(version, None)
                 try:
                     if folder is None:
                         raise ModelError(f"{self.models_dir / name / version}: no such model folder")
-                    current[version] = load_model(folder)
+                    current[version] = self._from_disk(name, version, folder, plan.artifacts.get(version))
                     self.version_errors.pop((name, version), None)
                 except ModelError as exc:
                     self.version_errors[(name, version)] = str(exc)
@@ -300,7 +342,7 @@ class ModelRegistry:
         folder = self.models_dir / name / version
         if not (NAME_PATTERN.match(name) and NAME_PATTERN.match(version)) or not (folder / "model.json").is_file():
             raise UnknownModel(f"no model folder {name}/{version} under {self.models_dir}")
-        return self._loaded(name, version) or load_model(folder)
+        return self._from_disk(name, version, folder)
 
     def add(self, model: LoadedModel) -> None:
         """Serve one more version (loaded by load_version)."""

@@ -28,8 +28,8 @@ class ServiceState:
     peers_ready: Callable[[], bool] = lambda: True
     # The shared desired model state (None: no Redis, or SERVICE_REPOSITORY_POLL_S=0).
     repository: Callable[[], RepositoryStore] | None = None
-    # (model, version) -> whether its caching is declared off (no L1 reuse either).
-    caching_declared_off: dict[tuple[str, str], bool] = field(default_factory=dict)
+    # (model, version, sha256) -> whether its caching is declared off (no L1 reuse either).
+    caching_declared_off: dict[tuple[str, str, str], bool] = field(default_factory=dict)
 
     def is_ready(self) -> bool:
         """Every model found has loaded (in every worker), and not draining."""

@@ -209,7 +209,7 @@ def _binary(tensor: Tensor) -> bytes:
 
 
 def encode(
-    model: str, version: str, request_id: str, outputs: list[Tensor], binary_outputs: frozenset[str]
+    model: str, version: str, request_id: str | None, outputs: list[Tensor], binary_outputs: frozenset[str]
 ) -> tuple[bytes, dict[str, str], str]:
     """The response: (body, extra headers, content type). JSON unless an output is binary;
     then the JSON header, its length in Inference-Header-Content-Length, and the bytes."""
@@ -224,7 +224,10 @@ def encode(
         else:
             entry["data"] = tensor.data
         described.append(entry)
-    header = orjson.dumps({"model_name": model, "model_version": version, "id": request_id, "outputs": described})
+    head: dict[str, Any] = {"model_name": model, "model_version": version}
+    if request_id is not None:  # the request's id when it had one (the spec), else none
+        head["id"] = request_id
+    header = orjson.dumps({**head, "outputs": described})
     if not blobs:
         return header, {}, "application/json"
     return header + b"".join(blobs), {HEADER_LENGTH: str(len(header))}, "application/octet-stream"

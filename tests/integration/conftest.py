@@ -30,9 +30,10 @@ def start_cluster(
     started: list[Cluster] = []
     failed_before = request.session.testsfailed
 
-    def start(replicas: int, **environment: str) -> Cluster:
-        cluster = Cluster(tmp_path_factory.mktemp("cluster") / "run",
-                          {**os.environ, **TEST_ENVIRONMENT, **environment})  # fmt: skip
+    def start(replicas: int, *, defaults: bool = False, **environment: str) -> Cluster:
+        """`defaults`: the configuration users run (L1 on, cache policy auto), not TEST_ENVIRONMENT."""
+        chosen = {} if defaults else TEST_ENVIRONMENT
+        cluster = Cluster(tmp_path_factory.mktemp("cluster") / "run", {**os.environ, **chosen, **environment})
         started.append(cluster)
         cluster.start(replicas, Ports.auto(DEFAULT_SLOTS))
         return cluster

@@ -19,7 +19,7 @@ from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
 from localcluster import free_port, port_free
 from localcluster.processes import children
-from tests.support import ROOT, VENV_BIN, SourceAddressAdapter, dropped_by, wait_until
+from tests.support import ROOT, VENV_BIN, SourceAddressAdapter, access_log, dropped_by, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -101,19 +101,26 @@ def test_nginx_errors_are_json(cluster):
 
 
 def test_request_ids_reach_the_replica_passed_through_or_made(cluster):
-    # A V2 infer without an `id` answers with the request id the replica received, so
-    # these check what reached the replica, not only the header nginx adds on the way out.
+    # The access log holds the id nginx sent upstream; a replica answers with the id it
+    # received. A V2 body says only the request's own `id` (the L1 stores bodies).
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": SETOSA}]}
+
     def infer(headers: dict[str, str]) -> requests.Response:
-        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": SETOSA}]}
         return requests.post(f"{cluster.url}/v2/models/iris/infer", json=body, headers=headers, timeout=10)
 
     mine = infer({"X-Request-ID": "trace-42"})
-    assert mine.headers["X-Request-ID"] == mine.json()["id"] == "trace-42"
+    assert mine.headers["X-Request-ID"] == "trace-42" and "id" not in mine.json()
     made = infer({})
-    assert len(made.headers["X-Request-ID"]) == 32 and made.json()["id"] == made.headers["X-Request-ID"]
+    assert len(made.headers["X-Request-ID"]) == 32
     replaced = infer({"X-Request-ID": "bad id with spaces"})
-    assert replaced.json()["id"] == replaced.headers["X-Request-ID"] != "bad id with spaces"
-    assert len(replaced.json()["id"]) == 32, "nginx's own id, not one the replica made"
+    assert len(replaced.headers["X-Request-ID"]) == 32, "nginx's own id, not one the replica made"
+    sent_upstream = {line["request_id"] for line in access_log(cluster.run_dir / "logs" / "access.log")}
+    assert {"trace-42", made.headers["X-Request-ID"], replaced.headers["X-Request-ID"]} <= sent_upstream
+    replica = f"http://127.0.0.1:{cluster.status().component('replica-1').port}"
+    direct = requests.post(f"{replica}/v2/models/iris/infer", json=body, headers={"X-Request-ID": "d-1"}, timeout=10)
+    assert direct.headers["X-Request-ID"] == "d-1"
+    with_id = requests.post(f"{replica}/v2/models/iris/infer", json={**body, "id": "own"}, timeout=10)
+    assert with_id.json()["id"] == "own"
     assert made.headers.get("Server") == "nginx", "no version in Server"
 
 
@@ -199,6 +206,8 @@ def test_sigkilled_replica_fails_no_request(restored, tmp_path):
 def test_scale_down_and_up_under_load_fails_no_request(restored, tmp_path):
     cluster = restored
     before = {c.name: c.pid for c in cluster.status().components}
+    # A reload keeps the master and replaces every worker: the workers say it never happened.
+    nginx_workers = set(children(before["nginx"]))
     replicas = [c for c in cluster.status().components if c.kind == "replica"]
     stopped = {f"127.0.0.1:{c.port}" for c in replicas if int(c.name.split("-")[1]) > 2}
     start = _access_lines(cluster)
@@ -216,13 +225,16 @@ def test_scale_down_and_up_under_load_fails_no_request(restored, tmp_path):
     assert status.replicas == REPLICAS and status.healthy
     after = {c.name: c.pid for c in status.components}
     assert after["replica-1"] == before["replica-1"] and after["nginx"] == before["nginx"]
+    assert set(children(after["nginx"])) == nginx_workers, "nginx was reloaded (its workers were replaced)"
     assert after["replica-4"] != before["replica-4"], "replica-4 was drained, stopped and started again"
 
 
 def test_redis_killed_during_load_means_bypass_not_errors(restored, tmp_path):
     cluster = restored
-    os.kill(cluster.status().component("redis").pid, signal.SIGKILL)
+    start = _access_lines(cluster)
     load = _bounded_load(cluster, tmp_path, 3000)
+    wait_until(lambda: _access_lines(cluster) - start > 300, 60, "load to get going")
+    os.kill(cluster.status().component("redis").pid, signal.SIGKILL)
     during = [predict(cluster.url, [[float(i), 9.0, 9.0, 9.0]]) for i in range(20)]
     counts = _finish(load)
     assert counts["s5xx"] == 0 and counts["s2xx"] == 3000, counts

@@ -28,13 +28,18 @@ REDIS_PASSWORD = "fault-test-secret"
 
 REPLICAS = 3
 # Requests that take a few ms on a replica: a stopping replica always has some in flight.
+# (Bigger than the L1's key: the balancer passes each one to a replica.)
 BATCH = {"instances": [[5.1 + i / 1000, 3.5, 1.4, 0.2] for i in range(300)]}
+# Small bodies, each different, so that with the L1 on they still reach the replicas.
+SINGLES = [{"instances": [[4.0 + i / 1000, 3.0, 1.5, 0.2]]} for i in range(3000)]
 
 
 @pytest.fixture(scope="module")
 def cluster(start_cluster):
+    # The configuration users run (the L1 on, cache policy auto): the faults hit that.
     return start_cluster(
         REPLICAS,
+        defaults=True,
         BALANCER_PROXY_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
         BALANCER_CLIENT_TIMEOUT_S=str(CLIENT_TIMEOUT_S),
         BALANCER_RATE_LIMIT="20r/s",
@@ -91,6 +96,9 @@ def test_rolling_restart_fails_no_request(restored):
         cluster.restart()
     summary = load.summary("rolling restart of every replica")
     assert summary["sent"] > 300 and summary["failed"] == {}, summary
+    # docs/reliability.md: worst 0.29 s (a restarting replica answers 503 while it loads,
+    # nginx retries elsewhere at once); a generous multiple, not a benchmark.
+    assert summary["worst_latency_s"] < 3, summary
     replicas = {f"127.0.0.1:{c.port}" for c in cluster.status().components if c.kind == "replica"}
     dropped = dropped_by(_access_log(cluster)[log_mark:], replicas)
     assert dropped == [], f"a restarting replica dropped requests it had accepted: {dropped[:10]}"
@@ -101,7 +109,7 @@ def test_rolling_restart_fails_no_request(restored):
 
 def test_frozen_replica_is_routed_around_within_the_read_timeout(cluster):
     victim = cluster.status().component("replica-3")
-    with PacedLoad(cluster.url, rate=150, clients=6) as load:
+    with PacedLoad(cluster.url, rate=150, clients=6, bodies=SINGLES[::7]) as load:
         time.sleep(0.5)
         os.killpg(victim.pid, signal.SIGSTOP)
         try:
@@ -125,9 +133,11 @@ def _redis(cluster, *command: str) -> str:
 def test_redis_at_maxmemory_evicts_without_errors(cluster):
     _redis(cluster, "CONFIG", "RESETSTAT")
     answers = []
-    for batch in range(30):  # 30 000 new rows: several times the 3 MB the cache may hold
-        rows = [[float(batch), float(i), 1.0, 2.0] for i in range(1000)]
-        response = requests.post(f"{cluster.url}/v1/models/iris:predict", json={"instances": rows}, timeout=30)
+    # The forest (cached under the default policy, auto): 15 000 new rows, several times
+    # the 3 MB the cache may hold.
+    for batch in range(30):
+        rows = [[float(batch), float(i % 17), float(i // 17)] + [1.0] * 61 for i in range(500)]
+        response = requests.post(f"{cluster.url}/v1/models/digits:predict", json={"instances": rows}, timeout=30)
         answers.append((response.status_code, response.headers.get("X-Cache")))
     statuses = [status for status, _ in answers]
     # MISS, not BYPASS: the rows went through Redis (an open breaker would bypass it).
@@ -136,7 +146,7 @@ def test_redis_at_maxmemory_evicts_without_errors(cluster):
     assert int(stats["evicted_keys"]) > 0
     errors = [line for line in _redis(cluster, "INFO", "errorstats").split() if line.startswith("errorstat_")]
     assert errors == [], f"Redis refused commands at maxmemory: {errors}"
-    line = {"fault": "Redis at maxmemory", "sent": 30, "succeeded": statuses.count(200),
+    line = {"fault": "Redis at maxmemory (15 000 rows of the forest)", "sent": 30, "succeeded": statuses.count(200),
             "evicted_keys": int(stats["evicted_keys"])}  # fmt: skip
     print(f"FAULT {json.dumps(line)}")
 

@@ -49,8 +49,10 @@ def _primaries(cluster) -> list[int]:
     return [c.port for c in cluster.status().components if c.name.startswith("redis-")]
 
 
-def _iris_version(url: str) -> str:
-    return str(requests.get(url + "/v2/models/iris", timeout=5).json()["versions"][-1])
+def _iris_identity(url: str) -> tuple[str, str]:
+    """The served iris version and its artifact's sha256 (what its cache keys carry)."""
+    meta = requests.get(url + "/v2/models/iris", timeout=5).json()
+    return str(meta["versions"][-1]), str(meta["parameters"]["sha256"])
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +98,7 @@ def test_a_redis_cluster_answers_hit_miss_partial_exactly_like_one_server(single
     assert [status for status, _ in answers["single"]] == ["MISS", "HIT", "PARTIAL", "HIT", "MISS", "HIT", "HIT"]
     assert answers["cluster"] == answers["single"]
     # The 60 rows really are spread: every primary holds some of them.
-    version = _iris_version(sharded.url)
-    keys = row_keys("pred", "iris", version, np.array(c))
+    keys = row_keys("pred", "iris", *_iris_identity(sharded.url), np.array(c))
     held = {port: len(_held_by(port, keys)) for port in _primaries(sharded)}
     assert len(held) == 3 and all(held.values()) and sum(held.values()) == len(keys), held
 
@@ -121,7 +122,7 @@ def test_a_64_row_batch_costs_one_round_trip_per_primary(sharded):
 
     rows = _rows(64, 11)
     slots = collections.Counter(key_slot(k.encode()) for k in
-                                row_keys("pred", "iris", _iris_version(url), np.array(rows)))  # fmt: skip
+                                row_keys("pred", "iris", *_iris_identity(url), np.array(rows)))  # fmt: skip
     costs = {}
     for expected in ("MISS", "HIT"):
         before_reads, before_commands = reads(), commands()
@@ -145,8 +146,7 @@ def test_a_primary_killed_under_load_fails_nothing_and_live_slots_keep_caching(s
     rows = _rows(30, 20)
     for row in rows:
         assert _predict(sharded.url, [row])[0] == "MISS"
-    version = _iris_version(sharded.url)
-    keys = row_keys("pred", "iris", version, np.array(rows))
+    keys = row_keys("pred", "iris", *_iris_identity(sharded.url), np.array(rows))
     victim = sharded.status().component("redis-2")
     held = _held_by(victim.port, keys)
     on_victim = {i for i, key in enumerate(keys) if key in held}
@@ -160,7 +160,7 @@ def test_a_primary_killed_under_load_fails_nothing_and_live_slots_keep_caching(s
         # New rows on live slots are still cached: MISS, then HIT.
         live_slots = set().union(*(_owned_slots(port) for port in live_ports))
         candidates = _rows(40, 21)
-        candidate_keys = row_keys("pred", "iris", version, np.array(candidates))
+        candidate_keys = row_keys("pred", "iris", *_iris_identity(sharded.url), np.array(candidates))
         fresh = [row for row, key in zip(candidates, candidate_keys, strict=True)
                  if key_slot(key.encode()) in live_slots][:3]  # fmt: skip
         assert fresh, "no fresh row on a live primary"
@@ -226,5 +226,6 @@ def test_sentinel_failover_under_load_fails_nothing_and_caching_resumes_without_
     assert summary["failed"] == {}, summary
     assert new_primary == watched.state.ports.redis + 1, "Sentinel promoted the replica"
     assert {r.cache for r in after} <= {"HIT", "BYPASS"}
-    assert resumed_s < 30, f"caching came back {resumed_s:.1f} s after the primary died"
+    # docs/api.md: 6 s with a 1 s down-after; a generous multiple on a shared machine.
+    assert resumed_s < 18, f"caching came back {resumed_s:.1f} s after the primary died"
     assert {c.name: c.pid for c in watched.status().components if c.kind == "replica"} == pids, "no replica restarted"

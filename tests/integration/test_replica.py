@@ -394,6 +394,7 @@ def test_concurrent_requests_in_one_worker_share_a_predict_only_when_batching(se
     predicts = _counter(url, calls) - before
     assert together == alone, "each request got its own rows' answers"
     if batching == "on":
-        assert predicts < len(DIGITS_ROWS), f"{predicts} predict calls for {len(DIGITS_ROWS)} concurrent requests"
+        # docs/api.md: "16 requests for the price of about one" (a few, on a busy machine)
+        assert predicts <= 4, f"{predicts} predict calls for {len(DIGITS_ROWS)} concurrent requests"
     else:
         assert predicts == len(DIGITS_ROWS)

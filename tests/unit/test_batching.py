@@ -144,12 +144,15 @@ def test_rows_on_a_failing_node_are_computed_not_written_and_the_request_says_by
     model = registry.get("iris")
     rows = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]])
     expected_labels, _ = model.predict(rows)
-    cache = HalfCache(orjson.dumps(["from-cache", [1.0, 0.0, 0.0]]))
+    # A value a replica would write (a class of the model), but not what it computes here.
+    cache = HalfCache(orjson.dumps(["virginica", [0.0, 0.0, 1.0]]))
     serving = ModelServing(cache_policy="on", batching=False, batch_max_rows=64, batch_max_wait_ms=5.0)
     metrics = Metrics()
     prediction = Predictor(cache, metrics, "t", lambda model: serving).predict(model, rows)
     assert prediction.cache_status == BYPASS
-    assert prediction.labels == ["from-cache", *expected_labels[1:]]
-    assert cache.written == [row_keys("t", "iris", model.version, rows)[2]], "only the row whose node answered"
+    assert expected_labels[0] != "virginica"
+    assert prediction.labels == ["virginica", *expected_labels[1:]]
+    written = row_keys("t", "iris", model.version, model.sha256, rows)[2]
+    assert cache.written == [written], "only the row whose node answered"
     counted = {s.labels["result"]: s.value for s in metrics.cache_rows.collect()[0].samples if s.name.endswith("total")}
     assert counted == {"hit": 1.0, "bypass": 1.0, "miss": 1.0}

@@ -4,14 +4,126 @@ import collections
 
 import pytest
 
-from service.lifecycle import Desired, ModelPlan, PlanError, check_weights, choose_version, split_in_effect
+from service.lifecycle import (
+    RECORD_MALFORMED,
+    RECORD_MISSING,
+    RECORD_OK,
+    Converger,
+    Desired,
+    ModelPlan,
+    PlanError,
+    Record,
+    RecordError,
+    check_weights,
+    choose_version,
+    read_record,
+    split_in_effect,
+    supervise,
+    trusted,
+)
+
+SHA = "0" * 64
 
 
 def test_the_desired_state_round_trips_through_json():
-    desired = Desired(7, {"iris": ModelPlan(("1", "2"), "1", {"1": 90, "2": 10}), "digits": ModelPlan(())})
+    desired = Desired(7, {"iris": ModelPlan(("1", "2"), "1", {"1": 90, "2": 10}, {"2": SHA}), "digits": ModelPlan(())})
     assert Desired.from_json(desired.to_json()) == desired
-    assert Desired.from_json(None) == Desired()
     assert desired.with_plan("iris", ModelPlan()).generation == 8
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [(b"{}", "generation"), (b"not json", "not JSON"), (b"\x80", "not JSON"), (b"[]", "not a JSON object"),
+     (b'{"generation": "x", "models": {}}', "generation"), (b'{"generation": true, "models": {}}', "generation"),
+     (b'{"generation": 3, "models": []}', "models is not an object"),
+     (b'{"generation": 3, "models": {"iris": {"versions": [1]}}}', "models.iris.versions"),
+     (b'{"generation": 3, "models": {"iris": {"weights": {"1": 60}}}}', "sum to 100"),
+     (b'{"generation": 3, "models": {"iris": {"artifacts": {"1": "abc"}}}}', "sha256"),
+     (b'{"generation": 3, "models": {"iris": {"extra": 1}}}', "unknown fields")],
+)  # fmt: skip
+def test_a_record_no_replica_wrote_is_refused_naming_the_problem(raw, says):
+    with pytest.raises(RecordError, match=says):
+        Desired.from_json(raw)
+    record = read_record(raw)
+    assert record.state == RECORD_MALFORMED and says.split()[0] in record.problem and record.desired is None
+
+
+def test_only_a_good_record_at_least_as_new_as_what_a_worker_serves_is_obeyed():
+    served = Desired(5, {"iris": ModelPlan(("1",))})
+    newer = Desired(6, {"iris": ModelPlan(("1", "2"))})
+    assert trusted(read_record(newer.to_json().encode()), served) == newer
+    assert trusted(read_record(served.to_json().encode()), served) == served
+    assert trusted(read_record(Desired(2).to_json().encode()), served) is None, "older: a failover lost writes"
+    assert trusted(read_record(None), served) is None, "missing: Redis restarted empty, evicted, flushed"
+    assert trusted(read_record(b"{}"), served) is None
+    assert trusted(read_record(None), Desired()) == Desired(), "nothing decided yet: every version on disk"
+
+
+class FakeStore:
+    """RepositoryStore's surface over one in-memory value (the converger's logic only)."""
+
+    def __init__(self, raw: bytes | None) -> None:
+        self.raw = raw
+        self.reported: list[tuple[int, str]] = []
+
+    def read(self) -> Record:
+        return read_record(self.raw)
+
+    def replace(self, found: Record, desired: Desired) -> bool:
+        if found.raw != self.raw:
+            return False
+        self.raw = desired.to_json().encode()
+        return True
+
+    def report(self, worker: str, generation: int, errors: list[str], record: Record) -> None:
+        self.reported.append((generation, record.state))
+
+
+@pytest.mark.parametrize("lost", [None, b"{}", b"garbage", Desired(1).to_json().encode()])
+def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(lost):
+    served = Desired(5, {"iris": ModelPlan(("1",))})
+    store, applied, record_ok, restores = FakeStore(served.to_json().encode()), [], [], []
+    converger = Converger(lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0,
+                          known=lambda: applied[-1] if applied else Desired(), on_record=record_ok.append,
+                          on_restore=lambda: restores.append(1))  # fmt: skip
+    converger.step()
+    assert applied == [served] and record_ok == [True]
+    store.raw = lost
+    converger.step()
+    assert applied == [served], "nothing applied from a lost record"
+    assert record_ok[-1] is False and restores == [1]
+    assert Desired.from_json(store.raw) == served, "the last good state written back"
+    assert store.reported[-1] == (5, RECORD_MISSING if lost is None else store.reported[-1][1])
+    converger.step()
+    assert record_ok[-1] is True and store.reported[-1] == (5, RECORD_OK)
+
+
+def test_a_fresh_cluster_with_no_record_serves_every_version_and_writes_nothing():
+    store, applied = FakeStore(None), []
+    converger = Converger(lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0,
+                          known=lambda: Desired())  # fmt: skip
+    converger.step()
+    assert applied == [Desired()] and store.raw is None
+
+
+def test_the_converger_is_restarted_whatever_ends_it():
+    failures: list[BaseException] = []
+    rounds = iter([RuntimeError("a bug in apply"), KeyError("generation"), SystemExit(1)])
+
+    class Done(Exception):
+        pass
+
+    def loop() -> None:
+        raise next(rounds)
+
+    def failed(exc: BaseException) -> None:
+        failures.append(exc)
+        if len(failures) == 3:
+            raise Done
+
+    with pytest.raises(Done):
+        supervise(loop, failed, backoff_s=0)
+    assert [type(f) for f in failures] == [RuntimeError, KeyError, SystemExit]
 
 
 def test_weights_split_unversioned_requests_and_a_routing_key_sticks():
