@@ -293,7 +293,7 @@ def test_scaling_past_the_upstream_slots_rerenders_and_reloads_nginx(start_clust
                == {"replica-1", "replica-2", "replica-3"}, 30, "traffic on all three replicas")  # fmt: skip
 
 
-def test_the_cli_starts_reports_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):
+def test_the_cli_starts_scales_changes_restarts_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):
     env = {**os.environ, "CLUSTER_RUN_DIR": str(tmp_path / "run")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -306,6 +306,20 @@ def test_the_cli_starts_reports_and_stops_a_cluster_leaving_nothing_running(tmp_
         assert "replica-1" in up.stdout and "healthy" in up.stdout
         status = json.loads(cli("status", "--json").stdout)
         assert {c["name"] for c in status["components"]} == {"nginx", "redis", "replica-1"}
+        # The other commands, as a user types them.
+        scaled = cli("scale", "2")
+        assert scaled.returncode == 0 and "scaled to 2" in scaled.stdout, scaled.stderr
+        policy = cli("model", "policy", "iris", "--default", "1")
+        assert policy.returncode == 0 and json.loads(policy.stdout)["default"] == "1", policy.stderr
+        generation = json.loads(policy.stdout)["generation"]
+        wait_until(lambda: json.loads(cli("model", "status").stdout)["converged"], 30, "both replicas to converge")
+        refused = cli("model", "unload", "iris", "9")
+        assert refused.returncode == 1 and "serves no version '9'" in refused.stderr, refused.stderr
+        restarted = cli("restart", "--rolling")
+        assert restarted.returncode == 0 and "every replica restarted" in restarted.stdout, restarted.stderr
+        status = json.loads(cli("status", "--json").stdout)
+        assert {c["name"] for c in status["components"]} == {"nginx", "redis", "replica-1", "replica-2"}
+        assert all(c["healthy"] for c in status["components"]) and status["models"]["generation"] == generation
         pids, ports = [c["pid"] for c in status["components"]], [c["port"] for c in status["components"]]
     finally:
         down = cli("down")

@@ -107,6 +107,41 @@ def test_rolling_restart_fails_no_request(restored):
     assert after["nginx"] == before["nginx"] and after["redis"] == before["redis"]
 
 
+def test_a_replica_killed_under_load_fails_no_request(restored):
+    cluster = restored
+    victim = cluster.status().component("replica-1")
+    with PacedLoad(cluster.url, rate=150, clients=6, bodies=SINGLES[1::7]) as load:
+        time.sleep(1)
+        os.killpg(victim.pid, signal.SIGKILL)  # master and worker, as when its host dies
+        time.sleep(3)
+    summary = load.summary("replica SIGKILLed (the defaults: L1 on, cache policy auto)")
+    assert summary["sent"] > 300 and summary["failed"] == {}, summary
+    assert "replica-1" not in {r.served_by for r in load.since(time.monotonic() - 1)}
+
+
+def test_redis_killed_and_restarted_under_load_fails_no_request(restored):
+    cluster = restored
+    with PacedLoad(cluster.url, rate=150, clients=6, bodies=SINGLES[2::7], path="/v1/models/iris:predict") as load:
+        time.sleep(1)
+        os.kill(cluster.status().component("redis").pid, signal.SIGKILL)
+        time.sleep(2)
+        cluster.start(REPLICAS)  # Redis again, empty, on its port
+        time.sleep(2)
+    summary = load.summary("Redis SIGKILLed and restarted under load (the defaults)")
+    assert summary["sent"] > 500 and summary["failed"] == {}, summary
+
+
+def test_scale_down_and_up_under_load_fails_no_request(restored):
+    cluster = restored
+    with PacedLoad(cluster.url, rate=150, clients=6, bodies=SINGLES[3::7]) as load:
+        time.sleep(1)
+        cluster.scale(1)
+        cluster.scale(REPLICAS)
+        time.sleep(1)
+    summary = load.summary(f"scale {REPLICAS} -> 1 -> {REPLICAS} under load (the defaults)")
+    assert summary["sent"] > 300 and summary["failed"] == {}, summary
+
+
 def test_frozen_replica_is_routed_around_within_the_read_timeout(cluster):
     victim = cluster.status().component("replica-3")
     with PacedLoad(cluster.url, rate=150, clients=6, bodies=SINGLES[::7]) as load:
