@@ -18,18 +18,16 @@ from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.lifecycle import (
     LATEST,
-    RECORD_OK,
-    RECORD_OLDER,
     SEEN_STALE_S,
     Desired,
     ModelPlan,
     PlanError,
     RecordError,
     RepositoryStore,
+    assess,
     check_weights,
     choose_version,
     split_in_effect,
-    trusted,
 )
 from service.models import LoadedModel, ModelError, UnknownModel
 from service.openapi import openapi_document
@@ -557,16 +555,13 @@ def repository_status() -> Response:
         workers = store.reports(SEEN_STALE_S + 3 * current.settings.models.repository_poll_s)
     except REDIS_FAILURES as exc:
         raise InputError(f"the model repository is unavailable (Redis: {exc})", 503) from None
-    obeyed = trusted(record, current.registry.desired)
+    obeyed, record = assess(record, current.registry.desired)
     desired = obeyed if obeyed is not None else current.registry.desired
-    described = record.describe()
-    if obeyed is None and record.state == RECORD_OK:
-        described["state"] = RECORD_OLDER
     behind = sorted(w for w, r in workers.items() if r["generation"] != desired.generation)
     return json_response({
         "generation": desired.generation,
         "models": {name: plan.to_json() for name, plan in desired.models.items()},
-        "record": described,
+        "record": record.describe(),
         "workers": workers,
         "converged": bool(workers) and not behind and obeyed is not None,
         "behind": behind,

@@ -158,6 +158,15 @@ def trusted(record: Record, known: Desired) -> Desired | None:
     return record.desired
 
 
+def assess(record: Record, known: Desired) -> tuple[Desired | None, Record]:
+    """The state to obey (None: keep serving `known`), and the record as `status` and the
+    reports show it: a well-formed record older than `known` is RECORD_OLDER."""
+    obeyed = trusted(record, known)
+    if obeyed is None and record.state == RECORD_OK:
+        record = replace(record, state=RECORD_OLDER)
+    return obeyed, record
+
+
 def check_weights(weights: Mapping[str, int], served: set[str]) -> dict[str, int]:
     """Weights as given, checked: integer percents of served versions summing to 100 (or none)."""
     if not weights:
@@ -308,12 +317,10 @@ class Converger:
             self._store = None
             return
         known = self._known()
-        desired = trusted(self.record, known)
+        desired, self.record = assess(self.record, known)
         self._on_record(desired is not None)
         if desired is None:
             desired = known
-            if self.record.desired is not None:
-                self.record = replace(self.record, state=RECORD_OLDER)
             self._restore(self._store, known)
         scan = self.models_poll_s > 0 and time.monotonic() >= self._next_scan
         if scan:
@@ -343,8 +350,8 @@ class Converger:
                         self.record.state, what, known.generation)  # fmt: skip
 
     def run_forever(self) -> None:
-        """Step every poll, for ever: an unexpected error in one round is logged and counted
-        (`on_failure`) and the next round runs; it never ends the loop silently."""
+        """Step every poll, for ever; an unexpected error ends it, and `supervise` reports it
+        and starts it again."""
         while True:
             self.step()
             time.sleep(self.poll_s)

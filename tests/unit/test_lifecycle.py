@@ -8,6 +8,7 @@ from service.lifecycle import (
     RECORD_MALFORMED,
     RECORD_MISSING,
     RECORD_OK,
+    RECORD_OLDER,
     Converger,
     Desired,
     ModelPlan,
@@ -79,8 +80,12 @@ class FakeStore:
         self.reported.append((generation, record.state))
 
 
-@pytest.mark.parametrize("lost", [None, b"{}", b"garbage", Desired(1).to_json().encode()])
-def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(lost):
+@pytest.mark.parametrize(
+    ("lost", "reported"),
+    [(None, RECORD_MISSING), (b"{}", RECORD_MALFORMED), (b"garbage", RECORD_MALFORMED),
+     (Desired(1).to_json().encode(), RECORD_OLDER)],
+)  # fmt: skip
+def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(lost, reported):
     served = Desired(5, {"iris": ModelPlan(("1",))})
     store, applied, record_ok, restores = FakeStore(served.to_json().encode()), [], [], []
     converger = Converger(lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0,
@@ -93,7 +98,7 @@ def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(los
     assert applied == [served], "nothing applied from a lost record"
     assert record_ok[-1] is False and restores == [1]
     assert Desired.from_json(store.raw) == served, "the last good state written back"
-    assert store.reported[-1] == (5, RECORD_MISSING if lost is None else store.reported[-1][1])
+    assert store.reported[-1] == (5, reported), "the worker says what it found"
     converger.step()
     assert record_ok[-1] is True and store.reported[-1] == (5, RECORD_OK)
 
