@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +99,29 @@ class Server:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+def copy_model_version(models: Path, name: str, version: str, *, serving: dict | None = None,
+                       tamper: bool = False) -> Path:  # fmt: skip
+    """<name>/<version> under `models`: a copy of <name>/1 under another version, optionally
+    with a `serving` block, or with its artifact changed after the sha256 was recorded."""
+    folder = models / name / version
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(models / name / "1", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["version"] = version
+    if serving is not None:
+        meta["serving"] = serving
+    (folder / "model.json").write_text(json.dumps(meta))
+    if tamper:
+        with (folder / meta["artifact"]).open("ab") as artifact:
+            artifact.write(b"\0")
+    return folder
+
+
+def repository_call(cluster, path: str, body: dict | None = None) -> requests.Response:
+    """An operator's call to the model repository, on the balancer's internal listener."""
+    return requests.post(cluster.internal_url + path, json=body, timeout=60)
 
 
 def start_redis(tmp: Path, port: int | None = None, extra: Sequence[str] = ()) -> tuple[Server, int]:

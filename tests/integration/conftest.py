@@ -4,6 +4,7 @@ same library the CLI and the benchmarks use."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,15 @@ from localcluster.cluster import DEFAULT_SLOTS
 TEST_ENVIRONMENT = {"SERVICE_CACHE_POLICY": "on", "BALANCER_L1_CACHE": "off"}
 
 StartCluster = Callable[..., Cluster]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+    """This module's own copy of the demo models folder, for tests that add or rewrite versions."""
+    folder = tmp_path_factory.mktemp("models")
+    for name in ("iris", "digits"):
+        shutil.copytree(models_dir / name, folder / name)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -8,40 +8,17 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support import PacedLoad, SourceAddressAdapter, wait_until
+from tests.support import PacedLoad, SourceAddressAdapter, copy_model_version, repository_call, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 ROW = {"instances": [[5.9, 3.0, 5.1, 1.8]]}
 V2_ROW = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [5.9, 3.0, 5.1, 1.8]}]}
-
-
-def _new_version(models: Path, version: str, tamper: bool = False) -> None:
-    """iris/<version>: a copy of iris/1 under another version (optionally with its artifact
-    changed after the sha256 was recorded)."""
-    folder = models / "iris" / version
-    shutil.copytree(models / "iris" / "1", folder)
-    meta = json.loads((folder / "model.json").read_text())
-    meta["version"] = version
-    (folder / "model.json").write_text(json.dumps(meta))
-    if tamper:
-        with (folder / meta["artifact"]).open("ab") as artifact:
-            artifact.write(b"\0")
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, models_dir) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    for name in ("iris", "digits"):
-        shutil.copytree(models_dir / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +31,6 @@ def cluster(start_cluster, models):
         BALANCER_INTERNAL_NETWORKS="127.0.0.1/32",
         BALANCER_RATE_LIMIT_EXEMPT="127.0.0.1/32",
     )
-
-
-def _operator(cluster, path: str, body: dict | None = None) -> requests.Response:
-    return requests.post(cluster.internal_url + path, json=body, timeout=60)
 
 
 def _converged(cluster, generation: int, started: float) -> float:
@@ -76,12 +49,13 @@ def _report(step: str, **numbers: object) -> None:
 
 
 def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
-    _new_version(models, "2")
+    copy_model_version(models, "iris", "2")
     with PacedLoad(cluster.url, rate=150, clients=6, max_seconds=240, body=ROW) as load:
         time.sleep(1)
         # Version 2 at 10 %: one call to one replica, every replica follows.
         started = time.monotonic()
-        answer = _operator(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "2", "weight": 10}})
+        canary = {"parameters": {"version": "2", "weight": 10}}
+        answer = repository_call(cluster, "/v2/repository/models/iris/load", canary)
         assert answer.status_code == 200, answer.text
         assert answer.json()["weights"] == {"2": 10, "1": 90}
         converged_s = _converged(cluster, answer.json()["generation"], started)
@@ -104,12 +78,12 @@ def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
         assert {next(iter(v)) for v in seen.values()} == {"1", "2"}, "40 keys land on both versions"
 
         # Version 1 still has traffic: unloading it is refused, nothing changes.
-        refused = _operator(cluster, "/v2/repository/models/iris/unload", {"parameters": {"version": "1"}})
+        refused = repository_call(cluster, "/v2/repository/models/iris/unload", {"parameters": {"version": "1"}})
         assert refused.status_code == 409 and "policy" in refused.json()["error"]
 
         # Promote to 100 %.
         started = time.monotonic()
-        answer = _operator(cluster, "/v2/repository/models/iris/policy", {"weights": {"2": 100}})
+        answer = repository_call(cluster, "/v2/repository/models/iris/policy", {"weights": {"2": 100}})
         assert answer.status_code == 200, answer.text
         converged_s = _converged(cluster, answer.json()["generation"], started)
         promoted = time.monotonic()
@@ -120,7 +94,7 @@ def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
 
         # Unload version 1: its own paths are a JSON 404 afterwards.
         started = time.monotonic()
-        answer = _operator(cluster, "/v2/repository/models/iris/unload", {"parameters": {"version": "1"}})
+        answer = repository_call(cluster, "/v2/repository/models/iris/unload", {"parameters": {"version": "1"}})
         assert answer.status_code == 200 and answer.json()["versions"] == ["2"], answer.text
         converged_s = _converged(cluster, answer.json()["generation"], started)
         time.sleep(2)
@@ -135,15 +109,15 @@ def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
 
 
 def test_a_tampered_version_is_refused_and_changes_nothing(cluster, models):
-    _new_version(models, "7", tamper=True)
+    copy_model_version(models, "iris", "7", tamper=True)
     before = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
-    refused = _operator(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "7"}})
+    refused = repository_call(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "7"}})
     assert refused.status_code == 422 and "sha256" in refused.json()["error"], refused.text
     after = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
     assert after["generation"] == before["generation"] and after["models"] == before["models"]
     versions = requests.get(cluster.url + "/v2/models/iris", timeout=5).json()["versions"]
     assert "7" not in versions
-    index = _operator(cluster, "/v2/repository/index").json()
+    index = repository_call(cluster, "/v2/repository/index").json()
     entry = next(r for r in index if (r["name"], r["version"]) == ("iris", "7"))
     assert entry["state"] == "UNAVAILABLE"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
 from service.models import sha256_of
-from tests.support import PacedLoad, wait_until
+from tests.support import PacedLoad, copy_model_version, repository_call, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -35,19 +34,6 @@ REPOSITORY_KEY = "pred:repository"
 
 def _report(step: str, **numbers: object) -> None:
     print(f"\nKEEPS {json.dumps({'step': step, **numbers})}")
-
-
-def _copy_version(models: Path, name: str, version: str, serving: dict | None = None) -> Path:
-    """<name>/<version>: a copy of <name>/1 under another version."""
-    folder = models / name / version
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(models / name / "1", folder)
-    meta = json.loads((folder / "model.json").read_text())
-    meta["version"] = version
-    if serving is not None:
-        meta["serving"] = serving
-    (folder / "model.json").write_text(json.dumps(meta))
-    return folder
 
 
 def _rewrite_constant(folder: Path, label: int) -> str:
@@ -65,14 +51,6 @@ def _rewrite_constant(folder: Path, label: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, models_dir) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    for name in ("iris", "digits"):
-        shutil.copytree(models_dir / name, folder / name)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def cluster(start_cluster, models):
     return start_cluster(
         2,
@@ -87,16 +65,22 @@ def _redis(cluster) -> redis.Redis:
     return redis.Redis(port=cluster.status().component("redis").port, password=cluster.redis_password or None)
 
 
-def _operator(cluster, path: str, body: dict | None = None) -> requests.Response:
-    return requests.post(cluster.internal_url + path, json=body, timeout=120)
-
-
 def _status(cluster) -> dict:
     return requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
 
 
 def _replicas(cluster) -> list[str]:
     return [f"http://127.0.0.1:{c.port}" for c in cluster.status().components if c.kind == "replica"]
+
+
+def _version_call(cluster, action: str, name: str, version: str) -> int:
+    """Load or unload one version through the repository; the generation, once every
+    worker serves it."""
+    answer = repository_call(cluster, f"/v2/repository/models/{name}/{action}", {"parameters": {"version": version}})
+    assert answer.status_code == 200, answer.text
+    generation = int(answer.json()["generation"])
+    _converged(cluster, generation)
+    return generation
 
 
 def _converged(cluster, generation: int) -> None:
@@ -136,13 +120,11 @@ def _watch_unloaded(cluster, generation: int, what: str, seconds: float = 6.0) -
 
 
 def test_an_unloaded_version_stays_unloaded_when_redis_loses_the_record(cluster, models):
-    _copy_version(models, "iris", "2")
-    loaded = _operator(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "2"}})
+    copy_model_version(models, "iris", "2")
+    loaded = repository_call(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "2"}})
     assert loaded.status_code == 200, loaded.text
-    unloaded = _operator(cluster, "/v2/repository/models/iris/unload", {"parameters": {"version": "2"}})
-    assert unloaded.status_code == 200, unloaded.text
-    generation = unloaded.json()["generation"]
-    _converged(cluster, generation)
+    # Unloaded at once, perhaps on the replica that has not converged on the load yet.
+    generation = _version_call(cluster, "unload", "iris", "2")
     assert _served_versions(cluster, "iris") == [["1"], ["1"]]
 
     with PacedLoad(cluster.url, rate=100, clients=4, max_seconds=120, body=ROW) as load:
@@ -177,11 +159,11 @@ def test_a_malformed_record_is_refused_and_convergence_goes_on(cluster):
         assert _served_versions(cluster, "iris") == [["1"], ["1"]]
     store.delete(REPOSITORY_KEY)
     # Convergence goes on: a change after all that reaches every worker.
-    changed = _operator(cluster, "/v2/repository/models/iris/policy", {"default": "1"})
+    changed = repository_call(cluster, "/v2/repository/models/iris/policy", {"default": "1"})
     assert changed.status_code == 200, changed.text
     assert changed.json()["generation"] > generation
     _converged(cluster, changed.json()["generation"])
-    restored = _operator(cluster, "/v2/repository/models/iris/policy", {"default": "latest"})
+    restored = repository_call(cluster, "/v2/repository/models/iris/policy", {"default": "latest"})
     assert restored.status_code == 200, restored.text
 
 
@@ -210,40 +192,33 @@ def test_bytes_no_replica_wrote_are_a_miss_then_overwritten(cluster):
 
 
 def test_a_rewritten_version_answers_from_its_new_artifact(cluster, models):
-    folder = _copy_version(models, "digits", "3", serving={"cache_policy": "on"})
+    folder = copy_model_version(models, "digits", "3", serving={"cache_policy": "on"})
     row = [0.0] * 64
-    loaded = _operator(cluster, "/v2/repository/models/digits/load", {"parameters": {"version": "3"}})
-    assert loaded.status_code == 200, loaded.text
-    _converged(cluster, loaded.json()["generation"])
+    _version_call(cluster, "load", "digits", "3")
     original = {_label(url, "digits", "3", row) for url in _replicas(cluster)}
     assert len(original) == 1
     first_label = 7 if original != {7} else 4
 
     # Unload, rewrite the folder (same version number, new artifact), load again.
-    unloaded = _operator(cluster, "/v2/repository/models/digits/unload", {"parameters": {"version": "3"}})
-    assert unloaded.status_code == 200, unloaded.text
-    sha = _rewrite_constant(folder, first_label)
-    loaded = _operator(cluster, "/v2/repository/models/digits/load", {"parameters": {"version": "3"}})
-    assert loaded.status_code == 200, loaded.text
-    _converged(cluster, loaded.json()["generation"])
-    for url in _replicas(cluster):
-        assert _label(url, "digits", "3", row) == first_label, url
-        assert requests.get(f"{url}/v2/models/digits/versions/3", timeout=5).json()["parameters"]["sha256"] == sha
+    _version_call(cluster, "unload", "digits", "3")
+    _load_rewritten(cluster, folder, first_label, row)
 
     # Rewritten again while served, then loaded: every worker moves to the new artifact.
     second_label = 2 if first_label != 2 else 5
-    sha = _rewrite_constant(folder, second_label)
-    loaded = _operator(cluster, "/v2/repository/models/digits/load", {"parameters": {"version": "3"}})
-    assert loaded.status_code == 200, loaded.text
-    _converged(cluster, loaded.json()["generation"])
-    for url in _replicas(cluster):
-        assert _label(url, "digits", "3", row) == second_label, url
-        assert requests.get(f"{url}/v2/models/digits/versions/3", timeout=5).json()["parameters"]["sha256"] == sha
+    _load_rewritten(cluster, folder, second_label, row)
     # Through the balancer too, once the L1's bounded reuse of the old answer has passed.
     wait_until(lambda: _label(cluster.url, "digits", "3", row) == second_label, 15,
                "the balancer to answer from the new artifact")  # fmt: skip
-    unloaded = _operator(cluster, "/v2/repository/models/digits/unload", {"parameters": {"version": "3"}})
-    assert unloaded.status_code == 200, unloaded.text
+    _version_call(cluster, "unload", "digits", "3")
+
+
+def _load_rewritten(cluster, folder: Path, label: int, row: list[float]) -> None:
+    """Rewrite digits/3 to answer `label`, load it, and check every replica answers from it."""
+    sha = _rewrite_constant(folder, label)
+    _version_call(cluster, "load", "digits", "3")
+    for url in _replicas(cluster):
+        assert _label(url, "digits", "3", row) == label, url
+        assert requests.get(f"{url}/v2/models/digits/versions/3", timeout=5).json()["parameters"]["sha256"] == sha
 
 
 def _label(url: str, name: str, version: str, row: list[float]) -> int:
@@ -266,17 +241,13 @@ def _worker_rss_mb(cluster) -> list[float]:
 
 
 def test_an_unloaded_forest_is_freed(cluster, models):
-    _copy_version(models, "digits", "4")
+    copy_model_version(models, "digits", "4")
     samples = []
     for cycle in range(20):
-        loaded = _operator(cluster, "/v2/repository/models/digits/load", {"parameters": {"version": "4"}})
-        assert loaded.status_code == 200, loaded.text
-        _converged(cluster, loaded.json()["generation"])
+        _version_call(cluster, "load", "digits", "4")
         for url in _replicas(cluster):  # a batcher and a cache decision for it on every worker
             _label(url, "digits", "4", [float(cycle)] * 64)
-        unloaded = _operator(cluster, "/v2/repository/models/digits/unload", {"parameters": {"version": "4"}})
-        assert unloaded.status_code == 200, unloaded.text
-        _converged(cluster, unloaded.json()["generation"])
+        _version_call(cluster, "unload", "digits", "4")
         samples.append(_worker_rss_mb(cluster))
     grown = [round(after - before, 1) for before, after in zip(samples[4], samples[-1], strict=True)]
     _report("20 load/unload cycles of the forest", rss_mb_after_5=[round(s, 1) for s in samples[4]],
