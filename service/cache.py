@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -413,6 +414,16 @@ class ClusterResultCache:
             self._cluster.close()
 
 
+# No CLIENT SETINFO on connect: Redis before 7.2 refuses it, so every new connection would
+# count two errors in the server's errorstats, which operators alert on. redis-py 7.1+
+# takes driver_info=None for that; older releases lib_name/lib_version=None.
+_NO_SETINFO: dict[str, Any] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
 def redis_client(url: str, timeout_s: float, **pool: Any) -> Any:
     """A client of the Redis REDIS_URL names, any topology: bounded timeouts and no
     retries of its own (the caller's breaker or loop is the retry policy); `pool`: more
@@ -421,7 +432,7 @@ def redis_client(url: str, timeout_s: float, **pool: Any) -> Any:
     target = parse_redis_url(url)
     # No retries: a retry doubles the wait, and the breaker decides when to try again.
     timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                                "retry": Retry(NoBackoff(), 0)}  # fmt: skip
+                                "retry": Retry(NoBackoff(), 0), **_NO_SETINFO}  # fmt: skip
     if target.topology == "single":
         return redis.Redis.from_url(url, **timeouts, **pool)
     auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}

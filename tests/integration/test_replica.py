@@ -338,6 +338,16 @@ def test_a_request_costs_one_mget_and_one_set_per_missing_row_and_entries_expire
     assert v1(url, rows).headers["X-Cache"] == "MISS"
 
 
+def test_a_replica_connecting_to_redis_makes_it_count_no_errors(redis_and_replica):
+    # Redis before 7.2 refuses CLIENT SETINFO, which redis-py sends on every new
+    # connection unless told not to: two errors in errorstats per connection.
+    url, _, port = redis_and_replica
+    _redis_cli(port, "CONFIG", "RESETSTAT")
+    assert v1(url, [[1.1, 2.2, 3.3, 4.4]]).headers["X-Cache"] == "MISS"  # the cache's first connection
+    errors = [line for line in _redis_cli(port, "INFO", "errorstats").split() if line.startswith("errorstat_")]
+    assert errors == [], errors
+
+
 def test_the_default_cache_policy_decides_per_model_against_a_real_redis(servers, models_dir, tmp_path):
     redis_server, port = start_redis(tmp_path)
     servers.append(redis_server)
