@@ -64,13 +64,29 @@ class Baseline:
         """The exact commands, for the report."""
         return {
             "app": [
-                str(Path(sys.executable).parent / "gunicorn"), "-c", "service/gunicorn.conf.py",
-                "--worker-class", "sync", "--workers", str(BASELINE_WORKERS), "--keep-alive", "2",
+                str(Path(sys.executable).parent / "gunicorn"),
+                "-c",
+                "service/gunicorn.conf.py",
+                "--worker-class",
+                "sync",
+                "--workers",
+                str(BASELINE_WORKERS),
+                "--keep-alive",
+                "2",
                 "service.wsgi:app",
             ],
-            "nginx": [self.nginx_bin, "-p", str(self.run_dir), "-c", str(self.run_dir / "nginx.conf"),
-                      "-e", str(self.run_dir / "nginx-error.log"), "-g", "daemon off;"],
-        }  # fmt: skip
+            "nginx": [
+                self.nginx_bin,
+                "-p",
+                str(self.run_dir),
+                "-c",
+                str(self.run_dir / "nginx.conf"),
+                "-e",
+                str(self.run_dir / "nginx-error.log"),
+                "-g",
+                "daemon off;",
+            ],
+        }
 
     def start(self) -> None:
         """Start the app and nginx, and wait until a prediction comes back."""

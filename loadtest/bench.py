@@ -89,8 +89,9 @@ class Plan:
         return min(self.concurrency, key=lambda c: abs(c - 32))
 
 
-QUICK = Plan(replicas=(1, 2), concurrency=(8, 32), hit_ratios=(0.0, 1.0), models=("iris",), seconds=3.0,
-             locust_seconds=5.0)  # fmt: skip
+QUICK = Plan(
+    replicas=(1, 2), concurrency=(8, 32), hit_ratios=(0.0, 1.0), models=("iris",), seconds=3.0, locust_seconds=5.0
+)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -193,8 +194,18 @@ class Sweep:
                 response.read()
         warm_l1(url, model, mix)
 
-    def measure(self, kind: str, url: str, components: dict[str, int], access_log: Path, status_url: str | None,
-                replicas: int, concurrency: int, hit_ratio: float, model: str) -> dict[str, Any]:  # fmt: skip
+    def measure(
+        self,
+        kind: str,
+        url: str,
+        components: dict[str, int],
+        access_log: Path,
+        status_url: str | None,
+        replicas: int,
+        concurrency: int,
+        hit_ratio: float,
+        model: str,
+    ) -> dict[str, Any]:
         """Run wrk for one point and collect everything the report shows about it."""
         mix = Mix(pool_size=self.plan.pool_size, hit_ratio=hit_ratio, skew=self.plan.skew)
         if hit_ratio > 0:
@@ -231,15 +242,24 @@ class Sweep:
             stub["active_after"] = stub_after["active"]
         self.commands.append(f"WRK_PAYLOADS=raw/{tag}.lua " + " ".join(argv))
         return {
-            "kind": kind, "replicas": replicas, "concurrency": concurrency, "hit_ratio": hit_ratio,
-            "model": model, **parsed, "access_log": access, "cpu_cores": cpu, "stub_status": stub, "rss_mb": rss_mb,
-            "disturbance": disturbed, "round": self.round,
+            "kind": kind,
+            "replicas": replicas,
+            "concurrency": concurrency,
+            "hit_ratio": hit_ratio,
+            "model": model,
+            **parsed,
+            "access_log": access,
+            "cpu_cores": cpu,
+            "stub_status": stub,
+            "rss_mb": rss_mb,
+            "disturbance": disturbed,
+            "round": self.round,
             "cpu_ms_per_request": {
                 name: round(value * seconds * 1000 / parsed["requests"], 3) if parsed["requests"] else None
                 for name, value in cpu.items()
             },
             "command": self.commands[-1],
-        }  # fmt: skip
+        }
 
     def watching(self, components: dict[str, int]) -> contextlib.AbstractContextManager[dict[str, Any]]:
         """procstat.watching at this plan's threshold."""
@@ -291,8 +311,9 @@ class Sweep:
                 for hit_ratio in self.plan.hit_ratios:
                     for concurrency in self.plan.concurrency:
                         self.progress(f"cluster: {replicas} replica(s), c={concurrency}, hits {hit_ratio:.0%}, {model}")
-                        point = self.measure("cluster", url, pids, access_log, status_url, replicas, concurrency,
-                                             hit_ratio, model)  # fmt: skip
+                        point = self.measure(
+                            "cluster", url, pids, access_log, status_url, replicas, concurrency, hit_ratio, model
+                        )
                         self.points.append({**point, "redis": topology})
                         self.done += 1
 
@@ -321,9 +342,19 @@ class Sweep:
             for model in self.plan.models:
                 for concurrency in self.plan.concurrency:
                     self.progress(f"baseline: c={concurrency}, {model}")
-                    self.points.append(self.measure("baseline", baseline.url, baseline.pids(),
-                                                    baseline.run_dir / "access.log", None, 1, concurrency, 0.0,
-                                                    model))  # fmt: skip
+                    self.points.append(
+                        self.measure(
+                            "baseline",
+                            baseline.url,
+                            baseline.pids(),
+                            baseline.run_dir / "access.log",
+                            None,
+                            1,
+                            concurrency,
+                            0.0,
+                            model,
+                        )
+                    )
                     self.done += 1
             self.progress("h2load: baseline, iris, all hits, c=32")
             raw = self.h2load("baseline", baseline.url, baseline.pids())
@@ -345,27 +376,54 @@ class Sweep:
         summary = parse_h2load(result.stdout)
         latency = parse_h2load_log(log.read_text())
         self.commands.append(" ".join(argv))
-        return {"kind": kind, "concurrency": connections, **summary, **latency, "disturbance": disturbed,
-                "round": self.round, "command": " ".join(argv)}  # fmt: skip
+        return {
+            "kind": kind,
+            "concurrency": connections,
+            **summary,
+            **latency,
+            "disturbance": disturbed,
+            "round": self.round,
+            "command": " ".join(argv),
+        }
 
     def run_locust(self, url: str) -> dict[str, Any]:
         """A short realistic mix with Locust (its CSV and HTML go into the report folder)."""
         users = 16
         argv = [
-            str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
-            "--host", url, "--headless", "-u", str(users), "-r", str(users),
-            "-t", f"{max(1, round(self.plan.locust_seconds))}s", "--hit-ratio", "0.9",
-            "--csv", str(self.out / "locust"), "--html", str(self.out / "locust.html"), "--only-summary",
+            str(Path(sys.executable).parent / "locust"),
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--host",
+            url,
+            "--headless",
+            "-u",
+            str(users),
+            "-r",
+            str(users),
+            "-t",
+            f"{max(1, round(self.plan.locust_seconds))}s",
+            "--hit-ratio",
+            "0.9",
+            "--csv",
+            str(self.out / "locust"),
+            "--html",
+            str(self.out / "locust.html"),
+            "--only-summary",
             "MixUser",
-        ]  # fmt: skip
+        ]
         result = _run(argv, timeout=self.plan.locust_seconds + 120, cwd=ROOT)
         (self.out / "raw" / "locust.txt").write_text(result.stdout + result.stderr)
         self.commands.append(" ".join(argv))
         stats_file = self.out / "locust_stats.csv"
         rows = parse_locust_stats(stats_file.read_text()) if stats_file.exists() else []
         mix = re.search(r"X-Cache mix: (\{.*\})", result.stdout + result.stderr)
-        return {"users": users, "exit_code": result.returncode, "rows": rows, "cache_mix": mix.group(1) if mix else "",
-                "command": " ".join(argv)}  # fmt: skip
+        return {
+            "users": users,
+            "exit_code": result.returncode,
+            "rows": rows,
+            "cache_mix": mix.group(1) if mix else "",
+            "command": " ".join(argv),
+        }
 
 
 # The replica CPU target: 0.45 ms per iris request where a minimal Flask app took 0.69.
@@ -389,8 +447,17 @@ def run_on_topology(sweep: Sweep, topology: str) -> None:
         for model in sweep.plan.models:
             for hit_ratio in sweep.plan.hit_ratios:
                 sweep.progress(f"cache on Redis {topology}: c={concurrency}, hits {hit_ratio:.0%}, {model}")
-                point = sweep.measure(f"cache on Redis {topology}", url, pids, access_log, status_url, replicas,
-                                      concurrency, hit_ratio, model)  # fmt: skip
+                point = sweep.measure(
+                    f"cache on Redis {topology}",
+                    url,
+                    pids,
+                    access_log,
+                    status_url,
+                    replicas,
+                    concurrency,
+                    hit_ratio,
+                    model,
+                )
                 sweep.points.append({**point, "redis": topology})
                 sweep.done += 1
     finally:
@@ -404,8 +471,9 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")
         url, pids, access_log, status_url = sweep.cluster_components(other)
-        point = sweep.measure("cluster, batching off", url, pids, access_log, status_url, replicas, concurrency,
-                              hit_ratio, model)  # fmt: skip
+        point = sweep.measure(
+            "cluster, batching off", url, pids, access_log, status_url, replicas, concurrency, hit_ratio, model
+        )
         sweep.points.append(point)
         sweep.done += 1
     finally:
@@ -417,8 +485,9 @@ def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
     minimal Flask app doing the same predict, each one gunicorn gevent worker loaded
     directly by wrk (all misses, the headline concurrency), one after the other. Absolute
     CPU per request moves between machines; the ratio of the two in one run does not."""
-    args = argparse.Namespace(model=model, hit_ratio=0.0, connections=sweep.plan.headline_concurrency,
-                              seconds=sweep.plan.seconds)  # fmt: skip
+    args = argparse.Namespace(
+        model=model, hit_ratio=0.0, connections=sweep.plan.headline_concurrency, seconds=sweep.plan.seconds
+    )
     sweep.progress(f"CPU per request: one replica worker vs a minimal Flask app, {model}")
     with profile.side_by_side(sweep.out / f"cpu-run-{sweep.round + 1}", model, sweep.cluster.environ) as workers:
         for name, (url, worker) in workers.items():
@@ -426,10 +495,18 @@ def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
             with sweep.watching({name: worker}) as disturbed:
                 measured = profile.measure(url, worker, args, sweep.out / "raw", tag)
             sweep.commands.append(f"WRK_PAYLOADS=raw/{tag}.lua {measured['command']}")
-            sweep.cpu_reference.append({
-                "kind": name, "model": model, "hit_ratio": 0.0, "concurrency": args.connections,
-                "rps": measured["rps"], "cpu_ms": measured["cpu_ms"], "disturbance": disturbed, "round": sweep.round,
-            })  # fmt: skip
+            sweep.cpu_reference.append(
+                {
+                    "kind": name,
+                    "model": model,
+                    "hit_ratio": 0.0,
+                    "concurrency": args.connections,
+                    "rps": measured["rps"],
+                    "cpu_ms": measured["cpu_ms"],
+                    "disturbance": disturbed,
+                    "round": sweep.round,
+                }
+            )
     sweep.done += 1
 
 
@@ -445,8 +522,9 @@ def evaluate_targets(
     rounds = sorted({p.get("round", 0) for p in points})
 
     def find(items: list[dict[str, Any]], round_no: int, **where: Any) -> dict[str, Any] | None:
-        return next((p for p in items if p.get("round", 0) == round_no
-                     and all(p.get(k) == v for k, v in where.items())), None)  # fmt: skip
+        return next(
+            (p for p in items if p.get("round", 0) == round_no and all(p.get(k) == v for k, v in where.items())), None
+        )
 
     def point(round_no: int, kind: str, model: str, hit: float | None = None) -> dict[str, Any] | None:
         where = {"kind": kind, "model": model, "concurrency": concurrency}
@@ -465,11 +543,19 @@ def evaluate_targets(
         if not measured:
             return
         median = statistics.median(measured)
-        targets.append({
-            "target": name, "measured": median, "min": min(measured), "max": max(measured), "runs": len(measured),
-            "goal": goal, "at_least": at_least, "met": median >= goal if at_least else median <= goal,
-            "disturbed": any(p.get("disturbance", {}).get("disturbed") for p in used),
-        })  # fmt: skip
+        targets.append(
+            {
+                "target": name,
+                "measured": median,
+                "min": min(measured),
+                "max": max(measured),
+                "runs": len(measured),
+                "goal": goal,
+                "at_least": at_least,
+                "met": median >= goal if at_least else median <= goal,
+                "disturbed": any(p.get("disturbance", {}).get("disturbed") for p in used),
+            }
+        )
 
     def ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, field: str) -> Any:
         if not (ours and theirs and theirs[field]):
@@ -477,21 +563,41 @@ def evaluate_targets(
         return ours[field] / theirs[field], [ours, theirs]
 
     for hit, goal, label in ((1.0, 1.8, "all hits"), (0.0, 2.0, "all misses")):
-        add(f"iris, {label}: req/s vs baseline", goal, True,
-            lambda r, h=hit: ratio(point(r, "cluster", "iris", h), point(r, "baseline", "iris"), "rps"))  # fmt: skip
-    add("iris, all hits: p99 vs baseline", 1.0, False,
-        lambda r: ratio(point(r, "cluster", "iris", 1.0), point(r, "baseline", "iris"), "p99_ms"))  # fmt: skip
-    add("hot iris row through the L1 (h2load): req/s vs baseline", 15.0, True,
-        lambda r: ratio(find(h2load, r, kind="cluster"), find(h2load, r, kind="baseline"), "rps"))  # fmt: skip
+        add(
+            f"iris, {label}: req/s vs baseline",
+            goal,
+            True,
+            lambda r, h=hit: ratio(point(r, "cluster", "iris", h), point(r, "baseline", "iris"), "rps"),
+        )
+    add(
+        "iris, all hits: p99 vs baseline",
+        1.0,
+        False,
+        lambda r: ratio(point(r, "cluster", "iris", 1.0), point(r, "baseline", "iris"), "p99_ms"),
+    )
+    add(
+        "hot iris row through the L1 (h2load): req/s vs baseline",
+        15.0,
+        True,
+        lambda r: ratio(find(h2load, r, kind="cluster"), find(h2load, r, kind="baseline"), "rps"),
+    )
     # <= 0.45 ms where a minimal Flask app took 0.69 ms (docs/performance.md): judged against
     # that app measured in the same round, since absolute CPU moves between machines.
-    add("iris, all misses: replica worker CPU vs a minimal Flask app", CPU_VS_MINIMAL, False,
-        lambda r: ratio(find(cpu_reference or [], r, kind=profile.REPLICA),
-                        find(cpu_reference or [], r, kind=profile.MINIMAL), "cpu_ms"))  # fmt: skip
+    add(
+        "iris, all misses: replica worker CPU vs a minimal Flask app",
+        CPU_VS_MINIMAL,
+        False,
+        lambda r: ratio(
+            find(cpu_reference or [], r, kind=profile.REPLICA),
+            find(cpu_reference or [], r, kind=profile.MINIMAL),
+            "cpu_ms",
+        ),
+    )
 
     def batching(round_no: int, field: str) -> Any:
-        return ratio(point(round_no, "cluster", "digits", 0.0), point(round_no, "cluster, batching off", "digits", 0.0),
-                     field)  # fmt: skip
+        return ratio(
+            point(round_no, "cluster", "digits", 0.0), point(round_no, "cluster, batching off", "digits", 0.0), field
+        )
 
     add("digits, all misses: req/s, batching on vs off", 5.0, True, lambda r: batching(r, "rps"))
     add("digits, all misses: p99, batching on vs off", 1.0, False, lambda r: batching(r, "p99_ms"))
@@ -540,8 +646,16 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
     first = next(iter(replicas.values()), {})
     common = {k: v for k, v in first.items() if all(r[k] == v for r in replicas.values())}
     defaults = {key: _redacted(value) for key, value in Settings.from_env({}).flat().items()}
-    directives = ("worker_processes", "limit_req_zone", "keepalive ", "gzip_min_length", "client_max_body_size",
-                  "proxy_read_timeout", "proxy_next_upstream_tries", "listen")  # fmt: skip
+    directives = (
+        "worker_processes",
+        "limit_req_zone",
+        "keepalive ",
+        "gzip_min_length",
+        "client_max_body_size",
+        "proxy_read_timeout",
+        "proxy_next_upstream_tries",
+        "listen",
+    )
     return {
         "service_settings": common,
         "service_non_default": {k: v for k, v in common.items() if defaults.get(k) != v},
@@ -559,9 +673,10 @@ def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None, ran: dic
     cpu_model = "unknown"
     try:
         cpu_model = next(
-            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("model name")
-        )  # fmt: skip
+        )
     except (OSError, StopIteration):
         pass
     nginx = which("nginx") or "nginx"
@@ -588,15 +703,35 @@ def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None, ran: dic
 
 def write_csv(points: list[dict[str, Any]], path: Path) -> None:
     """One row per point, flat."""
-    columns = ["kind", "replicas", "concurrency", "hit_ratio", "model", "rps", "p50_ms", "p90_ms", "p99_ms",
-               "max_ms", "requests", "non_2xx", "socket_errors"]  # fmt: skip
+    columns = [
+        "kind",
+        "replicas",
+        "concurrency",
+        "hit_ratio",
+        "model",
+        "rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "requests",
+        "non_2xx",
+        "socket_errors",
+    ]
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow([*columns, "cache", "served_by", "nginx_p50_ms", "upstream_p50_ms", "cpu_cores"])
         for p in points:
-            writer.writerow([*(p[c] for c in columns), json.dumps(p["cache"]), json.dumps(p["served_by"]),
-                             p["access_log"]["nginx_p50_ms"], p["access_log"]["upstream_p50_ms"],
-                             json.dumps({k: round(v, 3) for k, v in p["cpu_cores"].items()})])  # fmt: skip
+            writer.writerow(
+                [
+                    *(p[c] for c in columns),
+                    json.dumps(p["cache"]),
+                    json.dumps(p["served_by"]),
+                    p["access_log"]["nginx_p50_ms"],
+                    p["access_log"]["upstream_p50_ms"],
+                    json.dumps({k: round(v, 3) for k, v in p["cpu_cores"].items()}),
+                ]
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -609,13 +744,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=lambda s: tuple(s.split(",")), help="e.g. iris,digits")
     parser.add_argument("--seconds", type=float, help="duration of each point")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")
-    parser.add_argument("--rounds", type=int, help="run the whole plan this many times, cluster and baseline "
-                        "interleaved in each; targets take the median (default 1; bench-targets 3)")  # fmt: skip
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="run the whole plan this many times, cluster and baseline "
+        "interleaved in each; targets take the median (default 1; bench-targets 3)",
+    )
     parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
-    parser.add_argument("--redis", type=lambda s: tuple(t for t in s.split(",") if t), metavar="TOPOLOGIES",
-                        help="also compare the cache points on these Redis topologies (single, cluster, sentinel), "
-                        "each in a cluster of its own with the cache on and no L1, in the same rounds; ratios are "
-                        "against the first: e.g. --redis single,cluster")  # fmt: skip
+    parser.add_argument(
+        "--redis",
+        type=lambda s: tuple(t for t in s.split(",") if t),
+        metavar="TOPOLOGIES",
+        help="also compare the cache points on these Redis topologies (single, cluster, sentinel), "
+        "each in a cluster of its own with the cache on and no L1, in the same rounds; ratios are "
+        "against the first: e.g. --redis single,cluster",
+    )
     parser.add_argument(
         "--targets",
         action="store_true",
@@ -640,14 +783,34 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = QUICK if args.quick else Plan()
     if args.targets:
-        plan = Plan(replicas=(os.cpu_count() or 2,), concurrency=(32,), hit_ratios=(0.0, 1.0),
-                    models=("iris", "digits"), seconds=8.0, locust_seconds=0.0, rounds=3)  # fmt: skip
-    chosen = {"replicas": args.replicas, "concurrency": args.concurrency, "hit_ratios": args.hit_ratios,
-              "models": args.models, "seconds": args.seconds, "rounds": args.rounds,
-              "redis_topologies": args.redis}  # fmt: skip
+        plan = Plan(
+            replicas=(os.cpu_count() or 2,),
+            concurrency=(32,),
+            hit_ratios=(0.0, 1.0),
+            models=("iris", "digits"),
+            seconds=8.0,
+            locust_seconds=0.0,
+            rounds=3,
+        )
+    chosen = {
+        "replicas": args.replicas,
+        "concurrency": args.concurrency,
+        "hit_ratios": args.hit_ratios,
+        "models": args.models,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "redis_topologies": args.redis,
+    }
     overrides = {k: v for k, v in chosen.items() if v is not None}
-    plan = Plan(**{**asdict(plan), **overrides, "baseline": not args.no_baseline,
-                   "disturbance_cores": args.disturbance_cores, "wait_quiet_s": args.wait_quiet})  # fmt: skip
+    plan = Plan(
+        **{
+            **asdict(plan),
+            **overrides,
+            "baseline": not args.no_baseline,
+            "disturbance_cores": args.disturbance_cores,
+            "wait_quiet_s": args.wait_quiet,
+        }
+    )
     # Absolute: nginx and gunicorn of the baseline run with their own working directories.
     out = (args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -700,8 +863,9 @@ def main(argv: list[str] | None = None) -> int:
         "commands": sweep.commands,
     }
     if args.targets:
-        results["targets"] = evaluate_targets(sweep.points, sweep.h2load_results, plan.headline_concurrency,
-                                              sweep.cpu_reference)  # fmt: skip
+        results["targets"] = evaluate_targets(
+            sweep.points, sweep.h2load_results, plan.headline_concurrency, sweep.cpu_reference
+        )
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_csv(sweep.points, out / "points.csv")
     sys.stderr.write("\n")

@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     version = metadata.version("tritonclient")
-    print(f"tritonclient {version}, {args.rows}-row iris batches, {args.concurrency} in flight, {args.rounds} rounds "
-          f"of {args.seconds:g} s, interleaved; {url}; git {sha}; {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"tritonclient {version}, {args.rows}-row iris batches, {args.concurrency} in flight, {args.rounds} rounds "
+        f"of {args.seconds:g} s, interleaved; {url}; git {sha}; {os.cpu_count()} cores"
+    )
     for binary, label in ((True, "binary data on "), (False, "binary data off")):
         values = rates[binary]
         median = statistics.median(values)

@@ -59,18 +59,40 @@ def pool_batches(model: str, mix: Mix, batch_rows: int = 500) -> list[str]:
 def wrk_argv(url: str, connections: int, seconds: float, timeout_s: float = 10.0) -> list[str]:
     """wrk with one thread (plenty on loopback) and the hit-ratio script."""
     return [
-        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s:g}s",
-        "-s", str(WRK_SCRIPT), url,
-    ]  # fmt: skip
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        f"--timeout={timeout_s:g}s",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+    ]
 
 
 def h2load_argv(url: str, body: Path, connections: int, seconds: float, log_file: Path) -> list[str]:
     """A time-bounded HTTP/1.1 h2load run with its per-request log."""
     return [
-        "h2load", "--h1", "-c", str(connections), "-m", "1", "-D", str(max(1, round(seconds))),
-        "--warm-up-time", "1", "-T", "10", "-d", str(body), "-H", "Content-Type: application/json",
-        "--log-file", str(log_file), url,
-    ]  # fmt: skip
+        "h2load",
+        "--h1",
+        "-c",
+        str(connections),
+        "-m",
+        "1",
+        "-D",
+        str(max(1, round(seconds))),
+        "--warm-up-time",
+        "1",
+        "-T",
+        "10",
+        "-d",
+        str(body),
+        "-H",
+        "Content-Type: application/json",
+        "--log-file",
+        str(log_file),
+        url,
+    ]
 
 
 def h2load_count_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:

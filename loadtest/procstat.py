@@ -84,8 +84,13 @@ def machine_cpu_seconds() -> dict[str, float]:
     return {"busy": (user + nice + system) / CLOCK_TICKS, "steal": steal / CLOCK_TICKS}
 
 
-def disturbance(machine_before: dict[str, float], machine_after: dict[str, float], known_cpu_s: float,
-                wall_s: float, threshold_cores: float) -> dict[str, Any]:  # fmt: skip
+def disturbance(
+    machine_before: dict[str, float],
+    machine_after: dict[str, float],
+    known_cpu_s: float,
+    wall_s: float,
+    threshold_cores: float,
+) -> dict[str, Any]:
     """What processes the benchmark does not know used during one measurement, in cores:
     the machine's busy time less the known processes' CPU time, and steal time. Either
     above `threshold_cores` marks the measurement disturbed: its numbers describe a
@@ -93,8 +98,12 @@ def disturbance(machine_before: dict[str, float], machine_after: dict[str, float
     wall_s = max(wall_s, 1e-9)
     other = max(0.0, (machine_after["busy"] - machine_before["busy"] - known_cpu_s) / wall_s)
     steal = max(0.0, (machine_after["steal"] - machine_before["steal"]) / wall_s)
-    return {"other_cores": round(other, 3), "steal_cores": round(steal, 3), "threshold_cores": threshold_cores,
-            "disturbed": other > threshold_cores or steal > threshold_cores}  # fmt: skip
+    return {
+        "other_cores": round(other, 3),
+        "steal_cores": round(steal, 3),
+        "threshold_cores": threshold_cores,
+        "disturbed": other > threshold_cores or steal > threshold_cores,
+    }
 
 
 def own_cpu_seconds() -> float:

@@ -73,22 +73,42 @@ def only_worker(master: int) -> int:
     return int(wait_until(lambda: [pid for pid, _ in children(master)], 30, "the gunicorn worker")[0])
 
 
-def measure(url: str, worker: int, args: argparse.Namespace, out: Path, tag: str,
-            profile: bool = False) -> dict[str, float]:  # fmt: skip
+def measure(
+    url: str, worker: int, args: argparse.Namespace, out: Path, tag: str, profile: bool = False
+) -> dict[str, float]:
     """One wrk run against `url`: req/s and the worker's CPU ms per request."""
     mix = Mix(pool_size=1000, hit_ratio=args.hit_ratio, skew="zipf")
     payloads = write_wrk_payloads(out / f"{tag}.lua", args.model, mix, random.SystemRandom().randint(10**5, 10**6))
     spy = None
     if profile:
         spy = subprocess.Popen(
-            [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(worker),
-             "-d", str(round(args.seconds)), "-r", "250", "-f", "raw", "-o", str(out / "replica.stacks.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "-p",
+                str(worker),
+                "-d",
+                str(round(args.seconds)),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                str(out / "replica.stacks.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(1)
     before = cpu_seconds(worker)
-    result = subprocess.run(wrk_argv(url, args.connections, args.seconds), capture_output=True, text=True,
-                            env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=args.seconds + 60)  # fmt: skip
+    result = subprocess.run(
+        wrk_argv(url, args.connections, args.seconds),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WRK_PAYLOADS": str(payloads)},
+        timeout=args.seconds + 60,
+    )
     used = cpu_seconds(worker) - before
     payloads.unlink()
     if spy is not None:
@@ -108,14 +128,32 @@ def side_by_side(out: Path, model: str, environ: Mapping[str, str]) -> Iterator[
     `environ`), each as one gunicorn gevent worker: {name: (url, worker pid)}; stopped after."""
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((ROOT / "models" / model / "1" / "model.json").read_text())
-    (out / "minimal_app.py").write_text(MINIMAL_APP.format(artifact=str(ROOT / "models" / model / "1" /
-                                        meta["artifact"]), classes=meta["outputs"]["classes"]))  # fmt: skip
+    (out / "minimal_app.py").write_text(
+        MINIMAL_APP.format(
+            artifact=str(ROOT / "models" / model / "1" / meta["artifact"]), classes=meta["outputs"]["classes"]
+        )
+    )
     port = free_port()
     minimal = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-k", "gevent", "-w", "1", "-b", f"127.0.0.1:{port}",
-         "--keep-alive", "75", "--chdir", str(out), "--no-control-socket", "minimal_app:app"],
-        stdout=(out / "minimal.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "-k",
+            "gevent",
+            "-w",
+            "1",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--keep-alive",
+            "75",
+            "--chdir",
+            str(out),
+            "--no-control-socket",
+            "minimal_app:app",
+        ],
+        stdout=(out / "minimal.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     cluster = Cluster(out / "run", {**environ, "SERVICE_WORKERS": "1"})
     try:
         cluster.start(1, Ports.auto(DEFAULT_SLOTS))
@@ -156,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="minimal app and replica interleaved, this many times")
-    parser.add_argument("--cache-policy", default="auto", help="the replica's SERVICE_CACHE_POLICY (auto decides "
-                        "per worker whether Redis pays for this model; off: the compute path alone)")  # fmt: skip
+    parser.add_argument(
+        "--cache-policy",
+        default="auto",
+        help="the replica's SERVICE_CACHE_POLICY (auto decides "
+        "per worker whether Redis pays for this model; off: the compute path alone)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="only the CPU per request")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -170,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(args.rounds):
             for name, (url, worker) in targets.items():
                 runs[name].append(measure(url, worker, args, out, f"{name.split()[0]}-{round_no}"))
-        print(f"{args.model}, {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, c={args.connections}, "
-              "one gevent worker, "
-              f"{args.rounds} round(s) of {args.seconds:g} s (median)")  # fmt: skip
+        print(
+            f"{args.model}, {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, c={args.connections}, "
+            "one gevent worker, "
+            f"{args.rounds} round(s) of {args.seconds:g} s (median)"
+        )
         reference = statistics.median(r["cpu_ms"] for r in runs[MINIMAL])
         for name, results in runs.items():
             cpu = statistics.median(r["cpu_ms"] for r in results)

@@ -77,8 +77,16 @@ class Results:
         return None
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tuple[str, list, list, str]],
-          bar: bool = False, logx: bool = False, marked: Iterable[tuple[list, list]] = ()) -> Path:  # fmt: skip
+def _plot(
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Iterable[tuple[str, list, list, str]],
+    bar: bool = False,
+    logx: bool = False,
+    marked: Iterable[tuple[list, list]] = (),
+) -> Path:
     """A line (or bar) plot; `marked` (xs, ys) are drawn over as disturbed points."""
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     series = list(series)
@@ -90,8 +98,15 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tup
             ax.plot(xs, ys, style, label=label, marker="o" if "--" not in style else None)
         marked = [(xs, ys) for xs, ys in marked if xs]
         for i, (xs, ys) in enumerate(marked):
-            ax.plot(xs, ys, linestyle="none", marker="X", markersize=11, color="#d62728",
-                    label="disturbed (others used the CPU)" if i == 0 else None)  # fmt: skip
+            ax.plot(
+                xs,
+                ys,
+                linestyle="none",
+                marker="X",
+                markersize=11,
+                color="#d62728",
+                label="disturbed (others used the CPU)" if i == 0 else None,
+            )
         ax.legend(fontsize=8)
     if logx:
         ax.set_xscale("log", base=2)
@@ -108,22 +123,42 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: Iterable[tup
     return path
 
 
-def _figure(folder: Path, name: str, title: str, xlabel: str, ylabel: str, caption: str,
-            series: list[tuple[str, list, list, str, list]], logx: bool = False) -> list[Block]:  # fmt: skip
+def _figure(
+    folder: Path,
+    name: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    caption: str,
+    series: list[tuple[str, list, list, str, list]],
+    logx: bool = False,
+) -> list[Block]:
     """A plot of `series` (label, xs, ys, style, the points behind ys), or, when they have
     a single x value, the same numbers as a table: a plot of one x carries no shape."""
     xs_all = sorted({x for _, xs, _, _, _ in series for x in xs})
     if len(xs_all) <= 1:
-        rows = [[label, f"{xs[0]:g}", _fmt(ys[0]) + _mark(points[0] if points else None)]
-                for label, xs, ys, _, points in series if xs]  # fmt: skip
-        return [("p", f"{title}: one {xlabel} value only, so a table. {caption}"),
-                ("table", ["series", xlabel, ylabel], rows)]  # fmt: skip
+        rows = [
+            [label, f"{xs[0]:g}", _fmt(ys[0]) + _mark(points[0] if points else None)]
+            for label, xs, ys, _, points in series
+            if xs
+        ]
+        return [
+            ("p", f"{title}: one {xlabel} value only, so a table. {caption}"),
+            ("table", ["series", xlabel, ylabel], rows),
+        ]
     marked = []
     for _, xs, ys, _, points in series:
         flagged = [(x, y) for x, y, pt in zip(xs, ys, points, strict=True) if disturbed(pt)]
         marked.append(([x for x, _ in flagged], [y for _, y in flagged]))
-    path = _plot(folder / name, title, xlabel, ylabel, [(label, xs, ys, style) for label, xs, ys, style, _ in series],
-                 logx=logx, marked=marked)  # fmt: skip
+    path = _plot(
+        folder / name,
+        title,
+        xlabel,
+        ylabel,
+        [(label, xs, ys, style) for label, xs, ys, style, _ in series],
+        logx=logx,
+        marked=marked,
+    )
     if any(xs for xs, _ in marked):
         caption += " Red crosses: points measured while other processes used the CPU; do not trust them."
     return [("img", path, caption)]
@@ -137,78 +172,144 @@ def plots(results: Results, folder: Path) -> list[Block]:
     series = []
     for model in results.plan["models"]:
         for hit in results.plan["hit_ratios"]:
-            found = [results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=r)
-                     for r in results.plan["replicas"]]  # fmt: skip
+            found = [
+                results.find("cluster", model=model, hit_ratio=hit, concurrency=c, replicas=r)
+                for r in results.plan["replicas"]
+            ]
             points = [pt for pt in found if pt]
-            series.append((f"{model}, {hit:.0%} hits", [pt["replicas"] for pt in points],
-                           [pt["rps"] for pt in points], "-", points))  # fmt: skip
+            series.append(
+                (
+                    f"{model}, {hit:.0%} hits",
+                    [pt["replicas"] for pt in points],
+                    [pt["rps"] for pt in points],
+                    "-",
+                    points,
+                )
+            )
         base = results.find("baseline", model=model, concurrency=c)
         if base:
             xs = list(results.plan["replicas"])
             series.append((f"{model}, tutorial baseline", xs, [base["rps"]] * len(xs), "--", [base] * len(xs)))
-    made += _figure(folder, "throughput_vs_replicas.png", f"Throughput vs replicas (c={c})", "replicas",
-                    "requests/s", f"Requests/s against the number of replicas at {c} connections; dashed: the "
-                    "tutorials' set-up measured in the same run.", series)  # fmt: skip
+    made += _figure(
+        folder,
+        "throughput_vs_replicas.png",
+        f"Throughput vs replicas (c={c})",
+        "replicas",
+        "requests/s",
+        f"Requests/s against the number of replicas at {c} connections; dashed: the "
+        "tutorials' set-up measured in the same run.",
+        series,
+    )
 
     for model in results.plan["models"]:
         hit = min(results.plan["hit_ratios"])
         series = []
-        found = [results.find("cluster", model=model, hit_ratio=hit, concurrency=cc, replicas=rmax)
-                 for cc in results.plan["concurrency"]]  # fmt: skip
+        found = [
+            results.find("cluster", model=model, hit_ratio=hit, concurrency=cc, replicas=rmax)
+            for cc in results.plan["concurrency"]
+        ]
         points = [pt for pt in found if pt]
         for q in ("p50_ms", "p90_ms", "p99_ms"):
-            series.append((f"cluster {q[:3]}", [pt["concurrency"] for pt in points], [pt[q] for pt in points], "-",
-                           points))  # fmt: skip
+            series.append(
+                (f"cluster {q[:3]}", [pt["concurrency"] for pt in points], [pt[q] for pt in points], "-", points)
+            )
         bases = [
             b for cc in results.plan["concurrency"] if (b := results.find("baseline", model=model, concurrency=cc))
         ]
         if bases:
-            series.append(("baseline p99", [b["concurrency"] for b in bases], [b["p99_ms"] for b in bases], "--",
-                           bases))  # fmt: skip
-        made += _figure(folder, f"latency_vs_concurrency_{model}.png",
-                        f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)", "connections", "ms",
-                        f"Latency percentiles of {model} against concurrency, {rmax} replicas, {hit:.0%} cache hits.",
-                        series, logx=True)  # fmt: skip
+            series.append(
+                ("baseline p99", [b["concurrency"] for b in bases], [b["p99_ms"] for b in bases], "--", bases)
+            )
+        made += _figure(
+            folder,
+            f"latency_vs_concurrency_{model}.png",
+            f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)",
+            "connections",
+            "ms",
+            f"Latency percentiles of {model} against concurrency, {rmax} replicas, {hit:.0%} cache hits.",
+            series,
+            logx=True,
+        )
 
     series = []
     for model in results.plan["models"]:
-        found = [results.find("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)
-                 for h in results.plan["hit_ratios"]]  # fmt: skip
+        found = [
+            results.find("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)
+            for h in results.plan["hit_ratios"]
+        ]
         points = [pt for pt in found if pt]
         series.append((model, [pt["hit_ratio"] * 100 for pt in points], [pt["rps"] for pt in points], "-", points))
-    made += _figure(folder, "cache_effect.png", f"What the cache buys ({rmax} replicas, c={c})",
-                    "cache-hit ratio (%)", "requests/s",
-                    "Requests/s against the share of requests whose row is already cached.", series)  # fmt: skip
+    made += _figure(
+        folder,
+        "cache_effect.png",
+        f"What the cache buys ({rmax} replicas, c={c})",
+        "cache-hit ratio (%)",
+        "requests/s",
+        "Requests/s against the share of requests whose row is already cached.",
+        series,
+    )
 
     # The fewest hits: every request reaches a replica (the L1 answers repeats itself).
-    point = results.find("cluster", model=results.plan["models"][0], hit_ratio=min(results.plan["hit_ratios"]),
-                         concurrency=c, replicas=rmax)  # fmt: skip
+    point = results.find(
+        "cluster",
+        model=results.plan["models"][0],
+        hit_ratio=min(results.plan["hit_ratios"]),
+        concurrency=c,
+        replicas=rmax,
+    )
     replicas = {n: v for n, v in (point or {}).get("served_by", {}).items() if n != "nginx (L1)"}
     if point and len(replicas) > 1:
         names = sorted(replicas)
         caption = "How evenly nginx spread one point's requests over the replicas."
-        made.append(("img", _plot(folder / "replica_distribution.png", f"Requests per replica ({rmax} replicas, c={c})",
-                                  "replica", "requests", [("", names, [replicas[n] for n in names], "")],
-                                  bar=True), caption))  # fmt: skip
+        made.append(
+            (
+                "img",
+                _plot(
+                    folder / "replica_distribution.png",
+                    f"Requests per replica ({rmax} replicas, c={c})",
+                    "replica",
+                    "requests",
+                    [("", names, [replicas[n] for n in names], "")],
+                    bar=True,
+                ),
+                caption,
+            )
+        )
     return made
 
 
 def _headline(results: Results) -> tuple[list[str], list[list[str]]]:
-    headers = ["model", "cache hits", "cluster req/s", "baseline req/s", "throughput ×", "cluster p99 ms",
-               "baseline p99 ms", "p99 ×"]  # fmt: skip
+    headers = [
+        "model",
+        "cache hits",
+        "cluster req/s",
+        "baseline req/s",
+        "throughput ×",
+        "cluster p99 ms",
+        "baseline p99 ms",
+        "p99 ×",
+    ]
     rows = []
     for model in results.plan["models"]:
         base = results.find("baseline", model=model, concurrency=results.headline_c)
         for hit in results.plan["hit_ratios"]:
-            point = results.find("cluster", model=model, hit_ratio=hit, concurrency=results.headline_c,
-                                 replicas=results.max_replicas)  # fmt: skip
+            point = results.find(
+                "cluster", model=model, hit_ratio=hit, concurrency=results.headline_c, replicas=results.max_replicas
+            )
             if not point:
                 continue
-            rows.append([model + _mark(point) + ("" if disturbed(point) else _mark(base)), f"{hit:.0%}",
-                         _fmt(point["rps"]), _fmt(base["rps"]) if base else "–",
-                         _ratio(point["rps"], base["rps"]) if base else "–", _fmt(point["p99_ms"], 1),
-                         _fmt(base["p99_ms"], 1) if base else "–",
-                         _ratio(point["p99_ms"], base["p99_ms"]) if base else "–"])  # fmt: skip
+            rows.append(
+                [
+                    model + _mark(point) + ("" if disturbed(point) else _mark(base)),
+                    f"{hit:.0%}",
+                    _fmt(point["rps"]),
+                    _fmt(base["rps"]) if base else "–",
+                    _ratio(point["rps"], base["rps"]) if base else "–",
+                    _fmt(point["p99_ms"], 1),
+                    _fmt(base["p99_ms"], 1) if base else "–",
+                    _ratio(point["p99_ms"], base["p99_ms"]) if base else "–",
+                ]
+            )
     return headers, rows
 
 
@@ -232,8 +333,12 @@ def interpretation(results: Results) -> list[str]:
     if busiest:
         cpu = busiest["cpu_cores"]
         replicas_cpu = sum(v for k, v in cpu.items() if k.startswith("replica"))
-        parts = {"replicas": replicas_cpu, "nginx": cpu.get("nginx", 0.0), "redis": cpu.get("redis", 0.0),
-                 "load generator": cpu.get("load generator", 0.0)}  # fmt: skip
+        parts = {
+            "replicas": replicas_cpu,
+            "nginx": cpu.get("nginx", 0.0),
+            "redis": cpu.get("redis", 0.0),
+            "load generator": cpu.get("load generator", 0.0),
+        }
         total = sum(parts.values())
         verdict = "CPU-bound" if total > 0.85 * cores else "not CPU-bound (look at latency and connections)"
         shares = ", ".join(f"{name} {value:.2f}" for name, value in sorted(parts.items(), key=lambda kv: -kv[1]))
@@ -263,9 +368,13 @@ def interpretation(results: Results) -> list[str]:
                 )
                 continue
             gain = hits["rps"] / miss["rps"]
-            meaning = ("the cache pays for itself" if gain > 1.1 else
-                       "a cache lookup costs about what the prediction does" if gain > 0.9 else
-                       "for this model a prediction is cheaper than a cache round trip")  # fmt: skip
+            meaning = (
+                "the cache pays for itself"
+                if gain > 1.1
+                else "a cache lookup costs about what the prediction does"
+                if gain > 0.9
+                else "for this model a prediction is cheaper than a cache round trip"
+            )
             sentences.append(
                 f"The cache, {model}: {high:.0%} hits give {_fmt(hits['rps'])} req/s against "
                 f"{_fmt(miss['rps'])} at {low:.0%} ({gain:.2f}×): {meaning}."
@@ -326,26 +435,45 @@ def topologies(results: Results) -> list[Block]:
                 continue
             ratios = []
             for point in chosen:
-                ref = next((r for r in points if (r["model"], r["hit_ratio"], r["redis"], r.get("round", 0))
-                            == (model, hit, first, point.get("round", 0))), None)  # fmt: skip
+                ref = next(
+                    (
+                        r
+                        for r in points
+                        if (r["model"], r["hit_ratio"], r["redis"], r.get("round", 0))
+                        == (model, hit, first, point.get("round", 0))
+                    ),
+                    None,
+                )
                 if ref and ref["rps"]:
                     ratios.append(point["rps"] / ref["rps"])
             spread = f" [{min(ratios):.2f}–{max(ratios):.2f}]" if len(ratios) > 1 else ""
             shaken = " ⚠" if any(disturbed(p) for p in chosen) else ""
-            rows.append([model, f"{hit:.0%}", topology + shaken, _fmt(statistics.median(p["rps"] for p in chosen)),
-                         _fmt(statistics.median(p["p50_ms"] for p in chosen), 1),
-                         _fmt(statistics.median(p["p99_ms"] for p in chosen), 1),
-                         " ".join(f"{k}:{v}" for k, v in sorted(chosen[-1]["cache"].items())),
-                         f"{statistics.median(ratios):.2f}×{spread}" if ratios else "–"])  # fmt: skip
+            rows.append(
+                [
+                    model,
+                    f"{hit:.0%}",
+                    topology + shaken,
+                    _fmt(statistics.median(p["rps"] for p in chosen)),
+                    _fmt(statistics.median(p["p50_ms"] for p in chosen), 1),
+                    _fmt(statistics.median(p["p99_ms"] for p in chosen), 1),
+                    " ".join(f"{k}:{v}" for k, v in sorted(chosen[-1]["cache"].items())),
+                    f"{statistics.median(ratios):.2f}×{spread}" if ratios else "–",
+                ]
+            )
     return [
-        ("h2", f"The result cache on each Redis topology ({points[0]['replicas']} replicas, "
-               f"c={points[0]['concurrency']})"),
+        (
+            "h2",
+            f"The result cache on each Redis topology ({points[0]['replicas']} replicas, c={points[0]['concurrency']})",
+        ),
         ("table", ["model", "hits", "Redis", "req/s", "p50 ms", "p99 ms", "X-Cache", f"vs {first}"], rows),
-        ("p", "Each topology ran in a cluster of its own (SERVICE_CACHE_POLICY=on, BALANCER_L1_CACHE=off: the "
-              "replicas' result cache answers every repeat), one after the other in each round; each ratio is "
-              f"taken within one round, the median over {results.plan['rounds']} round(s) with the min–max in "
-              "brackets. X-Cache: the last round's."),
-    ]  # fmt: skip
+        (
+            "p",
+            "Each topology ran in a cluster of its own (SERVICE_CACHE_POLICY=on, BALANCER_L1_CACHE=off: the "
+            "replicas' result cache answers every repeat), one after the other in each round; each ratio is "
+            f"taken within one round, the median over {results.plan['rounds']} round(s) with the min–max in "
+            "brackets. X-Cache: the last round's.",
+        ),
+    ]
 
 
 def cpu_reference(results: Results) -> list[Block]:
@@ -363,11 +491,14 @@ def cpu_reference(results: Results) -> list[Block]:
     return [
         ("h2", "Replica CPU per request vs a minimal Flask app"),
         ("table", ["round", "server (one gunicorn gevent worker)", "req/s", "CPU ms/request", "× minimal"], rows),
-        ("p", "Both loaded directly by wrk (no nginx), iris, all misses, one after the other in each round; the "
-              "minimal app parses the JSON, calls predict_proba and answers, nothing else. The target (replica "
-              "≤ 0.45 ms where the minimal app took 0.69 ms) is judged by the ratio, since CPU per request "
-              "moves between machines."),
-    ]  # fmt: skip
+        (
+            "p",
+            "Both loaded directly by wrk (no nginx), iris, all misses, one after the other in each round; the "
+            "minimal app parses the JSON, calls predict_proba and answers, nothing else. The target (replica "
+            "≤ 0.45 ms where the minimal app took 0.69 ms) is judged by the ratio, since CPU per request "
+            "moves between machines.",
+        ),
+    ]
 
 
 def blocks(results: Results, folder: Path) -> list[Block]:
@@ -379,93 +510,210 @@ def blocks(results: Results, folder: Path) -> list[Block]:
     shaken = [pt for pt in measured if disturbed(pt)]
     if shaken:
         worst = max(max(pt["disturbance"]["other_cores"], pt["disturbance"]["steal_cores"]) for pt in shaken)
-        out.append(("p", f"⚠ Do not trust this report as it stands: {len(shaken)} of {len(measured)} measurements "
-                         "ran while processes the benchmark does not know (or the hypervisor, as steal time) used "
-                         f"the CPU, up to {worst:.2f} cores (threshold "
-                         f"{shaken[0]['disturbance']['threshold_cores']:g}). They are marked ⚠ in the tables and "
-                         "with red crosses in the plots, and targets judged from them say UNSURE. Run it again "
-                         "on a quiet machine (--wait-quiet SECONDS waits for one)."))  # fmt: skip
+        out.append(
+            (
+                "p",
+                f"⚠ Do not trust this report as it stands: {len(shaken)} of {len(measured)} measurements "
+                "ran while processes the benchmark does not know (or the hypervisor, as steal time) used "
+                f"the CPU, up to {worst:.2f} cores (threshold "
+                f"{shaken[0]['disturbance']['threshold_cores']:g}). They are marked ⚠ in the tables and "
+                "with red crosses in the plots, and targets judged from them say UNSURE. Run it again "
+                "on a quiet machine (--wait-quiet SECONDS waits for one).",
+            )
+        )
     elif any("disturbance" in pt for pt in measured):
-        out.append(("p", "Quiet machine: during every measurement, processes the benchmark does not know used "
-                         "less than the threshold of CPU, and there was no steal time above it."))  # fmt: skip
-    out.append(("h2", f"Summary: cluster ({results.max_replicas} replicas) vs the tutorials' set-up, "
-                      f"c={results.headline_c}"))  # fmt: skip
-    out.append(("p", "Both measured side by side in this run on this machine; absolute numbers on shared "
-                     "machines drift, the ratios are what to compare. Baseline: gunicorn sync workers "
-                     f"({env['baseline']['workers']}), no result cache, "
-                     "nginx without upstream keepalive."))  # fmt: skip
+        out.append(
+            (
+                "p",
+                "Quiet machine: during every measurement, processes the benchmark does not know used "
+                "less than the threshold of CPU, and there was no steal time above it.",
+            )
+        )
+    out.append(
+        ("h2", f"Summary: cluster ({results.max_replicas} replicas) vs the tutorials' set-up, c={results.headline_c}")
+    )
+    out.append(
+        (
+            "p",
+            "Both measured side by side in this run on this machine; absolute numbers on shared "
+            "machines drift, the ratios are what to compare. Baseline: gunicorn sync workers "
+            f"({env['baseline']['workers']}), no result cache, "
+            "nginx without upstream keepalive.",
+        )
+    )
     out.append(("table", *_headline(results)))
     if results.raw.get("targets"):
         out.append(("h2", "Performance targets"))
-        rows = [[verdict(t), t["target"], _fmt(t["measured"], 2),
-                 f"{_fmt(t['min'], 2)}–{_fmt(t['max'], 2)} ({t['runs']})" if "runs" in t else "–",
-                 f"{'≥' if t['at_least'] else '≤'} {t['goal']:g}"] for t in results.raw["targets"]]  # fmt: skip
+        rows = [
+            [
+                verdict(t),
+                t["target"],
+                _fmt(t["measured"], 2),
+                f"{_fmt(t['min'], 2)}–{_fmt(t['max'], 2)} ({t['runs']})" if "runs" in t else "–",
+                f"{'≥' if t['at_least'] else '≤'} {t['goal']:g}",
+            ]
+            for t in results.raw["targets"]
+        ]
         out.append(("table", ["", "target", "median", "min–max (runs)", "goal"], rows))
-        out.append(("p", "Each target's value is measured within one round (cluster and baseline interleaved); "
-                         "the verdict goes by the median over the rounds. UNSURE: a point behind it was "
-                         "disturbed."))  # fmt: skip
+        out.append(
+            (
+                "p",
+                "Each target's value is measured within one round (cluster and baseline interleaved); "
+                "the verdict goes by the median over the rounds. UNSURE: a point behind it was "
+                "disturbed.",
+            )
+        )
     out.extend(cpu_reference(results))
     for sentence in interpretation(results):
         out.append(("p", sentence))
     if results.raw.get("h2load"):
         out.append(("h2", "Raw throughput (h2load, one iris row, all hits, c=32)"))
-        rows = [[h["kind"] + _mark(h), _fmt(h["rps"]), _fmt(h["p50_ms"], 1), _fmt(h["p90_ms"], 1), _fmt(h["p99_ms"], 1),
-                 _fmt(h["max_ms"], 1), str(h["s2xx"]), str(h["failed"] + h["errored"])]
-                for h in results.raw["h2load"]]  # fmt: skip
+        rows = [
+            [
+                h["kind"] + _mark(h),
+                _fmt(h["rps"]),
+                _fmt(h["p50_ms"], 1),
+                _fmt(h["p90_ms"], 1),
+                _fmt(h["p99_ms"], 1),
+                _fmt(h["max_ms"], 1),
+                str(h["s2xx"]),
+                str(h["failed"] + h["errored"]),
+            ]
+            for h in results.raw["h2load"]
+        ]
         out.append(("table", ["set-up", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "2xx", "failed"], rows))
     out.extend(topologies(results))
     out.append(("h2", "Plots"))
     out.extend(plots(results, folder / "plots"))
     out.append(("h2", "Every point"))
-    headers = ["set-up", "replicas", "c", "hits", "model", "req/s", "p50", "p90", "p99", "max", "errors",
-               "X-Cache", "L1 hits", "per replica", "nginx p50", "upstream p50", "app CPU ms/req", "MiB/replica",
-               "cores used", "others' cores"]  # fmt: skip
+    headers = [
+        "set-up",
+        "replicas",
+        "c",
+        "hits",
+        "model",
+        "req/s",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "errors",
+        "X-Cache",
+        "L1 hits",
+        "per replica",
+        "nginx p50",
+        "upstream p50",
+        "app CPU ms/req",
+        "MiB/replica",
+        "cores used",
+        "others' cores",
+    ]
     rows = []
     for p in results.points:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["cpu_cores"].items()) if v >= 0.01)
-        rows.append([p["kind"], str(p["replicas"]), str(p["concurrency"]), f"{p['hit_ratio']:.0%}", p["model"],
-                     _fmt(p["rps"]), _fmt(p["p50_ms"], 1), _fmt(p["p90_ms"], 1), _fmt(p["p99_ms"], 1),
-                     _fmt(p["max_ms"], 1), str(p["non_2xx"] + p["socket_errors"]),
-                     " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())), _l1_share(p),
-                     " ".join(str(v) for _, v in sorted(p["served_by"].items())),
-                     _fmt(p["access_log"]["nginx_p50_ms"], 2),
-                     _fmt(p["access_log"]["upstream_p50_ms"], 2), _fmt(_app_cpu_ms(p), 3),
-                     _fmt(_replica_mib(p)), cpu, _others(p)])  # fmt: skip
+        rows.append(
+            [
+                p["kind"],
+                str(p["replicas"]),
+                str(p["concurrency"]),
+                f"{p['hit_ratio']:.0%}",
+                p["model"],
+                _fmt(p["rps"]),
+                _fmt(p["p50_ms"], 1),
+                _fmt(p["p90_ms"], 1),
+                _fmt(p["p99_ms"], 1),
+                _fmt(p["max_ms"], 1),
+                str(p["non_2xx"] + p["socket_errors"]),
+                " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
+                _l1_share(p),
+                " ".join(str(v) for _, v in sorted(p["served_by"].items())),
+                _fmt(p["access_log"]["nginx_p50_ms"], 2),
+                _fmt(p["access_log"]["upstream_p50_ms"], 2),
+                _fmt(_app_cpu_ms(p), 3),
+                _fmt(_replica_mib(p)),
+                cpu,
+                _others(p),
+            ]
+        )
     out.append(("table", headers, rows))
-    out.append(("p", "X-Cache: the replicas' result cache as the client saw it (L1: answered by nginx's L1 "
-                     "micro-cache, BALANCER_L1_CACHE). L1 hits: the share nginx answered itself, from its access log. "
-                     "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
-                     "($request_time vs $upstream_response_time). App CPU ms/req: CPU time of the replicas (or the "
-                     "baseline's gunicorn) per request. MiB/replica: resident memory of one replica's processes, "
-                     "each worker holding the models once. Cores used: CPU seconds per second of each process "
-                     "tree, from /proc. Others' cores: what the rest of the machine used meanwhile (its busy time "
-                     "in /proc/stat less the processes above, the load generator and the benchmark itself; + "
-                     "steal time); ⚠ above the threshold."))  # fmt: skip
+    out.append(
+        (
+            "p",
+            "X-Cache: the replicas' result cache as the client saw it (L1: answered by nginx's L1 "
+            "micro-cache, BALANCER_L1_CACHE). L1 hits: the share nginx answered itself, from its access log. "
+            "Latencies in ms, measured by the client (wrk). nginx/upstream p50: from nginx's access log "
+            "($request_time vs $upstream_response_time). App CPU ms/req: CPU time of the replicas (or the "
+            "baseline's gunicorn) per request. MiB/replica: resident memory of one replica's processes, "
+            "each worker holding the models once. Cores used: CPU seconds per second of each process "
+            "tree, from /proc. Others' cores: what the rest of the machine used meanwhile (its busy time "
+            "in /proc/stat less the processes above, the load generator and the benchmark itself; + "
+            "steal time); ⚠ above the threshold.",
+        )
+    )
     locust = results.raw.get("locust")
     if locust and locust.get("rows"):
         out.append(("h2", f"A realistic mix (Locust, {locust['users']} users, 90 % hits)"))
-        rows = [[r["name"], str(r["requests"]), str(r["failures"]), _fmt(r["rps"]), _fmt(r["median_ms"]),
-                 _fmt(r["p90_ms"]), _fmt(r["p99_ms"]), _fmt(r["max_ms"])] for r in locust["rows"]]  # fmt: skip
+        rows = [
+            [
+                r["name"],
+                str(r["requests"]),
+                str(r["failures"]),
+                _fmt(r["rps"]),
+                _fmt(r["median_ms"]),
+                _fmt(r["p90_ms"]),
+                _fmt(r["p99_ms"]),
+                _fmt(r["max_ms"]),
+            ]
+            for r in locust["rows"]
+        ]
         out.append(("table", ["request", "count", "failures", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
-        out.append(("p", f"X-Cache mix: {locust['cache_mix']}. Locust's own report: locust.html; its CSV: "
-                         "locust_stats.csv."))  # fmt: skip
+        out.append(
+            ("p", f"X-Cache mix: {locust['cache_mix']}. Locust's own report: locust.html; its CSV: locust_stats.csv.")
+        )
     out.append(("h2", "Environment"))
     versions = ", ".join(f"{k}: {v}" for k, v in env["versions"].items())
     out.append(("p", f"{env['platform']}. {versions}."))
-    out.append(("p", "Settings as they ran, read from the running cluster: each replica's effective settings "
-                     "(from the environment its process started with) and the nginx.conf nginx ran "
-                     f"({env['nginx_conf']})."))  # fmt: skip
+    out.append(
+        (
+            "p",
+            "Settings as they ran, read from the running cluster: each replica's effective settings "
+            "(from the environment its process started with) and the nginx.conf nginx ran "
+            f"({env['nginx_conf']}).",
+        )
+    )
     changed = env["service_non_default"]
-    out.append(("p", "Replica settings changed from their defaults: "
-                     + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "none") + "."))  # fmt: skip
+    out.append(
+        (
+            "p",
+            "Replica settings changed from their defaults: "
+            + (", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "none")
+            + ".",
+        )
+    )
     out.append(("pre", "\n".join(env["nginx_directives"])))
-    out.append(("pre", json.dumps({"plan": env["plan"], "replica settings (common)": env["service_settings"],
-                                   "replica settings (per replica)": env["per_replica"],
-                                   "baseline": env["baseline"]}, indent=1)))  # fmt: skip
+    out.append(
+        (
+            "pre",
+            json.dumps(
+                {
+                    "plan": env["plan"],
+                    "replica settings (common)": env["service_settings"],
+                    "replica settings (per replica)": env["per_replica"],
+                    "baseline": env["baseline"],
+                },
+                indent=1,
+            ),
+        )
+    )
     out.append(("h2", "Commands"))
     out.append(("pre", "\n".join(results.raw["commands"])))
-    out.append(("p", "Rebuild this report from its raw data: python -m loadtest.report <this folder>. "
-                     "Raw data: results.json, points.csv, raw/."))  # fmt: skip
+    out.append(
+        (
+            "p",
+            "Rebuild this report from its raw data: python -m loadtest.report <this folder>. "
+            "Raw data: results.json, points.csv, raw/.",
+        )
+    )
     return out
 
 
@@ -502,18 +750,24 @@ def to_html(content: list[Block]) -> str:
             body.append(f"<pre>{html.escape(block[1])}</pre>")
         elif kind == "img":
             data = base64.b64encode(block[1].read_bytes()).decode()
-            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")  # fmt: skip
+            body.append(
+                f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(block[2])}</figcaption></figure>"
+            )
         elif kind == "table":
             head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
             rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:3px 6px;text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;"
-             "overflow:auto;font-size:12px}img{max-width:100%}figcaption{font-size:13px;color:#555}")  # fmt: skip
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Throughput report</title>'
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:3px 6px;text-align:right}th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;"
+        "overflow:auto;font-size:12px}img{max-width:100%}figcaption{font-size:13px;color:#555}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Throughput report</title>'
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
 def build(folder: Path) -> dict[str, Path]:

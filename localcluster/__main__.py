@@ -45,9 +45,11 @@ def print_status(status: Status, models: dict | None = None) -> None:
         record = models.get("record", {})
         # A record Redis lost or holds malformed: the replicas serve on and write it back.
         untrusted = f"; record in Redis {record['state']} {record.get('problem', '')}".rstrip()
-        print(f"models: desired generation {models['generation']}, {done}/{len(workers)} workers converged"
-              + (untrusted if record.get("state", "ok") != "ok" else "")
-              + (f"; errors: {'; '.join(errors)}" if errors else ""))  # fmt: skip
+        print(
+            f"models: desired generation {models['generation']}, {done}/{len(workers)} workers converged"
+            + (untrusted if record.get("state", "ok") != "ok" else "")
+            + (f"; errors: {'; '.join(errors)}" if errors else "")
+        )
 
 
 def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:
@@ -81,8 +83,9 @@ def model_request(args: argparse.Namespace) -> tuple[str, str, dict | None]:
             pairs = [item.split("=", 1) for item in args.weights.split(",") if item]
             body["weights"] = {version: int(weight) for version, weight in pairs}
         return "POST", path, body
-    parameters = {k: v for k, v in (("version", args.version), ("weight", getattr(args, "weight", None)))
-                  if v is not None}  # fmt: skip
+    parameters = {
+        k: v for k, v in (("version", args.version), ("weight", getattr(args, "weight", None))) if v is not None
+    }
     return "POST", path, {"parameters": parameters} if parameters else None
 
 
@@ -90,8 +93,9 @@ def send_model_request(base: str, args: argparse.Namespace) -> int:
     """Send a `model` command to the balancer's internal listener; print the answer."""
     method, path, body = model_request(args)
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             print(json.dumps(json.loads(response.read()), indent=2))
@@ -114,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--redis-port", type=int, help="Redis port (default 6390)")
     up.add_argument("--replica-base-port", type=int, help="first replica's port (default 8001)")
     up.add_argument("--bind", dest="bind_host", help="balancer address (default 127.0.0.1; 0.0.0.0 for all)")
-    up.add_argument("--redis", choices=["single", "cluster", "sentinel"],
-                    help="the result cache: one server, a Redis Cluster of 3 primaries, or a primary + replica "
-                         "watched by 3 sentinels (default CLUSTER_REDIS_TOPOLOGY, else single)")  # fmt: skip
+    up.add_argument(
+        "--redis",
+        choices=["single", "cluster", "sentinel"],
+        help="the result cache: one server, a Redis Cluster of 3 primaries, or a primary + replica "
+        "watched by 3 sentinels (default CLUSTER_REDIS_TOPOLOGY, else single)",
+    )
     status = sub.add_parser("status", help="show each component")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     scale = sub.add_parser("scale", help="change the replica count of a running cluster")

@@ -153,8 +153,12 @@ class Cluster:
                     running = self.state.redis_topology
                     raise ClusterError(f"the cluster already runs with Redis {running}; stop it first")
             else:
-                self.state = State(ports=ports or self.state.ports, bind_host=bind_host or self.state.bind_host,
-                                   settings=settings_of(self.caller_environ), redis_topology=topology)  # fmt: skip
+                self.state = State(
+                    ports=ports or self.state.ports,
+                    bind_host=bind_host or self.state.bind_host,
+                    settings=settings_of(self.caller_environ),
+                    redis_topology=topology,
+                )
             self._ensure_redis()
             self._scale(replicas)
         return self.status()
@@ -195,8 +199,12 @@ class Cluster:
             self.state = self.state_file.load()
             # Sentinels before the servers: no failover while Redis stops.
             order = {"nginx": 0, "replica": 1, "sentinel": 2, "redis": 3}
-            signals = {"nginx": signal.SIGQUIT, "replica": signal.SIGTERM, "sentinel": signal.SIGTERM,
-                       "redis": signal.SIGTERM}  # fmt: skip
+            signals = {
+                "nginx": signal.SIGQUIT,
+                "replica": signal.SIGTERM,
+                "sentinel": signal.SIGTERM,
+                "redis": signal.SIGTERM,
+            }
             for component in sorted(self.state.components.values(), key=lambda c: order[c.kind]):
                 self._stop(component, signals[component.kind], 60)
             self.state_file.remove()
@@ -222,8 +230,18 @@ class Cluster:
             else:
                 health = f"http://127.0.0.1:{ports.status}/nginx_status"
                 healthy = running and http_status(health) == 200
-            rows.append(ComponentStatus(component.name, component.kind, component.port, component.pid,
-                                        component.log, running, healthy, health))  # fmt: skip
+            rows.append(
+                ComponentStatus(
+                    component.name,
+                    component.kind,
+                    component.port,
+                    component.pid,
+                    component.log,
+                    running,
+                    healthy,
+                    health,
+                )
+            )
         return Status(
             run_dir=str(self.run_dir),
             logs=str(self.logs),
@@ -365,13 +383,17 @@ class Cluster:
             started.append(component)
         if topology == "cluster" and fresh:
             cli = Path(binary).with_name("redis-cli")
-            argv = redis_topology.create_cluster_argv(str(cli) if cli.exists() else "redis-cli", self.state.ports.redis,
-                                                      self.redis_password)  # fmt: skip
+            argv = redis_topology.create_cluster_argv(
+                str(cli) if cli.exists() else "redis-cli", self.state.ports.redis, self.redis_password
+            )
             done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
             if done.returncode != 0:
                 raise ClusterError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
-        wait_until(lambda: redis_topology.ready(topology, self.state.ports.redis, self.redis_password), 60,
-                   f"the Redis {topology} to serve")  # fmt: skip
+        wait_until(
+            lambda: redis_topology.ready(topology, self.state.ports.redis, self.redis_password),
+            60,
+            f"the Redis {topology} to serve",
+        )
 
     def _redis_url(self) -> str:
         return redis_topology.url(self.state.redis_topology, self.state.ports.redis, self.redis_password)

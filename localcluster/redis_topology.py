@@ -46,13 +46,19 @@ class Server:
 def servers(topology: str, base_port: int, data_dir: Path, maxmemory: str, password: str) -> list[Server]:
     """The processes of `topology`, in start order."""
     common: tuple[str, ...] = (
-        "--bind", "127.0.0.1",  # local mode: never reachable from other hosts
-        "--save", "",  # a result cache: nothing worth writing to disk
-        "--appendonly", "no",
-        "--maxmemory", maxmemory,
-        "--maxmemory-policy", "allkeys-lru",  # evict the least recently used results when full
-        "--dir", str(data_dir),
-    )  # fmt: skip
+        "--bind",
+        "127.0.0.1",  # local mode: never reachable from other hosts
+        "--save",
+        "",  # a result cache: nothing worth writing to disk
+        "--appendonly",
+        "no",
+        "--maxmemory",
+        maxmemory,
+        "--maxmemory-policy",
+        "allkeys-lru",  # evict the least recently used results when full
+        "--dir",
+        str(data_dir),
+    )
     if password:  # masterauth too: after a failover the old primary replicates from the new one
         common += ("--requirepass", password, "--masterauth", password)
     if topology == "single":
@@ -79,16 +85,20 @@ def servers(topology: str, base_port: int, data_dir: Path, maxmemory: str, passw
                     "--cluster-require-full-coverage",
                     "no",
                 ),
-            )  # fmt: skip
+            )
             for n, port in enumerate(range(base_port, base_port + CLUSTER_PRIMARIES), start=1)
         ]
     if topology == "sentinel":
         primary, replica = base_port, base_port + 1
         found = [
             Server("redis", "redis", primary, ("--port", str(primary), *common)),
-            Server("redis-replica", "redis", replica,
-                   ("--port", str(replica), *common, "--replicaof", "127.0.0.1", str(primary))),
-        ]  # fmt: skip
+            Server(
+                "redis-replica",
+                "redis",
+                replica,
+                ("--port", str(replica), *common, "--replicaof", "127.0.0.1", str(primary)),
+            ),
+        ]
         for n in range(1, SENTINELS + 1):
             port = base_port + 1 + n
             conf = data_dir / f"sentinel-{n}.conf"

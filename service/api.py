@@ -328,8 +328,9 @@ def predict_v2(current: ServiceState, call: Call, name: str, version: str | None
     """Open Inference Protocol infer (the Flask route and the fast lane)."""
     model = _lookup(current, name, version, call)
     names = _output_names(model)
-    parsed = v2.decode(_body(current, call), call.header(v2.HEADER_LENGTH), model.width,
-                       current.settings.models.max_batch_rows, names)  # fmt: skip
+    parsed = v2.decode(
+        _body(current, call), call.header(v2.HEADER_LENGTH), model.width, current.settings.models.max_batch_rows, names
+    )
     prediction = current.predictor.predict(model, parsed.rows)
     count = len(prediction.labels)
     outputs = []
@@ -341,8 +342,9 @@ def predict_v2(current: ServiceState, call: Call, name: str, version: str | None
             outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
     # The request's own id only (the spec's "if specified, returned"): never X-Request-ID,
     # which differs between requests the balancer's L1 answers with one stored body.
-    encoded, headers, content_type = v2.encode(model.name, model.version, parsed.request_id, outputs,
-                                               parsed.binary_outputs)  # fmt: skip
+    encoded, headers, content_type = v2.encode(
+        model.name, model.version, parsed.request_id, outputs, parsed.binary_outputs
+    )
     headers = {**headers, **_prediction_headers(current, model, prediction, version is not None)}
     return encoded, headers, content_type
 
@@ -369,8 +371,11 @@ def _off_loop(work: Callable[[], T]) -> T:
 def _repository() -> RepositoryStore:
     connect = state().repository
     if connect is None:
-        raise InputError("the model repository needs Redis (REDIS_URL) and SERVICE_REPOSITORY_POLL_S > 0: every "
-                         "replica must hear of a change", 503)  # fmt: skip
+        raise InputError(
+            "the model repository needs Redis (REDIS_URL) and SERVICE_REPOSITORY_POLL_S > 0: every "
+            "replica must hear of a change",
+            503,
+        )
     try:
         return connect()
     except REDIS_FAILURES as exc:
@@ -422,8 +427,15 @@ def _planned(name: str, plan: ModelPlan) -> list[str]:
 
 def _changed(name: str, desired: Desired) -> Response:
     plan = desired.plan(name)
-    return json_response({"generation": desired.generation, "model": name, "versions": _served(name),
-                          "default": plan.default, "weights": dict(plan.weights)})  # fmt: skip
+    return json_response(
+        {
+            "generation": desired.generation,
+            "model": name,
+            "versions": _served(name),
+            "default": plan.default,
+            "weights": dict(plan.weights),
+        }
+    )
 
 
 @bp.post("/v2/repository/index")
@@ -474,8 +486,10 @@ def repository_load(name: str) -> Response:
         weights = dict(plan.weights)
         if weight is not None:
             if split_in_effect(plan):
-                raise PlanError(f"{name} is already split between versions ({dict(plan.weights)}); set the "
-                                "weights with the policy route instead")  # fmt: skip
+                raise PlanError(
+                    f"{name} is already split between versions ({dict(plan.weights)}); set the "
+                    "weights with the policy route instead"
+                )
             others = [v for v in _planned(name, plan) if v != str(version)]
             base = choose_version(name, replace(plan, weights={}), others, None)
             weights = {str(version): weight, **({base: 100 - weight} if base and weight < 100 else {})}
@@ -504,8 +518,10 @@ def repository_unload(name: str) -> Response:
         if gone not in served:
             raise PlanError(f"model {name!r} serves no version {gone!r}")
         if plan.weights.get(gone, 0) > 0:
-            raise PlanError(f"version {gone} still gets {plan.weights[gone]} % of {name}'s unversioned requests; "
-                            "move them with the policy route first")  # fmt: skip
+            raise PlanError(
+                f"version {gone} still gets {plan.weights[gone]} % of {name}'s unversioned requests; "
+                "move them with the policy route first"
+            )
         if plan.default == gone:
             raise PlanError(f"version {gone} is {name}'s pinned default; change the policy first")
         remaining = tuple(v for v in served if v != gone)
@@ -558,11 +574,13 @@ def repository_status() -> Response:
     obeyed, record = assess(record, current.registry.desired)
     desired = obeyed if obeyed is not None else current.registry.desired
     behind = sorted(w for w, r in workers.items() if r["generation"] != desired.generation)
-    return json_response({
-        "generation": desired.generation,
-        "models": {name: plan.to_json() for name, plan in desired.models.items()},
-        "record": record.describe(),
-        "workers": workers,
-        "converged": bool(workers) and not behind and obeyed is not None,
-        "behind": behind,
-    })  # fmt: skip
+    return json_response(
+        {
+            "generation": desired.generation,
+            "models": {name: plan.to_json() for name, plan in desired.models.items()},
+            "record": record.describe(),
+            "workers": workers,
+            "converged": bool(workers) and not behind and obeyed is not None,
+            "behind": behind,
+        }
+    )

@@ -59,8 +59,12 @@ def _desired_now(connect: Callable[[], RepositoryStore] | None) -> Desired | Non
         log.warning("model repository: desired state unreadable at start (%s); loading every model on disk", exc)
         return None
     if record.desired is None:
-        log.warning("model repository: record %s at start %s; loading every model on disk until a replica that "
-                    "holds the state writes it back", record.state, record.problem)  # fmt: skip
+        log.warning(
+            "model repository: record %s at start %s; loading every model on disk until a replica that "
+            "holds the state writes it back",
+            record.state,
+            record.problem,
+        )
     return record.desired
 
 
@@ -73,17 +77,22 @@ def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings, m
     (folder / f"ready-{os.getpid()}").touch()
     if connect is not None:
         worker = f"{settings.server.replica_id}/{os.getpid()}"
-        converger = Converger(registry.apply, connect, worker, settings.models.repository_poll_s,
-                              settings.models.models_poll_s, known=lambda: registry.desired,
-                              on_record=metrics.repository_record_read,
-                              on_restore=metrics.repository_restores.inc)  # fmt: skip
+        converger = Converger(
+            registry.apply,
+            connect,
+            worker,
+            settings.models.repository_poll_s,
+            settings.models.models_poll_s,
+            known=lambda: registry.desired,
+            on_record=metrics.repository_record_read,
+            on_restore=metrics.repository_restores.inc,
+        )
         supervise(converger.run_forever, functools.partial(_converger_failed, metrics))
 
 
 def _converger_failed(metrics: Metrics, exc: BaseException) -> None:
     metrics.repository_converger_failures.inc()
-    log.error("model repository: the converger failed (%s: %s); restarting it", type(exc).__name__, exc,
-              exc_info=exc)  # fmt: skip
+    log.error("model repository: the converger failed (%s: %s); restarting it", type(exc).__name__, exc, exc_info=exc)
 
 
 def _workers_ready(folder: Path) -> bool:
@@ -116,8 +125,9 @@ def create_app(
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.
-            _native_thread(functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings,
-                                             metrics))  # fmt: skip
+            _native_thread(
+                functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings, metrics)
+            )
         else:
             registry.load()
             if not registry.ready:
@@ -139,8 +149,9 @@ def create_app(
     # What a worker remembers of a model version follows its artifact: an unloaded or
     # replaced one leaves nothing behind (its estimator is freed).
     registry.listeners.append(predictor.forget_all_but)
-    app.extensions["prediction"] = ServiceState(settings, registry, predictor, metrics, cache,
-                                                repository=_repository(settings))  # fmt: skip
+    app.extensions["prediction"] = ServiceState(
+        settings, registry, predictor, metrics, cache, repository=_repository(settings)
+    )
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
     app.register_blueprint(bp)

@@ -431,8 +431,12 @@ def redis_client(url: str, timeout_s: float, **pool: Any) -> Any:
     the failure."""
     target = parse_redis_url(url)
     # No retries: a retry doubles the wait, and the breaker decides when to try again.
-    timeouts: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-                                "retry": Retry(NoBackoff(), 0), **_NO_SETINFO}  # fmt: skip
+    timeouts: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        **_NO_SETINFO,
+    }
     if target.topology == "single":
         return redis.Redis.from_url(url, **timeouts, **pool)
     auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
@@ -455,8 +459,9 @@ def open_result_cache(
     on_change: Callable[[bool], None] | None = None,
 ) -> RedisResultCache | ClusterResultCache:
     """The result cache REDIS_URL names, connected lazily (Redis may be down at start)."""
-    connect = functools.partial(redis_client, url, timeout_ms / 1000, max_connections=max_connections,
-                                health_check_interval=0)  # fmt: skip
+    connect = functools.partial(
+        redis_client, url, timeout_ms / 1000, max_connections=max_connections, health_check_interval=0
+    )
     breaker = CircuitBreaker(backoff_s, max_backoff_s, on_change=on_change)
     if parse_redis_url(url).topology != "cluster":
         return RedisResultCache(connect(), ttl_s=ttl_s, breaker=breaker)

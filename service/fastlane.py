@@ -35,15 +35,31 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 # (path pattern, the Flask rule it stands for: the metrics' route label, the model and
 # version a match names, the handler of that model and version)
 ROUTES: list[tuple[re.Pattern[str], str, Callable[..., tuple[str, str | None]], Callable[..., Answer]]] = [
-    (re.compile(f"^/v1/models/({NAME_REGEX}):predict$"), "/v1/models/<model:name>:predict",
-     lambda st, m: (m.group(1), None), lambda st, call, name, version: predict_v1(st, call, name)),
-    (re.compile(f"^/v2/models/({NAME_REGEX})/infer$"), "/v2/models/<model:name>/infer",
-     lambda st, m: (m.group(1), None), predict_v2),
-    (re.compile(f"^/v2/models/({NAME_REGEX})/versions/({NAME_REGEX})/infer$"),
-     "/v2/models/<model:name>/versions/<model:version>/infer", lambda st, m: (m.group(1), m.group(2)), predict_v2),
-    (re.compile("^/predict$"), "/predict", lambda st, m: (st.settings.models.default_model, None),
-     lambda st, call, name, version: predict_shortcut(st, call)),
-]  # fmt: skip
+    (
+        re.compile(f"^/v1/models/({NAME_REGEX}):predict$"),
+        "/v1/models/<model:name>:predict",
+        lambda st, m: (m.group(1), None),
+        lambda st, call, name, version: predict_v1(st, call, name),
+    ),
+    (
+        re.compile(f"^/v2/models/({NAME_REGEX})/infer$"),
+        "/v2/models/<model:name>/infer",
+        lambda st, m: (m.group(1), None),
+        predict_v2,
+    ),
+    (
+        re.compile(f"^/v2/models/({NAME_REGEX})/versions/({NAME_REGEX})/infer$"),
+        "/v2/models/<model:name>/versions/<model:version>/infer",
+        lambda st, m: (m.group(1), m.group(2)),
+        predict_v2,
+    ),
+    (
+        re.compile("^/predict$"),
+        "/predict",
+        lambda st, m: (st.settings.models.default_model, None),
+        lambda st, call, name, version: predict_shortcut(st, call),
+    ),
+]
 REASONS = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
@@ -99,8 +115,9 @@ class FastLane:
                 return self._serve(environ, start_response, rule, handler, name, version)
         return self.app(environ, start_response)
 
-    def _not_modified(self, environ: dict[str, Any], start_response: StartResponse, rule: str, name: str,
-                      version: str | None) -> Iterable[bytes] | None:  # fmt: skip
+    def _not_modified(
+        self, environ: dict[str, Any], start_response: StartResponse, rule: str, name: str, version: str | None
+    ) -> Iterable[bytes] | None:
         """304 when the answer would carry the ETag the L1 revalidates (service.api.unchanged);
         the body is never read. None: answer the request in full."""
         current = self.state
@@ -121,8 +138,15 @@ class FastLane:
         start_response(REASONS[304], headers)
         return []
 
-    def _serve(self, environ: dict[str, Any], start_response: StartResponse, rule: str,
-               handler: Callable[..., Answer], name: str, version: str | None) -> Iterable[bytes]:  # fmt: skip
+    def _serve(
+        self,
+        environ: dict[str, Any],
+        start_response: StartResponse,
+        rule: str,
+        handler: Callable[..., Answer],
+        name: str,
+        version: str | None,
+    ) -> Iterable[bytes]:
         current = self.state
         started = time.perf_counter()
         metrics = current.metrics

@@ -106,8 +106,12 @@ class Predictor:
                 def observe(requests: int, _rows: int, name: str = model.name) -> None:
                     self._metrics.observe_batch(name, requests)
 
-                self._batchers[key] = Batcher(lambda batch: self._timed_predict(model, batch), serving.batch_max_rows,
-                                              serving.batch_max_wait_ms / 1000, observe)  # fmt: skip
+                self._batchers[key] = Batcher(
+                    lambda batch: self._timed_predict(model, batch),
+                    serving.batch_max_rows,
+                    serving.batch_max_wait_ms / 1000,
+                    observe,
+                )
         return self._batchers[key]
 
     def _infer(self, model: LoadedModel, rows: np.ndarray) -> Result:
@@ -147,9 +151,13 @@ class Predictor:
             decided = cost > 2 * round_trip
             log.info(
                 "cache auto for %s %s: predict %.3f ms per row (%s) vs two Redis round trips %.3f ms -> %s",
-                model.name, model.version, cost, "in a busy batch" if batching else "alone", 2 * round_trip,
+                model.name,
+                model.version,
+                cost,
+                "in a busy batch" if batching else "alone",
+                2 * round_trip,
                 "on" if decided else "off",
-            )  # fmt: skip
+            )
         self._uses_cache[key] = decided
         return decided
 

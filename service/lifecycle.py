@@ -66,8 +66,12 @@ class ModelPlan:
     artifacts: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"versions": None if self.versions is None else list(self.versions), "default": self.default,
-                "weights": dict(self.weights), "artifacts": dict(self.artifacts)}  # fmt: skip
+        return {
+            "versions": None if self.versions is None else list(self.versions),
+            "default": self.default,
+            "weights": dict(self.weights),
+            "artifacts": dict(self.artifacts),
+        }
 
     @classmethod
     def from_json(cls, raw: Any, where: str = "plan") -> ModelPlan:
@@ -76,17 +80,23 @@ class ModelPlan:
         unknown = set(raw) - {"versions", "default", "weights", "artifacts"}
         _require(not unknown, f"{where} has unknown fields {sorted(unknown)}")
         versions = raw.get("versions")
-        _require(versions is None or (type(versions) is list and all(type(v) is str for v in versions)),
-                 f"{where}.versions is not null or a list of strings")  # fmt: skip
+        _require(
+            versions is None or (type(versions) is list and all(type(v) is str for v in versions)),
+            f"{where}.versions is not null or a list of strings",
+        )
         default = raw.get("default", LATEST)
         _require(type(default) is str, f"{where}.default is not a string")
         weights = raw.get("weights") or {}
-        _require(type(weights) is dict and all(type(w) is int and 0 <= w <= 100 for w in weights.values()),
-                 f"{where}.weights is not an object of integer percents")  # fmt: skip
+        _require(
+            type(weights) is dict and all(type(w) is int and 0 <= w <= 100 for w in weights.values()),
+            f"{where}.weights is not an object of integer percents",
+        )
         _require(not weights or sum(weights.values()) == 100, f"{where}.weights do not sum to 100")
         artifacts = raw.get("artifacts") or {}
-        _require(type(artifacts) is dict and all(type(a) is str and SHA256.match(a) for a in artifacts.values()),
-                 f"{where}.artifacts is not an object of sha256 digests")  # fmt: skip
+        _require(
+            type(artifacts) is dict and all(type(a) is str and SHA256.match(a) for a in artifacts.values()),
+            f"{where}.artifacts is not an object of sha256 digests",
+        )
         return cls(None if versions is None else tuple(versions), default, dict(weights), dict(artifacts))
 
 
@@ -104,8 +114,9 @@ class Desired:
         return Desired(self.generation + 1, {**self.models, name: plan})
 
     def to_json(self) -> str:
-        return json.dumps({"generation": self.generation,
-                           "models": {n: p.to_json() for n, p in sorted(self.models.items())}})  # fmt: skip
+        return json.dumps(
+            {"generation": self.generation, "models": {n: p.to_json() for n, p in sorted(self.models.items())}}
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Desired:
@@ -246,9 +257,11 @@ class RepositoryStore:
             current = trusted(found, known)
             if current is None:
                 if found.state == RECORD_MALFORMED and known.generation == 0:
-                    raise RecordError(f"the desired-state record {self.key} in Redis is malformed ({found.problem}) "
-                                      "and no replica here holds a state to replace it with; delete the key to "
-                                      "start from the models on disk")  # fmt: skip
+                    raise RecordError(
+                        f"the desired-state record {self.key} in Redis is malformed ({found.problem}) "
+                        "and no replica here holds a state to replace it with; delete the key to "
+                        "start from the models on disk"
+                    )
                 current = known
             updated = change(current)
             if self.replace(found, updated):
@@ -287,10 +300,17 @@ class Converger:
     be trusted is never applied: the worker keeps serving, writes what it knows back (when
     it knows anything: generation > 0), and `on_record(ok)` tells the metrics."""
 
-    def __init__(self, apply: Callable[[Desired, bool], list[str]], connect: Callable[[], RepositoryStore],
-                 worker: str, poll_s: float, models_poll_s: float, known: Callable[[], Desired],
-                 on_record: Callable[[bool], None] = lambda ok: None,
-                 on_restore: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        apply: Callable[[Desired, bool], list[str]],
+        connect: Callable[[], RepositoryStore],
+        worker: str,
+        poll_s: float,
+        models_poll_s: float,
+        known: Callable[[], Desired],
+        on_record: Callable[[bool], None] = lambda ok: None,
+        on_restore: Callable[[], None] = lambda: None,
+    ) -> None:
         self._apply = apply
         self._connect = connect
         self._known = known
@@ -346,8 +366,12 @@ class Converger:
             return
         if store.replace(self.record, known):
             self._on_restore()
-            log.warning("model repository: record %s (%s); wrote back generation %d, which this worker serves",
-                        self.record.state, what, known.generation)  # fmt: skip
+            log.warning(
+                "model repository: record %s (%s); wrote back generation %d, which this worker serves",
+                self.record.state,
+                what,
+                known.generation,
+            )
 
     def run_forever(self) -> None:
         """Step every poll, for ever; an unexpected error ends it, and `supervise` reports it

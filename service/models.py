@@ -275,9 +275,11 @@ class ModelRegistry:
         else:
             model = load_model(folder)
         if model is None or (expected is not None and model.sha256 != expected):
-            raise ArtifactMismatch(f"{folder}: holds artifact {declared or 'unreadable'} but the model repository "
-                                   f"serves {name} version {version} as {expected}; load it again to serve "
-                                   "the folder's")  # fmt: skip
+            raise ArtifactMismatch(
+                f"{folder}: holds artifact {declared or 'unreadable'} but the model repository "
+                f"serves {name} version {version} as {expected}; load it again to serve "
+                "the folder's"
+            )
         return model
 
     def _swap(self, models: dict[str, dict[str, LoadedModel]]) -> None:
@@ -286,8 +288,13 @@ class ModelRegistry:
                 if self._loaded(name, version) is not model:
                     log.info(
                         "loaded model %s version %s (sha256 %s, predict %.3f ms for one row, %.3f ms per row of %d)",
-                        name, version, model.sha256[:12], model.predict_ms, model.batch_row_ms, BUSY_BATCH_ROWS,
-                    )  # fmt: skip
+                        name,
+                        version,
+                        model.sha256[:12],
+                        model.predict_ms,
+                        model.batch_row_ms,
+                        BUSY_BATCH_ROWS,
+                    )
         for name, versions in self._models.items():
             for version in versions:
                 if version not in models.get(name, {}):

@@ -39,19 +39,26 @@ def _errors(*codes: int) -> dict[str, Any]:
 _ANY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": _PATTERN}}
 _PARAMETERS = {
     "type": "object",
-    "properties": {"parameters": {"type": "object", "properties": {
-        "version": {"type": "string"}, "weight": {"type": "integer", "minimum": 0, "maximum": 100}}}},
-}  # fmt: skip
+    "properties": {
+        "parameters": {
+            "type": "object",
+            "properties": {"version": {"type": "string"}, "weight": {"type": "integer", "minimum": 0, "maximum": 100}},
+        }
+    },
+}
 _POLICY = {
     "type": "object",
-    "properties": {"default": {"type": "string"},
-                   "weights": {"type": "object", "additionalProperties": {"type": "integer"}}},
-}  # fmt: skip
+    "properties": {
+        "default": {"type": "string"},
+        "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
 _CHANGED = {"type": "object", "required": ["generation", "model", "versions"]}
 
 
-def _operator(summary: str, name: dict[str, Any] | None, request: dict[str, Any],
-              response: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def _operator(
+    summary: str, name: dict[str, Any] | None, request: dict[str, Any], response: dict[str, Any]
+) -> dict[str, Any]:
     """A model repository route: served on the balancer's internal listener only."""
     op: dict[str, Any] = {
         "summary": f"{summary} (operator route: refused on the balancer's public listener)",
@@ -260,7 +267,7 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
                 None,
                 {"type": "object", "properties": {"ready": {"type": "boolean"}}},
                 {"type": "array", "items": {"type": "object"}},
-            ),  # fmt: skip
+            ),
             "/v2/repository/models/{name}/load": _operator(
                 "Load a model (or one version, optionally with a share of unversioned requests) on every replica",
                 _ANY_NAME,

@@ -96,6 +96,12 @@ def parse_redis_url(url: str) -> RedisTarget:
             raise RedisUrlError(f"REDIS_URL {url!r}: unexpected path {path!r}; the forms are {URL_FORMS}")
         db = int(parts[0])
     return RedisTarget(
-        topology, url, nodes, service_name, db,
-        urllib.parse.unquote(username) or None, urllib.parse.unquote(password) or None, tls,
-    )  # fmt: skip
+        topology,
+        url,
+        nodes,
+        service_name,
+        db,
+        urllib.parse.unquote(username) or None,
+        urllib.parse.unquote(password) or None,
+        tls,
+    )

@@ -88,8 +88,15 @@ def _replica_id(raw: str) -> str:
     return raw.strip() or socket.gethostname()
 
 
-def setting(env: str, default: Any, doc: str, *, check: Callable[[Any], str | None] | None = None,
-            parse: Callable[[str], Any] | None = None, factory: Callable[[], Any] | None = None) -> Any:  # fmt: skip
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    check: Callable[[Any], str | None] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A settings field: its variable, default (or factory), meaning, check and parser."""
     metadata = {"env": env, "doc": doc, "check": check, "parse": parse}
     if factory is not None:
@@ -118,40 +125,55 @@ class ServerSettings(_Group):
 
     bind: str = setting("SERVICE_BIND", "127.0.0.1:8000", "Address gunicorn listens on (host:port).")
     workers: int = setting(
-        "SERVICE_WORKERS", 1, "Gunicorn worker processes per replica; the cluster scales by replicas, so one each.",
+        "SERVICE_WORKERS",
+        1,
+        "Gunicorn worker processes per replica; the cluster scales by replicas, so one each.",
         check=positive,
-    )  # fmt: skip
+    )
     worker_connections: int = setting(
-        "SERVICE_WORKER_CONNECTIONS", 256,
-        "Concurrent connections per gevent worker; keep >= nginx upstream keepalive.", check=positive,
-    )  # fmt: skip
-    keepalive_s: int = setting(
-        "SERVICE_KEEPALIVE_S", 75,
-        "Idle keep-alive of gunicorn; must exceed the balancer's upstream keepalive_timeout.", check=positive,
-    )  # fmt: skip
-    graceful_timeout_s: int = setting(
-        "SERVICE_GRACEFUL_TIMEOUT_S", 30, "Time in-flight requests get to finish on SIGTERM before workers are killed.",
+        "SERVICE_WORKER_CONNECTIONS",
+        256,
+        "Concurrent connections per gevent worker; keep >= nginx upstream keepalive.",
         check=positive,
-    )  # fmt: skip
+    )
+    keepalive_s: int = setting(
+        "SERVICE_KEEPALIVE_S",
+        75,
+        "Idle keep-alive of gunicorn; must exceed the balancer's upstream keepalive_timeout.",
+        check=positive,
+    )
+    graceful_timeout_s: int = setting(
+        "SERVICE_GRACEFUL_TIMEOUT_S",
+        30,
+        "Time in-flight requests get to finish on SIGTERM before workers are killed.",
+        check=positive,
+    )
     drain_delay_s: float = setting(
-        "SERVICE_DRAIN_DELAY_S", 0.0,
+        "SERVICE_DRAIN_DELAY_S",
+        0.0,
         "On SIGTERM, /readyz answers 503 and the replica keeps serving this long (closing each connection after "
         "its response) before it refuses requests with 503 until they stop (at most 1.5 s) and stops accepting "
-        "(time for a balancer that reads readiness or DNS to move away).", check=non_negative,
-    )  # fmt: skip
+        "(time for a balancer that reads readiness or DNS to move away).",
+        check=non_negative,
+    )
     timeout_s: int = setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.", check=positive)
     replica_id: str = setting(
-        "SERVICE_REPLICA_ID", None, "Id returned in X-Served-By; empty means the host name.",
-        parse=_replica_id, factory=socket.gethostname,
-    )  # fmt: skip
+        "SERVICE_REPLICA_ID",
+        None,
+        "Id returned in X-Served-By; empty means the host name.",
+        parse=_replica_id,
+        factory=socket.gethostname,
+    )
     metrics_dir: Path | None = setting(
-        "SERVICE_METRICS_DIR", None,
+        "SERVICE_METRICS_DIR",
+        None,
         "Prometheus multiprocess folder, wiped at start; unset: $TMPDIR/pcluster-metrics-<replica id>.",
-    )  # fmt: skip
+    )
     prometheus_multiproc_dir: str = setting(
-        "PROMETHEUS_MULTIPROC_DIR", "", "Set by gunicorn.conf.py from SERVICE_METRICS_DIR; non-empty: workers share "
-        "metrics.",
-    )  # fmt: skip
+        "PROMETHEUS_MULTIPROC_DIR",
+        "",
+        "Set by gunicorn.conf.py from SERVICE_METRICS_DIR; non-empty: workers share metrics.",
+    )
     log_level: str = setting("SERVICE_LOG_LEVEL", "info", "Python log level.", check=one_of(*LOG_LEVELS))
 
     def check(self) -> None:
@@ -180,22 +202,26 @@ class ModelSettings(_Group):
         "SERVICE_MAX_BATCH_ROWS", 1024, "Most rows one prediction request may carry.", check=positive
     )
     repository_poll_s: float = setting(
-        "SERVICE_REPOSITORY_POLL_S", 1.0,
+        "SERVICE_REPOSITORY_POLL_S",
+        1.0,
         "How often each worker reads the desired model state (loads, unloads, version policy) from Redis and "
         "converges on it; 0: never (each replica serves what it loaded at start, and the repository routes "
-        "answer 503).", check=non_negative,
-    )  # fmt: skip
+        "answer 503).",
+        check=non_negative,
+    )
     models_poll_s: float = setting(
-        "SERVICE_MODELS_POLL_S", 0.0,
+        "SERVICE_MODELS_POLL_S",
+        0.0,
         "Rescan SERVICE_MODELS_DIR this often and load new <name>/<version>/ folders of models whose versions "
         "no operator has listed (a load or unload of one version lists them); 0: only at start and when the "
         "desired model state changes.",
         check=non_negative,
-    )  # fmt: skip
+    )
     routing_key_header: str = setting(
-        "SERVICE_ROUTING_KEY_HEADER", "X-Routing-Key",
+        "SERVICE_ROUTING_KEY_HEADER",
+        "X-Routing-Key",
         "Request header whose value keeps a client on one version of a model split between versions.",
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -203,37 +229,49 @@ class CacheSettings(_Group):
     """The shared result cache in Redis and the breaker in front of it."""
 
     redis_url: str = setting(
-        "REDIS_URL", "redis://127.0.0.1:6379/0", "Result cache; empty turns the cache off. One server: "
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Result cache; empty turns the cache off. One server: "
         "redis://[[user]:password@]host:port/db (rediss:// for TLS); Sentinel: "
         "redis+sentinel://[[user]:password@]host:port,host:port,.../service-name/db (the password is the primary's); "
         "Redis Cluster: redis+cluster://[[user]:password@]host:port,host:port,... (any reachable nodes).",
-    )  # fmt: skip
+    )
     timeout_ms: int = setting(
-        "SERVICE_REDIS_TIMEOUT_MS", 100,
+        "SERVICE_REDIS_TIMEOUT_MS",
+        100,
         "Socket connect/read timeout for the cache; the most a request waits on Redis. Keep it above the longest "
-        "batched predict, which holds the worker's event loop (and so the timer) meanwhile.", check=positive,
-    )  # fmt: skip
+        "batched predict, which holds the worker's event loop (and so the timer) meanwhile.",
+        check=positive,
+    )
     max_connections: int = setting(
-        "SERVICE_REDIS_MAX_CONNECTIONS", 0, "Redis pool size per worker; 0 means SERVICE_WORKER_CONNECTIONS.",
+        "SERVICE_REDIS_MAX_CONNECTIONS",
+        0,
+        "Redis pool size per worker; 0 means SERVICE_WORKER_CONNECTIONS.",
         check=non_negative,
-    )  # fmt: skip
+    )
     ttl_s: int = setting("SERVICE_CACHE_TTL_S", 3600, "How long a cached prediction lives in Redis.", check=positive)
     policy: PerModel = setting(
-        "SERVICE_CACHE_POLICY", None,
+        "SERVICE_CACHE_POLICY",
+        None,
         "Cache per model: on, off or auto (cache only models whose predict of a row, with batching its share "
         "of an 8-row batch, costs more than a miss's two Redis round trips), e.g. 'iris=off,*=auto'; a model.json "
         "`serving.cache_policy` sits between the two. off also keeps the L1 from reusing the model's answers.",
-        parse=per_model(CACHE_POLICIES, "auto"), factory=lambda: PerModel("auto"),
-    )  # fmt: skip
+        parse=per_model(CACHE_POLICIES, "auto"),
+        factory=lambda: PerModel("auto"),
+    )
     key_prefix: str = setting("SERVICE_CACHE_KEY_PREFIX", "pred", "Prefix of every cache key in Redis.")
     breaker_backoff_s: float = setting(
-        "SERVICE_BREAKER_BACKOFF_S", 1.0, "After a Redis failure, how long requests bypass the cache before one "
-        "probes it.", check=positive,
-    )  # fmt: skip
-    breaker_max_backoff_s: float = setting(
-        "SERVICE_BREAKER_MAX_BACKOFF_S", 15.0, "Ceiling of the doubling back-off while Redis keeps failing.",
+        "SERVICE_BREAKER_BACKOFF_S",
+        1.0,
+        "After a Redis failure, how long requests bypass the cache before one probes it.",
         check=positive,
-    )  # fmt: skip
+    )
+    breaker_max_backoff_s: float = setting(
+        "SERVICE_BREAKER_MAX_BACKOFF_S",
+        15.0,
+        "Ceiling of the doubling back-off while Redis keeps failing.",
+        check=positive,
+    )
 
     def check(self) -> None:
         if self.redis_url:
@@ -250,19 +288,27 @@ class BatchingSettings(_Group):
     """Concurrent requests in one worker sharing one predict call."""
 
     enabled: PerModel = setting(
-        "SERVICE_BATCHING", None,
+        "SERVICE_BATCHING",
+        None,
         "on: concurrent requests in a worker share one predict call; off: one each. Per model too, e.g. "
         "'iris=off,*=on'; a model.json `serving.batching` sits between the two.",
-        parse=per_model(SWITCH, "on"), factory=lambda: PerModel("on"),
-    )  # fmt: skip
+        parse=per_model(SWITCH, "on"),
+        factory=lambda: PerModel("on"),
+    )
     max_rows: int = setting(
-        "SERVICE_BATCH_MAX_ROWS", 64, "Most rows one batched predict call takes (a batch runs at once when full); "
-        "model.json `serving.batch_max_rows` overrides it.", check=positive,
-    )  # fmt: skip
+        "SERVICE_BATCH_MAX_ROWS",
+        64,
+        "Most rows one batched predict call takes (a batch runs at once when full); "
+        "model.json `serving.batch_max_rows` overrides it.",
+        check=positive,
+    )
     max_wait_ms: float = setting(
-        "SERVICE_BATCH_MAX_WAIT_MS", 5.0, "Longest a request waits for others to join its batch (it runs sooner when "
-        "the worker is idle); model.json `serving.batch_max_wait_ms` overrides it.", check=non_negative,
-    )  # fmt: skip
+        "SERVICE_BATCH_MAX_WAIT_MS",
+        5.0,
+        "Longest a request waits for others to join its batch (it runs sooner when "
+        "the worker is idle); model.json `serving.batch_max_wait_ms` overrides it.",
+        check=non_negative,
+    )
 
 
 @dataclass(frozen=True)
@@ -320,16 +366,24 @@ class Settings:
 
     def flat(self) -> dict[str, str]:
         """Every setting as `group.field` → its value as text (reports, logs)."""
-        return {f"{name}.{f.name}": str(getattr(getattr(self, name), f.name))
-                for name in GROUPS for f in fields(getattr(self, name))}  # fmt: skip
+        return {
+            f"{name}.{f.name}": str(getattr(getattr(self, name), f.name))
+            for name in GROUPS
+            for f in fields(getattr(self, name))
+        }
 
 
 def _parse(f: Any, raw: str) -> Any:
     parser = f.metadata.get("parse")
     if parser is not None:
         return parser(raw)
-    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Path": Path,
-                                                   "Path | None": Path}  # fmt: skip
+    converters: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "Path": Path,
+        "Path | None": Path,
+    }
     kind = str(f.type)
     return converters[kind](raw if kind == "str" else raw.strip())
 
@@ -351,8 +405,7 @@ def settings_table() -> str:
     """Markdown tables of every setting, one per group, for docs/settings.md."""
     out = []
     for name, group in GROUPS.items():
-        out += [f"**{name}**: {(group.__doc__ or '').strip()}", "",
-                "| variable | default | meaning |", "|---|---|---|"]  # fmt: skip
+        out += [f"**{name}**: {(group.__doc__ or '').strip()}", "", "| variable | default | meaning |", "|---|---|---|"]
         for f in fields(group):  # type: ignore[arg-type]
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
             shown = {"replica_id": "host name", "metrics_dir": "(unset)"}.get(f.name, default)

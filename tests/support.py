@@ -101,8 +101,9 @@ class Server:
             return ""
 
 
-def copy_model_version(models: Path, name: str, version: str, *, serving: dict | None = None,
-                       tamper: bool = False) -> Path:  # fmt: skip
+def copy_model_version(
+    models: Path, name: str, version: str, *, serving: dict | None = None, tamper: bool = False
+) -> Path:
     """<name>/<version> under `models`: a copy of <name>/1 under another version, optionally
     with a `serving` block, or with its artifact changed after the sha256 was recorded."""
     folder = models / name / version
@@ -239,9 +240,17 @@ class PacedLoad:
     sends them in turn (`Outcome.body` says which).
     """
 
-    def __init__(self, url: str, rate: float = 100.0, clients: int = 4, max_seconds: float = 300.0,
-                 path: str = "/v1/models/iris:predict", body: dict | None = None,
-                 source: str | None = None, bodies: Sequence[dict] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        rate: float = 100.0,
+        clients: int = 4,
+        max_seconds: float = 300.0,
+        path: str = "/v1/models/iris:predict",
+        body: dict | None = None,
+        source: str | None = None,
+        bodies: Sequence[dict] = (),
+    ) -> None:
         import threading
         import urllib.parse
 
@@ -264,8 +273,13 @@ class PacedLoad:
         response = connection.getresponse()
         data = response.read()
         ok = response.status == 200 and b'"predictions"' in data
-        return (str(response.status), response.getheader("X-Served-By", ""), ok, response.getheader("X-Cache", ""),
-                response.getheader("X-Model-Version", ""))  # fmt: skip
+        return (
+            str(response.status),
+            response.getheader("X-Served-By", ""),
+            ok,
+            response.getheader("X-Cache", ""),
+            response.getheader("X-Model-Version", ""),
+        )
 
     def _connect(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=30, source_address=self.source_address)
@@ -335,8 +349,13 @@ class PacedLoad:
         assert self.stopped_in_time, f"the load stopped by its own limit ({self.max_seconds} s) before the fault ended"
         counts = self.counts()
         worst = max((r.seconds for r in self.results), default=0.0)
-        line = {"fault": fault, "sent": counts["sent"], "succeeded": sum(r.ok for r in self.results),
-                "failed": counts["failed"], "worst_latency_s": round(worst, 3)}  # fmt: skip
+        line = {
+            "fault": fault,
+            "sent": counts["sent"],
+            "succeeded": sum(r.ok for r in self.results),
+            "failed": counts["failed"],
+            "worst_latency_s": round(worst, 3),
+        }
         print(f"FAULT {json.dumps(line)}")
         return line
 
@@ -364,6 +383,11 @@ def dropped_by(lines: Sequence[Mapping], addresses: set[str]) -> list[Mapping]:
     there: nginx had connected (a refused connection has connect time "-" and sent nothing)
     and got no answer or a 502/504. A draining replica must never do this; nginx retrying
     such a request elsewhere would hide it from the client."""
-    return [line for line in lines if any(
-        address in addresses and connect != "-" and status in {"502", "504", "-"}
-        for address, status, connect in upstream_attempts(line))]  # fmt: skip
+    return [
+        line
+        for line in lines
+        if any(
+            address in addresses and connect != "-" and status in {"502", "504", "-"}
+            for address, status, connect in upstream_attempts(line)
+        )
+    ]

@@ -29,8 +29,12 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
         cluster.start(2, Ports.auto(DEFAULT_SLOTS))
         result = subprocess.run(
             [sys.executable, "-m", "loadtest.bench", "--quick", "--out", str(out)],
-            cwd=ROOT, env=bench_env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=bench_env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert cluster.status().replicas == 2, "a reused cluster is scaled back to where it was"
     finally:
@@ -77,8 +81,23 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
 
     def bench(name: str) -> tuple[subprocess.CompletedProcess[str], dict]:
         out = tmp_path / name
-        argv = [sys.executable, "-m", "loadtest.bench", "--quick", "--replicas", "1", "--concurrency", "8",
-                "--hit-ratios", "1", "--no-baseline", "--seconds", "3", "--out", str(out)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "loadtest.bench",
+            "--quick",
+            "--replicas",
+            "1",
+            "--concurrency",
+            "8",
+            "--hit-ratios",
+            "1",
+            "--no-baseline",
+            "--seconds",
+            "3",
+            "--out",
+            str(out),
+        ]
         result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         return result, json.loads((out / "results.json").read_text())
@@ -87,8 +106,9 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
         cluster.start(1, Ports.auto(DEFAULT_SLOTS))
         _, quiet = bench("quiet")
         # A neighbour: one core kept busy by a process the benchmark knows nothing of.
-        burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 240\n"
-                                   "while time.monotonic() < end: pass"])  # fmt: skip
+        burner = subprocess.Popen(
+            [sys.executable, "-c", "import time\nend = time.monotonic() + 240\nwhile time.monotonic() < end: pass"]
+        )
         try:
             noisy_run, noisy = bench("noisy")
         finally:

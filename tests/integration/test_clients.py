@@ -78,10 +78,17 @@ def test_tritonclient_server_and_model_calls(url):
 def test_tritonclient_infer_matches_the_json_path(url, binary, compression):
     client = triton.InferenceServerClient(urllib.parse.urlsplit(url).netloc)
     try:
-        outputs = [triton.InferRequestedOutput("predict", binary_data=binary),
-                   triton.InferRequestedOutput("predict_proba", binary_data=binary)]  # fmt: skip
-        result = client.infer("iris", triton_inputs(ROWS, binary), outputs=outputs, request_id="t-1",
-                              request_compression_algorithm=compression)  # fmt: skip
+        outputs = [
+            triton.InferRequestedOutput("predict", binary_data=binary),
+            triton.InferRequestedOutput("predict_proba", binary_data=binary),
+        ]
+        result = client.infer(
+            "iris",
+            triton_inputs(ROWS, binary),
+            outputs=outputs,
+            request_id="t-1",
+            request_compression_algorithm=compression,
+        )
         assert as_labels(result.as_numpy("predict")) == json_labels(url, ROWS)
         assert result.as_numpy("predict_proba").shape == (3, 3)
         assert result.get_response()["id"] == "t-1"
@@ -124,10 +131,12 @@ def test_tritonclient_aio(url):
 def test_a_malformed_binary_request_is_a_json_400_through_the_wire(url):
     parsed = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
-    header = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64",
-                                     "parameters": {"binary_data_size": 32}}]}).encode()  # fmt: skip
-    connection.request("POST", "/v2/models/iris/infer", header + b"\0" * 31,
-                       {"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+    header = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "parameters": {"binary_data_size": 32}}]}
+    ).encode()
+    connection.request(
+        "POST", "/v2/models/iris/infer", header + b"\0" * 31, {"Inference-Header-Content-Length": str(len(header))}
+    )
     response = connection.getresponse()
     body = json.loads(response.read())
     assert response.status == 400 and "binary bytes follow" in body["error"]

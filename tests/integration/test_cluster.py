@@ -289,16 +289,23 @@ def test_scaling_past_the_upstream_slots_rerenders_and_reloads_nginx(start_clust
     assert small.nginx_conf.read_text().count(" max_fails=") == 3, "one upstream slot per replica"
     assert small.status().component("nginx").pid == nginx.pid, "reloaded, not restarted"
     wait_until(lambda: not workers_before & {pid for pid, _ in children(nginx.pid)}, 15, "nginx's new workers")
-    wait_until(lambda: {predict(small.url, [SETOSA]).headers["X-Served-By"] for _ in range(12)}
-               == {"replica-1", "replica-2", "replica-3"}, 30, "traffic on all three replicas")  # fmt: skip
+    wait_until(
+        lambda: (
+            {predict(small.url, [SETOSA]).headers["X-Served-By"] for _ in range(12)}
+            == {"replica-1", "replica-2", "replica-3"}
+        ),
+        30,
+        "traffic on all three replicas",
+    )
 
 
 def test_the_cli_starts_scales_changes_restarts_and_stops_a_cluster_leaving_nothing_running(tmp_path, models_dir):
     env = {**os.environ, "CLUSTER_RUN_DIR": str(tmp_path / "run")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["scripts/cluster", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=240)  # fmt: skip
+        return subprocess.run(
+            ["scripts/cluster", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        )
 
     try:
         up = cli("up", "--replicas", "1", "--ports", "auto")
@@ -334,8 +341,11 @@ def test_the_cli_starts_scales_changes_restarts_and_stops_a_cluster_leaving_noth
 def test_h2load_scenario_writes_output_and_percentiles(cluster, tmp_path):
     result = subprocess.run(
         ["loadtest/h2load.sh", "iris-single", "--url", cluster.url, "-n", "400", "-c", "8", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "400 succeeded" in (tmp_path / "h2load.txt").read_text()
     assert len((tmp_path / "requests.log").read_text().splitlines()) == 400
@@ -346,8 +356,11 @@ def test_h2load_scenario_fails_loudly_when_every_request_fails(tmp_path):
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = subprocess.run(
         ["loadtest/h2load.sh", "healthz", "--url", nobody, "-n", "20", "-c", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and "all 20 requests failed" in result.stderr, result.stdout + result.stderr
     assert "nan" not in result.stdout
 
@@ -355,11 +368,33 @@ def test_h2load_scenario_fails_loudly_when_every_request_fails(tmp_path):
 @pytest.mark.parametrize(("min_rps", "exit_code"), [(1, 0), (10**9, 1)])
 def test_locust_thresholds_set_the_exit_code(cluster, tmp_path, min_rps, exit_code):
     result = subprocess.run(
-        [str(VENV_BIN / "locust"), "-f", "loadtest/locustfile.py", "--host", cluster.url, "--headless",
-         "-u", "4", "-r", "4", "-t", "3s", "--hit-ratio", "0.5", "--min-rps", str(min_rps),
-         "--csv", str(tmp_path / "locust"), "--only-summary", "MixUser"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "locust"),
+            "-f",
+            "loadtest/locustfile.py",
+            "--host",
+            cluster.url,
+            "--headless",
+            "-u",
+            "4",
+            "-r",
+            "4",
+            "-t",
+            "3s",
+            "--hit-ratio",
+            "0.5",
+            "--min-rps",
+            str(min_rps),
+            "--csv",
+            str(tmp_path / "locust"),
+            "--only-summary",
+            "MixUser",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == exit_code, result.stdout[-2000:] + result.stderr[-2000:]
     stats = (tmp_path / "locust_stats.csv").read_text()
     assert "v1 iris 1 row" in stats and "v2 iris infer" in stats

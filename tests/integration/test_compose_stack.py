@@ -121,8 +121,9 @@ def test_services_go_healthy_in_dependency_order(stack):
     lines = [line.strip() for line in stack.up_output.splitlines()]
 
     def at(container: str, event: str) -> int:
-        return next(i for i, line in enumerate(lines) if line.startswith(f"Container {container}") and
-                    line.endswith(event))  # fmt: skip
+        return next(
+            i for i, line in enumerate(lines) if line.startswith(f"Container {container}") and line.endswith(event)
+        )
 
     redis = f"{PROJECT}-redis-1"
     apis = [f"{PROJECT}-api-{n}" for n in range(1, 5)]
@@ -141,8 +142,10 @@ def test_predict_v1_and_v2_answer_through_the_published_port(stack):
         assert shortcut.headers.get(header), header
     v1 = post(stack, "/v1/models/iris:predict", ROW)
     assert v1.status_code == 200 and v1.json()["predictions"] == ["setosa"]
-    v2_body = {"id": "e2e", "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
-                                        "data": [5.1, 3.5, 1.4, 0.2]}]}  # fmt: skip
+    v2_body = {
+        "id": "e2e",
+        "inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [5.1, 3.5, 1.4, 0.2]}],
+    }
     v2 = post(stack, "/v2/models/iris/infer", v2_body)
     assert v2.status_code == 200 and v2.json()["id"] == "e2e"
     outputs = {o["name"]: o["data"] for o in v2.json()["outputs"]}
@@ -165,13 +168,18 @@ def test_requests_spread_over_the_four_replicas(stack):
 
 def test_gzip_and_json_errors(stack):
     rows = [[5.1 + i / 10, 3.5, 1.4, 0.2] for i in range(40)]
-    response = post(stack, "/v1/models/iris:predict", {"instances": rows}, headers={"Accept-Encoding": "gzip"},
-                    stream=True)  # fmt: skip
+    response = post(
+        stack, "/v1/models/iris:predict", {"instances": rows}, headers={"Accept-Encoding": "gzip"}, stream=True
+    )
     raw = response.raw.read()
     assert response.status_code == 200 and response.headers["Content-Encoding"] == "gzip"
     assert len(json.loads(gzip.decompress(raw))["predictions"]) == 40
-    too_large = requests.post(f"{stack.url}/v1/models/iris:predict", data=b"[" + b"1," * 600_000 + b"1]",
-                              headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    too_large = requests.post(
+        f"{stack.url}/v1/models/iris:predict",
+        data=b"[" + b"1," * 600_000 + b"1]",
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert too_large.status_code == 413 and "too large" in too_large.json()["error"]
     missing = requests.get(f"{stack.url}/no/such/route", timeout=10)
     assert missing.status_code == 404 and "error" in missing.json()
@@ -195,8 +203,12 @@ def test_only_the_balancers_public_listener_is_published(stack):
 def test_the_published_listener_rate_limits_every_client(stack):
     # h2load (C, 16 connections) drives the one host client well past 200 r/s + burst 400,
     # however slow this machine is today; meanwhile a probe reads a 429 as a client sees it.
-    load = subprocess.Popen(h2load_count_argv(f"{stack.url}/healthz", None, 4000, 16), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    load = subprocess.Popen(
+        h2load_count_argv(f"{stack.url}/healthz", None, 4000, 16),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     limited = None
     try:
         with requests.Session() as session:
@@ -245,8 +257,13 @@ def test_stopping_one_replica_under_load_fails_no_request(stack):
     after = load.since(started)
     touched = _retried_or_failed(access_log(stack)[log_mark:], addresses)
     counts = load.counts()
-    report("stop one replica under load", stop_seconds=round(stopped_s, 1), **counts,
-           victim_after_stop=sum(r.served_by == victim_id for r in after), victim_in_log=touched)  # fmt: skip
+    report(
+        "stop one replica under load",
+        stop_seconds=round(stopped_s, 1),
+        **counts,
+        victim_after_stop=sum(r.served_by == victim_id for r in after),
+        victim_in_log=touched,
+    )
     assert load.stopped_in_time and not load.thread_errors, load.thread_errors
     assert counts["failed"] == {} and counts["sent"] > 500, counts
     assert touched["client_5xx"] == 0 and touched["dropped"] == 0, touched
@@ -283,12 +300,17 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
         if max(firsts.values()) - healthy > bound:
             addresses = {a for cid in added for a in stack.addresses(six[cid])}
             fields = ("time", "status", "upstream_addr", "upstream_status", "upstream_connect_time")
-            tried = [{k: line[k] for k in fields} for line in access_log(stack)[log_mark:]
-                     if any(a.split(":")[0] in addresses for a, _, _ in upstream_attempts(line))]  # fmt: skip
+            tried = [
+                {k: line[k] for k in fields}
+                for line in access_log(stack)[log_mark:]
+                if any(a.split(":")[0] in addresses for a, _, _ in upstream_attempts(line))
+            ]
             errors = stack.compose("logs", "--no-color", "--tail", "80", "balancer", check=False).stdout
-            raise AssertionError(f"added replicas served {max(firsts.values()) - healthy:.1f} s after healthy "
-                                 f"(bound {bound} s): {firsts}\nrequests sent to them: {tried[:40]}\n"
-                                 f"balancer log:\n{errors[-6000:]}")  # fmt: skip
+            raise AssertionError(
+                f"added replicas served {max(firsts.values()) - healthy:.1f} s after healthy "
+                f"(bound {bound} s): {firsts}\nrequests sent to them: {tried[:40]}\n"
+                f"balancer log:\n{errors[-6000:]}"
+            )
         phases["4->6"] = {
             "up_to_healthy_s": round(healthy - started, 1),
             # <= 0: nginx sent them requests before compose saw them healthy.
@@ -314,11 +336,15 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
         }
     lines = access_log(stack)[log_mark:]
     counts = load.counts()
-    report("scale under load", phases=phases, total=counts,
-           retried=sum("," in line["upstream_addr"] for line in lines),
-           dropped=len(dropped_by(lines, set().union(*upstreams.values()))),
-           balancer_5xx=sum(line["status"] >= 500 for line in lines),
-           failed_in_access_log=[line for line in lines if line["status"] >= 500][:20])  # fmt: skip
+    report(
+        "scale under load",
+        phases=phases,
+        total=counts,
+        retried=sum("," in line["upstream_addr"] for line in lines),
+        dropped=len(dropped_by(lines, set().union(*upstreams.values()))),
+        balancer_5xx=sum(line["status"] >= 500 for line in lines),
+        failed_in_access_log=[line for line in lines if line["status"] >= 500][:20],
+    )
     assert load.stopped_in_time and not load.thread_errors, load.thread_errors
     assert counts["failed"] == {} and counts["sent"] > 1000, counts
     assert late == [], "removed replicas kept receiving traffic"
@@ -335,8 +361,17 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
 def test_loadtest_profile_h2load_uses_the_unlimited_internal_listener(stack):
     log_mark = len(access_log(stack))
     # --no-deps: `run` would otherwise bring `api` back to one replica.
-    result = stack.compose("--profile", "loadtest", "run", "--rm", "--no-deps", "-e", "H2LOAD_ARGS=-n 3000 -c 8 -m 1",
-                           "h2load", timeout=300)  # fmt: skip
+    result = stack.compose(
+        "--profile",
+        "loadtest",
+        "run",
+        "--rm",
+        "--no-deps",
+        "-e",
+        "H2LOAD_ARGS=-n 3000 -c 8 -m 1",
+        "h2load",
+        timeout=300,
+    )
     counts = parse_h2load(result.stdout)
     failed = [line for line in access_log(stack)[log_mark:] if line["status"] >= 300]
     report("loadtest profile: h2load", **counts, failed_in_access_log=failed[:20])
@@ -347,13 +382,32 @@ def test_loadtest_profile_h2load_uses_the_unlimited_internal_listener(stack):
 
 def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(stack):
     out = f"/reports/{stack.env['REPORTS_SUBDIR']}"
-    stack.env.update({
-        "LOCUST_HEADLESS": "true", "LOCUST_USERS": "8", "LOCUST_SPAWN_RATE": "8", "LOCUST_RUN_TIME": "15s",
-        "LOCUST_EXPECT_WORKERS": "2", "LOCUST_CSV": f"{out}/locust", "LOCUST_HTML": f"{out}/locust.html",
-    })  # fmt: skip
+    stack.env.update(
+        {
+            "LOCUST_HEADLESS": "true",
+            "LOCUST_USERS": "8",
+            "LOCUST_SPAWN_RATE": "8",
+            "LOCUST_RUN_TIME": "15s",
+            "LOCUST_EXPECT_WORKERS": "2",
+            "LOCUST_CSV": f"{out}/locust",
+            "LOCUST_HTML": f"{out}/locust.html",
+        }
+    )
     try:
-        stack.compose("--profile", "loadtest", "up", "-d", "--no-recreate", "--scale", "api=4",
-                      "--scale", "locust-worker=2", "locust-master", "locust-worker", timeout=300)  # fmt: skip
+        stack.compose(
+            "--profile",
+            "loadtest",
+            "up",
+            "-d",
+            "--no-recreate",
+            "--scale",
+            "api=4",
+            "--scale",
+            "locust-worker=2",
+            "locust-master",
+            "locust-worker",
+            timeout=300,
+        )
         waited = stack.compose("--profile", "loadtest", "wait", "locust-master", timeout=180, check=False)
         master_log = stack.compose("--profile", "loadtest", "logs", "--no-color", "locust-master").stdout
     finally:
@@ -361,8 +415,13 @@ def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(
             del stack.env[key]
     workers = stack.containers("locust-worker", all_states=True)
     stats = stack.reports_dir / "locust_stats.csv"
-    report("loadtest profile: locust", exit=waited.returncode, workers=len(workers),
-           replicas=len(stack.replica_ids()), files=sorted(p.name for p in stack.reports_dir.glob("*")))  # fmt: skip
+    report(
+        "loadtest profile: locust",
+        exit=waited.returncode,
+        workers=len(workers),
+        replicas=len(stack.replica_ids()),
+        files=sorted(p.name for p in stack.reports_dir.glob("*")),
+    )
     assert waited.returncode == 0, waited.stdout + master_log[-4000:]  # `compose wait`: the container's exit code
     assert len(workers) == 2 and len(stack.replica_ids()) == 4, "the profile kept api at 4 replicas"
     assert stats.exists() and (stack.reports_dir / "locust.html").exists(), master_log[-4000:]
@@ -379,8 +438,9 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     # As docs/containers.md says: the profile on, API_REDIS_URL set; compose starts the
     # nodes, runs the init once they are healthy and recreates the replicas after it.
     stack.env["API_REDIS_URL"] = "redis+cluster://:change-me@" + ",".join(f"{n}:6379" for n in nodes)
-    stack.compose("--profile", "redis-cluster", "up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300",
-                  timeout=600)  # fmt: skip
+    stack.compose(
+        "--profile", "redis-cluster", "up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300", timeout=600
+    )
     init = stack.compose("--profile", "redis-cluster", "logs", "--no-color", "redis-cluster-init").stdout
     assert "All 16384 slots covered" in init, init
     rows = [[4.4 + i / 100, 2.9, 1.4, 0.2] for i in range(30)]
@@ -388,8 +448,23 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     # try addresses that are gone and retry: answers still come, from the new replicas.
     statuses = [post(stack, "/v1/models/iris:predict", {"instances": rows}).headers["X-Cache"] for _ in range(3)]
     # The iris rows' keys only (the model repository keeps its own records in Redis too).
-    keys = {n: len(stack.compose("exec", "-T", n, "redis-cli", "-a", "change-me", "--no-auth-warning", "--scan",
-                                 "--pattern", "pred:iris:*").stdout.split()) for n in nodes}  # fmt: skip
+    keys = {
+        n: len(
+            stack.compose(
+                "exec",
+                "-T",
+                n,
+                "redis-cli",
+                "-a",
+                "change-me",
+                "--no-auth-warning",
+                "--scan",
+                "--pattern",
+                "pred:iris:*",
+            ).stdout.split()
+        )
+        for n in nodes
+    }
     report("Redis Cluster profile", seconds=round(time.monotonic() - started, 1), x_cache=statuses, keys=keys)
     assert statuses == ["MISS", "HIT", "HIT"]
     assert sum(keys.values()) == len(rows) and all(keys.values()), "the rows are spread over the three primaries"
@@ -402,8 +477,9 @@ def test_the_l1_micro_cache_answers_repeats_in_the_container(stack):
     stack.compose("up", "-d", "--no-deps", "--force-recreate", "--wait", "--wait-timeout", "120", "balancer")
     body = {"instances": [[6.7, 3.0, 5.2, 2.3]]}
     answers = [post(stack, "/v1/models/iris:predict", body) for _ in range(4)]
-    report("L1 micro-cache", statuses=[a.status_code for a in answers],
-           l1=[a.headers.get("X-L1-Cache") for a in answers])  # fmt: skip
+    report(
+        "L1 micro-cache", statuses=[a.status_code for a in answers], l1=[a.headers.get("X-L1-Cache") for a in answers]
+    )
     # Stored from the second request on (BALANCER_L1_MIN_USES=2).
     assert [a.headers.get("X-L1-Cache") for a in answers] == ["MISS", "MISS", "HIT", "HIT"]
     assert len({a.content for a in answers}) == 1

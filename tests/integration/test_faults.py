@@ -160,8 +160,12 @@ def test_frozen_replica_is_routed_around_within_the_read_timeout(cluster):
 
 def _redis(cluster, *command: str) -> str:
     port = cluster.status().component("redis").port
-    result = subprocess.run(["redis-cli", "-p", str(port), "--no-auth-warning", "-a", REDIS_PASSWORD, *command],
-                            capture_output=True, text=True, timeout=10)  # fmt: skip
+    result = subprocess.run(
+        ["redis-cli", "-p", str(port), "--no-auth-warning", "-a", REDIS_PASSWORD, *command],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return result.stdout
 
 
@@ -181,8 +185,12 @@ def test_redis_at_maxmemory_evicts_without_errors(cluster):
     assert int(stats["evicted_keys"]) > 0
     errors = [line for line in _redis(cluster, "INFO", "errorstats").split() if line.startswith("errorstat_")]
     assert errors == [], f"Redis refused commands at maxmemory: {errors}"
-    line = {"fault": "Redis at maxmemory (15 000 rows of the forest)", "sent": 30, "succeeded": statuses.count(200),
-            "evicted_keys": int(stats["evicted_keys"])}  # fmt: skip
+    line = {
+        "fault": "Redis at maxmemory (15 000 rows of the forest)",
+        "sent": 30,
+        "succeeded": statuses.count(200),
+        "evicted_keys": int(stats["evicted_keys"]),
+    }
     print(f"FAULT {json.dumps(line)}")
 
 
@@ -272,12 +280,15 @@ def test_malformed_http_gets_a_json_error_from_nginx_and_never_reaches_a_replica
     cases = {
         "garbage request line": (b"\x16\x03\x01 garbage \x00\r\n\r\n", b"400"),
         "oversized header": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", b"400"),
-        "invalid chunked body": (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\n{}\r\n0\r\n\r\n", b"400"),
+        "invalid chunked body": (
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nZZZ\r\n{}\r\n0\r\n\r\n",
+            b"400",
+        ),
         "TRACE": (b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"405"),
         "unsupported HTTP version": (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", b"505"),
         "over-long URI": (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414"),
-    }  # fmt: skip
+    }
     for name, (raw, status) in cases.items():
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(raw)
@@ -327,12 +338,32 @@ def test_fuzzed_requests_never_get_a_5xx_and_match_the_schema(cluster, tmp_path)
     use (their bad input is covered in tests/unit/test_app.py)."""
     log_mark = len(_access_log(cluster))
     result = subprocess.run(
-        [str(VENV_BIN / "schemathesis"), "run", f"{cluster.url}/openapi.json", "--checks", "all",
-         "--exclude-checks", "positive_data_acceptance", "--max-examples", str(FUZZ_EXAMPLES), "--workers", "2",
-         "--seed", "20261122", "--report", "junit", "--report-dir", str(tmp_path),
-         "--exclude-path-regex", "^/v2/repository/"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its .schemathesis/ cache stays out of the tree
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "schemathesis"),
+            "run",
+            f"{cluster.url}/openapi.json",
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            str(FUZZ_EXAMPLES),
+            "--workers",
+            "2",
+            "--seed",
+            "20261122",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+            "--exclude-path-regex",
+            "^/v2/repository/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # its .schemathesis/ cache stays out of the tree
+    )
     tail = result.stdout[-3000:]
     print(tail)
     assert result.returncode == 0, tail

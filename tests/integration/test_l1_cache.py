@@ -126,8 +126,11 @@ def replica_304s(cluster) -> float:
     for component in cluster.status().components:
         if component.kind == "replica":
             text = requests.get(f"http://127.0.0.1:{component.port}/metrics", timeout=10).text
-            total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                         if line.startswith("prediction_http_requests_total{") and 'status="304"' in line)  # fmt: skip
+            total += sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("prediction_http_requests_total{") and 'status="304"' in line
+            )
     return total
 
 
@@ -171,8 +174,11 @@ def test_identical_concurrent_misses_send_one_request_to_a_replica(cluster):
     assert len(answers) == 16 and {a.status_code for a in answers} == {200}
     assert len({a.content for a in answers}) == 1
     # nginx writes a line just after the answer: wait for all 16.
-    lines = wait_until(lambda: (found := [ln for ln in log_of(cluster)[mark:] if ln["uri"] == path]) and
-                       len(found) == 16 and found, 10, "16 access-log lines")  # fmt: skip
+    lines = wait_until(
+        lambda: (found := [ln for ln in log_of(cluster)[mark:] if ln["uri"] == path]) and len(found) == 16 and found,
+        10,
+        "16 access-log lines",
+    )
     # The first request is the key's first use (not stored); of the rest, one goes upstream
     # while the others wait for its answer.
     upstream = [line for line in lines if line["upstream_addr"]]
@@ -207,8 +213,7 @@ def test_the_benchmark_warms_its_pool_into_the_l1_with_the_bytes_wrk_sends(clust
 
     mix = Mix(pool_size=20, hit_ratio=1.0, skew="zipf")  # warmed and checked within TTL_S
     assert warm_l1(cluster.url, "iris", mix) == 20
-    states = [post(cluster, V1, body.encode()).headers["X-L1-Cache"]
-              for body in pool_bodies("iris", mix)]  # fmt: skip
+    states = [post(cluster, V1, body.encode()).headers["X-L1-Cache"] for body in pool_bodies("iris", mix)]
     assert states == ["HIT"] * 20
 
 
@@ -221,18 +226,29 @@ def test_a_split_that_begins_after_an_answer_was_kept_reaches_its_hot_keys(start
 
     models = tmp_path / "models"
     shutil.copytree(models_dir / "iris", models / "iris")
-    cluster = start_cluster(1, SERVICE_MODELS_DIR=str(models), SERVICE_REPOSITORY_POLL_S="0.3",
-                            BALANCER_L1_CACHE="on", BALANCER_L1_TTL_S="1")  # fmt: skip
+    cluster = start_cluster(
+        1,
+        SERVICE_MODELS_DIR=str(models),
+        SERVICE_REPOSITORY_POLL_S="0.3",
+        BALANCER_L1_CACHE="on",
+        BALANCER_L1_TTL_S="1",
+    )
     body = rows_body([6.0, 2.2, 5.0, 1.5])
     assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
     shutil.copytree(models / "iris" / "1", models / "iris" / "2")
     meta = json.loads((models / "iris" / "2" / "model.json").read_text())
     (models / "iris" / "2" / "model.json").write_text(json.dumps({**meta, "version": "2"}))
-    loaded = requests.post(f"{cluster.internal_url}/v2/repository/models/iris/load",
-                           json={"parameters": {"version": "2", "weight": 50}}, timeout=60)  # fmt: skip
+    loaded = requests.post(
+        f"{cluster.internal_url}/v2/repository/models/iris/load",
+        json={"parameters": {"version": "2", "weight": 50}},
+        timeout=60,
+    )
     assert loaded.status_code == 200, loaded.text
-    wait_until(lambda: requests.get(f"{cluster.internal_url}/v2/repository/status", timeout=5).json()["converged"],
-               20, "the replica to serve the split")  # fmt: skip
+    wait_until(
+        lambda: requests.get(f"{cluster.internal_url}/v2/repository/status", timeout=5).json()["converged"],
+        20,
+        "the replica to serve the split",
+    )
     # Kept hot (a request every 50 ms) past TTL + stale-while-revalidate: then every answer
     # is the split's own (version 1 or 2, never reused), none the kept one.
     deadline = time.monotonic() + 1 + L1_STALE_S + 3

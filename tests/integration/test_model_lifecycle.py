@@ -70,9 +70,12 @@ def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
         # Sticky: a client that sends a routing key sees one version.
         seen = {}
         for key in (f"user-{n}" for n in range(40)):
-            versions = {requests.post(cluster.url + "/v1/models/iris:predict", json=ROW, timeout=10,
-                                      headers={"X-Routing-Key": key}).headers["X-Model-Version"]
-                        for _ in range(5)}  # fmt: skip
+            versions = {
+                requests.post(
+                    cluster.url + "/v1/models/iris:predict", json=ROW, timeout=10, headers={"X-Routing-Key": key}
+                ).headers["X-Model-Version"]
+                for _ in range(5)
+            }
             seen[key] = versions
         assert all(len(v) == 1 for v in seen.values()), seen
         assert {next(iter(v)) for v in seen.values()} == {"1", "2"}, "40 keys land on both versions"

@@ -93,8 +93,10 @@ def test_the_replicas_are_told_the_topology_they_run_on(sharded, watched):
 def test_a_redis_cluster_answers_hit_miss_partial_exactly_like_one_server(single, sharded):
     a, b, c = _rows(4, 1), _rows(4, 2), _rows(60, 3)
     sequence = [a, a, a + b, b, c, c + a, a + b + c]
-    answers = {name: [_predict(cluster.url, rows) for rows in sequence] for name, cluster in
-               (("single", single), ("cluster", sharded))}  # fmt: skip
+    answers = {
+        name: [_predict(cluster.url, rows) for rows in sequence]
+        for name, cluster in (("single", single), ("cluster", sharded))
+    }
     assert [status for status, _ in answers["single"]] == ["MISS", "HIT", "PARTIAL", "HIT", "MISS", "HIT", "HIT"]
     assert answers["cluster"] == answers["single"]
     # The 60 rows really are spread: every primary holds some of them.
@@ -117,12 +119,15 @@ def test_a_64_row_batch_costs_one_round_trip_per_primary(sharded):
         return {port: int(node.info("stats")["total_reads_processed"]) for port, node in nodes.items()}
 
     def commands() -> dict[int, dict[str, int]]:
-        return {port: {name: int(stats["calls"]) for name, stats in node.info("commandstats").items()}
-                for port, node in nodes.items()}  # fmt: skip
+        return {
+            port: {name: int(stats["calls"]) for name, stats in node.info("commandstats").items()}
+            for port, node in nodes.items()
+        }
 
     rows = _rows(64, 11)
-    slots = collections.Counter(key_slot(k.encode()) for k in
-                                row_keys("pred", "iris", *_iris_identity(url), np.array(rows)))  # fmt: skip
+    slots = collections.Counter(
+        key_slot(k.encode()) for k in row_keys("pred", "iris", *_iris_identity(url), np.array(rows))
+    )
     costs = {}
     for expected in ("MISS", "HIT"):
         before_reads, before_commands = reads(), commands()
@@ -131,8 +136,7 @@ def test_a_64_row_batch_costs_one_round_trip_per_primary(sharded):
         # Each INFO is a read too, counted before it answers: between the two `reads()`
         # snapshots come the request's reads and two INFOs (commandstats, then stats).
         costs[expected] = {port: after_reads[port] - before_reads[port] - 2 for port in nodes}
-        mgets = sum(after_commands[p].get("cmdstat_mget", 0) - before_commands[p].get("cmdstat_mget", 0)
-                    for p in nodes)  # fmt: skip
+        mgets = sum(after_commands[p].get("cmdstat_mget", 0) - before_commands[p].get("cmdstat_mget", 0) for p in nodes)
         sets = sum(after_commands[p].get("cmdstat_set", 0) - before_commands[p].get("cmdstat_set", 0) for p in nodes)
         assert mgets == len(slots), "one MGET per hash slot"
         assert sets == (64 if expected == "MISS" else 0)
@@ -161,8 +165,9 @@ def test_a_primary_killed_under_load_fails_nothing_and_live_slots_keep_caching(s
         live_slots = set().union(*(_owned_slots(port) for port in live_ports))
         candidates = _rows(40, 21)
         candidate_keys = row_keys("pred", "iris", *_iris_identity(sharded.url), np.array(candidates))
-        fresh = [row for row, key in zip(candidates, candidate_keys, strict=True)
-                 if key_slot(key.encode()) in live_slots][:3]  # fmt: skip
+        fresh = [
+            row for row, key in zip(candidates, candidate_keys, strict=True) if key_slot(key.encode()) in live_slots
+        ][:3]
         assert fresh, "no fresh row on a live primary"
         for row in fresh:
             assert [_predict(sharded.url, [row])[0] for _ in range(2)] == ["MISS", "HIT"]
@@ -220,8 +225,13 @@ def test_sentinel_failover_under_load_fails_nothing_and_caching_resumes_without_
     bypassed = [r for r in after if r.cache != "HIT"]
     resumed_s = (max(r.started for r in bypassed) - killed_at) if bypassed else 0.0
     new_primary = redis_topology.primary_port(watched.state.ports.redis)
-    line = {"fault": "sentinel primary killed", "sent": summary["sent"], "failed": summary["failed"],
-            "bypassed": len(bypassed), "hit_again_after_s": round(resumed_s, 2)}  # fmt: skip
+    line = {
+        "fault": "sentinel primary killed",
+        "sent": summary["sent"],
+        "failed": summary["failed"],
+        "bypassed": len(bypassed),
+        "hit_again_after_s": round(resumed_s, 2),
+    }
     print(f"TOPOLOGY {json.dumps(line)}")
     assert summary["failed"] == {}, summary
     assert new_primary == watched.state.ports.redis + 1, "Sentinel promoted the replica"

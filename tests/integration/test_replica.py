@@ -146,9 +146,14 @@ def test_redis_frozen_opens_the_breaker(redis_and_replica):
         10,
         "caching to resume after Redis thawed",
     )
-    wait_until(lambda: all(v1(url, [[9.0, 9.0, 9.0, float(i)]], headers={"Connection": "close"}).ok
-                           for i in range(8)) and _counter(url, "prediction_cache_breaker_open ") == 0,
-               10, "every worker's breaker to close")  # fmt: skip
+    wait_until(
+        lambda: (
+            all(v1(url, [[9.0, 9.0, 9.0, float(i)]], headers={"Connection": "close"}).ok for i in range(8))
+            and _counter(url, "prediction_cache_breaker_open ") == 0
+        ),
+        10,
+        "every worker's breaker to close",
+    )
 
 
 BAD_INPUTS = [
@@ -320,10 +325,15 @@ def test_a_request_costs_one_mget_and_one_set_per_missing_row_and_entries_expire
     ttl_s = 2
     redis_server, port = start_redis(tmp_path)
     servers.append(redis_server)
-    replica, url = start_replica(tmp_path, {
-        "SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "SERVICE_CACHE_POLICY": "on", "SERVICE_CACHE_TTL_S": str(ttl_s),
-    })  # fmt: skip
+    replica, url = start_replica(
+        tmp_path,
+        {
+            "SERVICE_MODELS_DIR": str(models_dir),
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "SERVICE_CACHE_POLICY": "on",
+            "SERVICE_CACHE_TTL_S": str(ttl_s),
+        },
+    )
     servers.append(replica)
     rows = [[1.5, 2.5, 3.5, float(i)] for i in range(8)]
     _redis_cli(port, "CONFIG", "RESETSTAT")
@@ -351,9 +361,14 @@ def test_a_replica_connecting_to_redis_makes_it_count_no_errors(redis_and_replic
 def test_the_default_cache_policy_decides_per_model_against_a_real_redis(servers, models_dir, tmp_path):
     redis_server, port = start_redis(tmp_path)
     servers.append(redis_server)
-    replica, url = start_replica(tmp_path, {
-        "SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": f"redis://127.0.0.1:{port}/0", "SERVICE_WORKERS": "1",
-    })  # fmt: skip
+    replica, url = start_replica(
+        tmp_path,
+        {
+            "SERVICE_MODELS_DIR": str(models_dir),
+            "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "SERVICE_WORKERS": "1",
+        },
+    )
     servers.append(replica)
     assert "SERVICE_CACHE_POLICY" not in replica.env or replica.env["SERVICE_CACHE_POLICY"] == "auto"
     digits_row = [float((i * 7) % 17) for i in range(64)]
@@ -386,10 +401,16 @@ DIGITS_ROWS = [[float((i * 7 + j * 3) % 17) for j in range(64)] for i in range(1
 def test_concurrent_requests_in_one_worker_share_a_predict_only_when_batching(servers, models_dir, tmp_path, batching):
     from concurrent.futures import ThreadPoolExecutor
 
-    replica, url = start_replica(tmp_path, {
-        "SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": "", "SERVICE_WORKERS": "1",
-        "SERVICE_BATCHING": batching, "SERVICE_BATCH_MAX_WAIT_MS": "20",
-    })  # fmt: skip
+    replica, url = start_replica(
+        tmp_path,
+        {
+            "SERVICE_MODELS_DIR": str(models_dir),
+            "REDIS_URL": "",
+            "SERVICE_WORKERS": "1",
+            "SERVICE_BATCHING": batching,
+            "SERVICE_BATCH_MAX_WAIT_MS": "20",
+        },
+    )
     servers.append(replica)
 
     def one(row: list[float]) -> object:

@@ -154,8 +154,11 @@ def test_a_malformed_record_is_refused_and_convergence_goes_on(cluster):
         store.set(REPOSITORY_KEY, poison)
         said = _status(cluster)
         assert said["generation"] == generation, said
-        wait_until(lambda: json.loads(store.get(REPOSITORY_KEY) or b"{}").get("generation") == generation, 10,
-                   f"the last good record to replace {poison!r}")  # fmt: skip
+        wait_until(
+            lambda: json.loads(store.get(REPOSITORY_KEY) or b"{}").get("generation") == generation,
+            10,
+            f"the last good record to replace {poison!r}",
+        )
         assert _served_versions(cluster, "iris") == [["1"], ["1"]]
     store.delete(REPOSITORY_KEY)
     # Convergence goes on: a change after all that reaches every worker.
@@ -172,8 +175,11 @@ def test_bytes_no_replica_wrote_are_a_miss_then_overwritten(cluster):
     replica = _replicas(cluster)[0]
     first = requests.post(f"{replica}/v1/models/digits:predict", json=row, timeout=10)
     assert first.status_code == 200, first.text
-    wait_until(lambda: requests.post(f"{replica}/v1/models/digits:predict", json=row, timeout=10)
-               .headers["X-Cache"] == "HIT", 10, "the forest's row to be cached")  # fmt: skip
+    wait_until(
+        lambda: requests.post(f"{replica}/v1/models/digits:predict", json=row, timeout=10).headers["X-Cache"] == "HIT",
+        10,
+        "the forest's row to be cached",
+    )
     store = _redis(cluster)
     keys = [k for k in store.scan_iter("pred:digits:*") if b"repository" not in k]
     assert keys, "the forest's rows are cached in Redis"
@@ -207,8 +213,11 @@ def test_a_rewritten_version_answers_from_its_new_artifact(cluster, models):
     second_label = 2 if first_label != 2 else 5
     _load_rewritten(cluster, folder, second_label, row)
     # Through the balancer too, once the L1's bounded reuse of the old answer has passed.
-    wait_until(lambda: _label(cluster.url, "digits", "3", row) == second_label, 15,
-               "the balancer to answer from the new artifact")  # fmt: skip
+    wait_until(
+        lambda: _label(cluster.url, "digits", "3", row) == second_label,
+        15,
+        "the balancer to answer from the new artifact",
+    )
     _version_call(cluster, "unload", "digits", "3")
 
 
@@ -250,8 +259,12 @@ def test_an_unloaded_forest_is_freed(cluster, models):
         _version_call(cluster, "unload", "digits", "4")
         samples.append(_worker_rss_mb(cluster))
     grown = [round(after - before, 1) for before, after in zip(samples[4], samples[-1], strict=True)]
-    _report("20 load/unload cycles of the forest", rss_mb_after_5=[round(s, 1) for s in samples[4]],
-            rss_mb_after_20=[round(s, 1) for s in samples[-1]], grown_mb=grown)  # fmt: skip
+    _report(
+        "20 load/unload cycles of the forest",
+        rss_mb_after_5=[round(s, 1) for s in samples[4]],
+        rss_mb_after_20=[round(s, 1) for s in samples[-1]],
+        grown_mb=grown,
+    )
     # One forest is about 12 MB on disk and more in memory: keeping each would grow by 15 x that.
     assert max(grown) < 25, grown
 
@@ -260,8 +273,9 @@ def test_the_l1_never_hands_one_clients_id_to_another(cluster):
     body = {"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [6.1, 2.8, 4.7, 1.2]}]}
     answers = []
     for request_id in ("a", "b", "c", "d"):
-        answer = requests.post(cluster.url + "/v2/models/iris/infer", json=body, timeout=10,
-                               headers={"X-Request-ID": request_id})  # fmt: skip
+        answer = requests.post(
+            cluster.url + "/v2/models/iris/infer", json=body, timeout=10, headers={"X-Request-ID": request_id}
+        )
         assert answer.status_code == 200, answer.text
         assert answer.headers["X-Request-ID"] == request_id
         answers.append(answer)

@@ -11,8 +11,15 @@ SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]
 
 @pytest.fixture
 def client(models_dir, tmp_path):
-    settings = Settings.from_env({"SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": "", "SERVICE_REPLICA_ID": "unit",
-                                  "SERVICE_MAX_BATCH_ROWS": "16", "SERVICE_MAX_BODY_BYTES": "4096"})  # fmt: skip
+    settings = Settings.from_env(
+        {
+            "SERVICE_MODELS_DIR": str(models_dir),
+            "REDIS_URL": "",
+            "SERVICE_REPLICA_ID": "unit",
+            "SERVICE_MAX_BATCH_ROWS": "16",
+            "SERVICE_MAX_BODY_BYTES": "4096",
+        }
+    )
     return create_app(settings).test_client()
 
 
@@ -240,8 +247,10 @@ def test_the_model_repository_routes_answer_json_and_need_redis_to_change_anythi
     assert {(r["name"], r["version"], r["state"]) for r in index.json} >= {("iris", "1", "READY")}
     assert client.post("/v2/repository/index", json={"ready": True}).status_code == 200
     # Without Redis no replica could tell the others: refused, nothing loaded or unloaded.
-    for path, body in (("/v2/repository/models/iris/load", {"parameters": {"version": "1"}}),
-                       ("/v2/repository/models/iris/unload", None)):  # fmt: skip
+    for path, body in (
+        ("/v2/repository/models/iris/load", {"parameters": {"version": "1"}}),
+        ("/v2/repository/models/iris/unload", None),
+    ):
         refused = client.post(path, json=body)
         assert refused.status_code == 503 and "needs Redis" in refused.json["error"], path
     assert client.get("/v2/repository/status").status_code == 503
@@ -268,8 +277,10 @@ def test_an_answer_drawn_from_a_split_tells_the_balancer_not_to_reuse_it(client)
     registry.desired = Desired(1, {"iris": ModelPlan(weights={"1": 50, "0": 50})})
     split = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]})
     assert split.headers["X-Accel-Expires"] == "0"
-    pinned = client.post("/v2/models/iris/versions/1/infer", json={
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]})  # fmt: skip
+    pinned = client.post(
+        "/v2/models/iris/versions/1/infer",
+        json={"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": SETOSA}]},
+    )
     assert pinned.status_code == 200 and "X-Accel-Expires" not in pinned.headers
 
 

@@ -109,8 +109,12 @@ def test_the_l1_body_limit_regex_matches_exactly_0_to_the_limit_in_python_and_in
     assert not any(pattern.match(str(n)) for n in range(limit + 1, 10 * limit + 20))
     script = ENVSH.read_text()
     function = script[script.index("balancer_at_most() {") : script.index("\n}\n", script.index("balancer_at_most"))]
-    shell = subprocess.run(["sh", "-c", f'{function}\n}}\nbalancer_at_most "$1"', "sh", str(limit)],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    shell = subprocess.run(
+        ["sh", "-c", f'{function}\n}}\nbalancer_at_most "$1"', "sh", str(limit)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert shell.stdout == at_most_regex(limit)
 
 

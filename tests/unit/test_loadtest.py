@@ -135,17 +135,33 @@ def test_disturbed_points_are_marked_and_their_targets_unsure(tmp_path):
 
 def test_a_plot_of_one_x_value_is_a_table(tmp_path):
     point = {"rps": 1234.0, "disturbance": {"disturbed": False}}
-    blocks = report._figure(tmp_path, "x.png", "Throughput vs replicas", "replicas", "requests/s", "caption",
-                            [("iris, 100% hits", [2], [1234.0], "-", [point])])  # fmt: skip
+    blocks = report._figure(
+        tmp_path,
+        "x.png",
+        "Throughput vs replicas",
+        "replicas",
+        "requests/s",
+        "caption",
+        [("iris, 100% hits", [2], [1234.0], "-", [point])],
+    )
     assert [b[0] for b in blocks] == ["p", "table"] and blocks[1][2] == [["iris, 100% hits", "2", "1,234"]]
     assert not (tmp_path / "x.png").exists()
 
 
 def test_targets_take_the_median_of_rounds_and_show_the_spread():
     def point(kind: str, model: str, hit: float, rps: float, round_no: int, disturbed: bool = False) -> dict:
-        return {"kind": kind, "model": model, "hit_ratio": hit, "concurrency": 32, "rps": rps, "p50_ms": 10.0,
-                "p99_ms": 20.0, "round": round_no, "disturbance": {"disturbed": disturbed},
-                "cpu_ms_per_request": {"replica-1": 0.2, "replica-2": 0.2, "nginx": 0.1}}  # fmt: skip
+        return {
+            "kind": kind,
+            "model": model,
+            "hit_ratio": hit,
+            "concurrency": 32,
+            "rps": rps,
+            "p50_ms": 10.0,
+            "p99_ms": 20.0,
+            "round": round_no,
+            "disturbance": {"disturbed": disturbed},
+            "cpu_ms_per_request": {"replica-1": 0.2, "replica-2": 0.2, "nginx": 0.1},
+        }
 
     points = []
     for round_no, ours in enumerate((2100.0, 1500.0, 2400.0)):

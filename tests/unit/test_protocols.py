@@ -24,8 +24,9 @@ def client_request(rows: np.ndarray, datatype: str, binary: bool, outputs=None, 
     """What tritonclient.http puts on the wire for this input (body, Inference-Header-Content-Length)."""
     tensor = triton.InferInput("input-0", list(rows.shape), datatype)
     tensor.set_data_from_numpy(rows.astype(v2.NUMERIC[datatype].newbyteorder("=")), binary_data=binary)
-    request, json_size = _get_inference_request([tensor], kwargs.get("request_id", ""), outputs, 0, False, False, 0,
-                                                None, kwargs.get("parameters"))  # fmt: skip
+    request, json_size = _get_inference_request(
+        [tensor], kwargs.get("request_id", ""), outputs, 0, False, False, 0, None, kwargs.get("parameters")
+    )
     return (request if isinstance(request, bytes) else request.encode()), (
         None if json_size is None else str(json_size)
     )
@@ -52,10 +53,15 @@ def test_a_clearly_wrong_type_is_a_415(mimetype):
 
 @pytest.mark.parametrize(
     ("encoding", "compress"),
-    [("gzip", gzip.compress), ("deflate", zlib.compress), ("deflate", lambda b: zlib.compress(b, wbits=-15)),
-     ("identity", lambda b: b), ("", lambda b: b)],
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-15)),
+        ("identity", lambda b: b),
+        ("", lambda b: b),
+    ],
     ids=["gzip", "deflate (zlib)", "deflate (raw)", "identity", "none"],
-)  # fmt: skip
+)
 def test_compressed_bodies_round_trip(encoding, compress):
     raw = orjson.dumps({"instances": ROWS.tolist()})
     assert body.decompress(compress(raw), encoding, 1 << 20) == raw
@@ -91,8 +97,11 @@ def test_v1_and_shortcut_decode_and_encode():
     assert orjson.loads(v1.encode(["a"], [[1.0]])) == {"predictions": ["a"], "probabilities": [[1.0]]}
     assert orjson.loads(v1.encode([3], None)) == {"predictions": [3]}
     assert shortcut.decode(b'{"features": [1, 2, 3, 4]}', 4, 16).tolist() == [[1.0, 2.0, 3.0, 4.0]]
-    assert orjson.loads(shortcut.encode("iris", "1", ["a"], None)) == {"model": "iris", "version": "1",
-                                                                       "predictions": ["a"]}  # fmt: skip
+    assert orjson.loads(shortcut.encode("iris", "1", ["a"], None)) == {
+        "model": "iris",
+        "version": "1",
+        "predictions": ["a"],
+    }
     with pytest.raises(InputError, match="instances"):
         v1.decode(b"{}", 4, 16)
 
@@ -114,8 +123,10 @@ def test_tritonclient_requests_decode_to_the_same_rows(datatype, binary):
 
 
 def test_outputs_are_honoured_with_their_binary_flags_and_the_id_is_kept():
-    outputs = [triton.InferRequestedOutput("predict", binary_data=True),
-               triton.InferRequestedOutput("predict_proba", binary_data=False)]  # fmt: skip
+    outputs = [
+        triton.InferRequestedOutput("predict", binary_data=True),
+        triton.InferRequestedOutput("predict_proba", binary_data=False),
+    ]
     raw, header = client_request(ROWS, "FP64", False, outputs, request_id="r-7", parameters={"anything": 1})
     decoded = decode(raw, header)
     assert decoded.outputs == OUTPUTS and decoded.binary_outputs == {"predict"} and decoded.request_id == "r-7"
@@ -130,12 +141,15 @@ def test_outputs_are_honoured_with_their_binary_flags_and_the_id_is_kept():
 def test_responses_decode_in_tritonclient(binary, labels):
     datatype = "BYTES" if isinstance(labels[0], str) else "INT64"
     proba = [[0.9, 0.1], [0.2, 0.8]]
-    tensors = [v2.Tensor("predict", datatype, [2], labels),
-               v2.Tensor("predict_proba", "FP64", [2, 2], [p for row in proba for p in row])]  # fmt: skip
+    tensors = [
+        v2.Tensor("predict", datatype, [2], labels),
+        v2.Tensor("predict_proba", "FP64", [2, 2], [p for row in proba for p in row]),
+    ]
     raw, headers, content_type = v2.encode("iris", "1", "r-1", tensors, binary)
     assert (content_type == "application/octet-stream") is bool(binary)
-    result = triton.InferResult.from_response_body(raw, header_length=headers.get(v2.HEADER_LENGTH) and
-                                                   int(headers[v2.HEADER_LENGTH]))  # fmt: skip
+    result = triton.InferResult.from_response_body(
+        raw, header_length=headers.get(v2.HEADER_LENGTH) and int(headers[v2.HEADER_LENGTH])
+    )
     got = result.as_numpy("predict").tolist()
     assert [g.decode() if isinstance(g, bytes) else g for g in got] == labels
     assert result.as_numpy("predict_proba").tolist() == proba
@@ -148,8 +162,17 @@ def _binary_request(header: dict, data: bytes) -> tuple[bytes, str]:
 
 
 def _tensor(size: int, datatype: str = "FP64", shape=(1, 4), **extra) -> dict:
-    return {"inputs": [{"name": "input-0", "shape": list(shape), "datatype": datatype,
-                        "parameters": {"binary_data_size": size}, **extra}]}  # fmt: skip
+    return {
+        "inputs": [
+            {
+                "name": "input-0",
+                "shape": list(shape),
+                "datatype": datatype,
+                "parameters": {"binary_data_size": size},
+                **extra,
+            }
+        ]
+    }
 
 
 FOUR = np.array([[1.0, 2.0, 3.0, 4.0]]).astype("<f8").tobytes()
@@ -173,7 +196,7 @@ FOUR = np.array([[1.0, 2.0, 3.0, 4.0]]).astype("<f8").tobytes()
         (*_binary_request(_tensor(32), np.array([np.nan, 1, 2, 3]).tobytes()), "finite"),
         (*_binary_request({**_tensor(32), "parameters": {"binary_data_output": "yes"}}, FOUR), "true or false"),
     ],
-)  # fmt: skip
+)
 def test_every_malformed_binary_request_is_a_400(raw, header, message):
     with pytest.raises(InputError, match=message) as error:
         decode(raw, header)

@@ -12,15 +12,36 @@ from service.settings import Settings, SettingsError
         ("redis://127.0.0.1:6379/0", "single", (), "", 0, None, False),
         ("rediss://:pw@cache.example:6380/2", "single", (), "", 0, None, True),
         ("unix:///run/redis.sock", "single", (), "", 0, None, False),
-        ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", "cluster", (("10.0.0.1", 7000), ("10.0.0.2", 7001)), "", 0,
-         None, False),
-        ("rediss+cluster://:s%40cret@node-a,node-b:7001", "cluster", (("node-a", 6379), ("node-b", 7001)), "", 0,
-         "s@cret", True),
-        ("redis+sentinel://:pw@s1:26379,[::1]:26380/prediction/3", "sentinel", (("s1", 26379), ("::1", 26380)),
-         "prediction", 3, "pw", False),
+        (
+            "redis+cluster://10.0.0.1:7000,10.0.0.2:7001",
+            "cluster",
+            (("10.0.0.1", 7000), ("10.0.0.2", 7001)),
+            "",
+            0,
+            None,
+            False,
+        ),
+        (
+            "rediss+cluster://:s%40cret@node-a,node-b:7001",
+            "cluster",
+            (("node-a", 6379), ("node-b", 7001)),
+            "",
+            0,
+            "s@cret",
+            True,
+        ),
+        (
+            "redis+sentinel://:pw@s1:26379,[::1]:26380/prediction/3",
+            "sentinel",
+            (("s1", 26379), ("::1", 26380)),
+            "prediction",
+            3,
+            "pw",
+            False,
+        ),
         ("redis+sentinel://s1/mymaster", "sentinel", (("s1", 26379),), "mymaster", 0, None, False),
     ],
-)  # fmt: skip
+)
 def test_the_url_names_the_topology_and_its_nodes(url, topology, nodes, service, db, password, tls):
     target = parse_redis_url(url)
     assert (target.topology, target.nodes, target.service_name, target.db) == (topology, nodes, service, db)

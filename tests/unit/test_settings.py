@@ -82,8 +82,9 @@ def test_a_bad_serving_block_in_model_json_refuses_the_model(tmp_path):
 
 def test_the_settings_page_is_generated_from_the_declarations_whole():
     root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "scripts/settings_doc.py", "--check"], cwd=root, capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "scripts/settings_doc.py", "--check"], cwd=root, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     page = (root / "docs" / "settings.md").read_text()
     assert settings_table() in page and balancer_table() in page
