@@ -13,7 +13,6 @@ from typing import Any, Protocol, TypeVar, cast
 from flask import Blueprint, Response, g, request
 
 from service import __version__
-from service.cache import REDIS_FAILURES
 from service.http import json_response, label_model, request_id, state, wire
 from service.inference import Prediction
 from service.lifecycle import (
@@ -32,6 +31,7 @@ from service.lifecycle import (
 from service.models import LoadedModel, ModelError, UnknownModel
 from service.openapi import openapi_document
 from service.protocols import body, shortcut, v1, v2
+from service.redis_client import REDIS_FAILURES
 from service.state import ServiceState
 from service.validation import InputError, body_object, parse_json
 
@@ -120,12 +120,7 @@ def _reusable(current: ServiceState, model: LoadedModel, versioned: bool) -> boo
     """Whether the balancer's L1 may reuse this model's answer: not one whose version was
     drawn for this request (a split between versions), nor one of a model whose caching
     is declared off."""
-    key = (model.name, model.version, model.sha256)
-    declared_off = current.caching_declared_off.get(key)
-    if declared_off is None:
-        declared_off = current.settings.cache_declared_off(model.name, model.serving)
-        current.caching_declared_off[key] = declared_off
-    return not declared_off and (versioned or not current.registry.split(model.name))
+    return not current.predictor.policy.of(model).declared_off and (versioned or not current.registry.split(model.name))
 
 
 # How long past its TTL the balancer's L1 may still serve a kept answer while one request

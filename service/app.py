@@ -12,12 +12,14 @@ from pathlib import Path
 from flask import Flask
 
 from service.api import bp
-from service.cache import ResultCache, open_result_cache, redis_client
+from service.cache import ResultCache, open_result_cache
 from service.fastlane import FastLane
 from service.inference import Predictor
 from service.lifecycle import Converger, Desired, RepositoryStore, supervise
 from service.metrics import Metrics
 from service.models import ModelRegistry
+from service.redis_client import redis_client
+from service.serving import ServingPolicy
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -143,12 +145,12 @@ def create_app(
             max_backoff_s=settings.cache.breaker_max_backoff_s,
             on_change=metrics.breaker_changed,
         )
-    predictor = Predictor(
-        cache, metrics, settings.cache.key_prefix, lambda model: settings.serving_for(model.name, model.serving)
-    )
+    policy = ServingPolicy.from_settings(settings)
+    predictor = Predictor(cache, metrics, settings.cache.key_prefix, policy)
     # What a worker remembers of a model version follows its artifact: an unloaded or
     # replaced one leaves nothing behind (its estimator is freed).
     registry.listeners.append(predictor.forget_all_but)
+    registry.listeners.append(policy.forget_all_but)
     app.extensions["prediction"] = ServiceState(
         settings, registry, predictor, metrics, cache, repository=_repository(settings)
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,11 +24,10 @@ from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
+from service.breaker import CircuitBreaker
+from service.redis_client import REDIS_FAILURES, redis_client
 from service.redis_url import parse_redis_url
 
 T = TypeVar("T")
@@ -46,65 +44,6 @@ def row_keys(prefix: str, model: str, version: str, artifact: str, rows: np.ndar
     canonical = np.ascontiguousarray(rows, dtype="<f8") + 0.0
     head = f"{prefix}:{model}:{version}:{artifact[:16]}:"
     return [head + hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in canonical]
-
-
-class CircuitBreaker:
-    """Closed → open on failure → one probe after a doubling back-off → closed on success.
-    `on_change(is_open)` is told when it opens and when it closes again (metrics)."""
-
-    def __init__(
-        self,
-        backoff_s: float,
-        max_backoff_s: float,
-        clock: Callable[[], float] = time.monotonic,
-        on_change: Callable[[bool], None] | None = None,
-        what: str = "result cache",
-    ) -> None:
-        self._on_change = on_change or (lambda is_open: None)
-        self._what = what
-        self._base_backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._clock = clock
-        self._backoff_s = backoff_s
-        self._open_until: float | None = None
-        self._probing = False
-
-    @property
-    def backoff_s(self) -> float:
-        """The first back-off after a failure."""
-        return self._base_backoff_s
-
-    @property
-    def is_open(self) -> bool:
-        """True while calls are being refused or one probe is under way."""
-        return self._open_until is not None
-
-    def allow(self) -> bool:
-        """Whether a call may go to the protected service now."""
-        if self._open_until is None:
-            return True
-        if self._probing or self._clock() < self._open_until:
-            return False
-        self._probing = True  # only this caller probes; the others keep bypassing
-        return True
-
-    def record_success(self) -> None:
-        """A call succeeded: close."""
-        if self._open_until is not None:
-            log.warning("%s reachable again; caching resumes", self._what)
-            self._on_change(False)
-        self._open_until = None
-        self._probing = False
-        self._backoff_s = self._base_backoff_s
-
-    def record_failure(self) -> None:
-        """A call failed: open for the current back-off, and double it for next time."""
-        if self._open_until is None:
-            log.warning("%s unavailable; bypassing it for %.1f s", self._what, self._backoff_s)
-            self._on_change(True)
-        self._open_until = self._clock() + self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, self._max_backoff_s)
-        self._probing = False
 
 
 class Unavailable:
@@ -226,9 +165,6 @@ def in_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
 
 # {node name: (node, {slot: indices of the keys in that slot})}
 NodeSlots = dict[str, tuple[ClusterNode, dict[int, list[int]]]]
-
-# What a failing Redis raises (redis-py's cluster errors are not RedisErrors).
-REDIS_FAILURES = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 # Replies that mean "ask again elsewhere" (slots moved), not "this node is failing".
 _REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError)
@@ -412,40 +348,6 @@ class ClusterResultCache:
         """Release every node's connection pool."""
         if self._cluster is not None:
             self._cluster.close()
-
-
-# No CLIENT SETINFO on connect: Redis before 7.2 refuses it, so every new connection would
-# count two errors in the server's errorstats, which operators alert on. redis-py 7.1+
-# takes driver_info=None for that; older releases lib_name/lib_version=None.
-_NO_SETINFO: dict[str, Any] = (
-    {"driver_info": None}
-    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
-    else {"lib_name": None, "lib_version": None}
-)
-
-
-def redis_client(url: str, timeout_s: float, **pool: Any) -> Any:
-    """A client of the Redis REDIS_URL names, any topology: bounded timeouts and no
-    retries of its own (the caller's breaker or loop is the retry policy); `pool`: more
-    connection-pool options. A Redis Cluster client connects at once: the caller handles
-    the failure."""
-    target = parse_redis_url(url)
-    # No retries: a retry doubles the wait, and the breaker decides when to try again.
-    timeouts: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0),
-        **_NO_SETINFO,
-    }
-    if target.topology == "single":
-        return redis.Redis.from_url(url, **timeouts, **pool)
-    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
-    if target.topology == "sentinel":
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs={**timeouts, "ssl": target.tls})
-        return sentinel.master_for(target.service_name, db=target.db, **auth, **timeouts, **pool)
-    nodes = [ClusterNode(host, port) for host, port in target.nodes]
-    # A failed primary's slots do not stop the others.
-    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **auth, **timeouts, **pool)
 
 
 def open_result_cache(

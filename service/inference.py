@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from service.batching import Batcher
 from service.cache import UNAVAILABLE, ResultCache, row_keys
 from service.metrics import Metrics
 from service.models import LoadedModel
-from service.settings import ModelServing
+from service.serving import ServingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +70,21 @@ class Predictor:
         cache: ResultCache | None,
         metrics: Metrics,
         key_prefix: str,
-        serving_for: Callable[[LoadedModel], ModelServing],
+        policy: ServingPolicy,
     ) -> None:
         self._cache = cache
         self._metrics = metrics
         self._key_prefix = key_prefix
-        self._serving_for = serving_for
+        self.policy = policy
         # What this worker remembers of a model version, by its identity: name, version and
         # the artifact's sha256 (a folder rewritten under the same version is another model).
         self._batchers: dict[tuple[str, str, str], Batcher | None] = {}
-        self._uses_cache: dict[tuple[str, str, str], bool] = {}
         self._deciding = False
 
     def forget_all_but(self, served: set[tuple[str, str, str]]) -> None:
-        """Drop what is remembered of model versions no longer served (a batcher holds its
-        model: the estimator is freed once nothing else does)."""
+        """Drop the batchers of model versions no longer served (a batcher holds its model:
+        the estimator is freed once nothing else does)."""
         self._batchers = {key: b for key, b in list(self._batchers.items()) if key in served}
-        self._uses_cache = {key: u for key, u in list(self._uses_cache.items()) if key in served}
 
     def _timed_predict(self, model: LoadedModel, rows: np.ndarray) -> Result:
         started = time.perf_counter()
@@ -98,7 +95,7 @@ class Predictor:
     def _batcher(self, model: LoadedModel) -> Batcher | None:
         key = (model.name, model.version, model.sha256)
         if key not in self._batchers:
-            serving = self._serving_for(model)
+            serving = self.policy.of(model)
             if not serving.batching:
                 self._batchers[key] = None
             else:
@@ -118,16 +115,11 @@ class Predictor:
         batcher = self._batcher(model)
         return batcher.predict(rows) if batcher is not None else self._timed_predict(model, rows)
 
-    def cache_decision(self, model: LoadedModel) -> bool | None:
-        """Whether this model's results go through the cache (None: auto, not decided yet)."""
-        return self._uses_cache.get((model.name, model.version, model.sha256))
-
     def _cache_pays(self, model: LoadedModel) -> bool:
-        key = (model.name, model.version, model.sha256)
-        decided = self._uses_cache.get(key)
+        decided = self.policy.cache_decision(model)
         if decided is not None:
             return decided
-        serving = self._serving_for(model)
+        serving = self.policy.of(model)
         policy = serving.cache_policy
         if self._cache is None or policy == "off":
             decided = False
@@ -158,7 +150,7 @@ class Predictor:
                 2 * round_trip,
                 "on" if decided else "off",
             )
-        self._uses_cache[key] = decided
+        self.policy.decide(model, decided)
         return decided
 
     def predict(self, model: LoadedModel, rows: np.ndarray) -> Prediction:

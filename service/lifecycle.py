@@ -326,7 +326,7 @@ class Converger:
 
     def step(self) -> None:
         """One round; Redis failures are logged and the next round tries again."""
-        from service.cache import REDIS_FAILURES  # redis: only in the workers, after gevent's patch
+        from service.redis_client import REDIS_FAILURES  # redis: only in the workers, after gevent's patch
 
         try:
             if self._store is None:

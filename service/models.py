@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from service.lifecycle import Desired, ModelPlan, choose_version, split_in_effect
+from service.serving import ServingError, ServingOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,10 @@ class LoadedModel:
     feature_names: list[str]
     classes: list[Any]
     sha256: str
-    metadata: dict[str, Any]
     estimator: Any = field(repr=False)
     predict_ms: float = 0.0  # a one-row predict, measured at load: what a hit saves an idle replica
     batch_row_ms: float = 0.0  # per row of a BUSY_BATCH_ROWS predict: what a hit saves a busy one
-    serving: dict[str, Any] = field(default_factory=dict)  # model.json's `serving`, checked
+    serving: ServingOptions = field(default_factory=ServingOptions)  # model.json's `serving`
 
     @property
     def has_proba(self) -> bool:
@@ -98,28 +98,6 @@ class LoadedModel:
             return labels, proba.tolist()
         raw = self.estimator.predict(rows).tolist()
         return raw, None
-
-
-# model.json may say how the model is served; the replica's settings can still override
-# each per model (service.settings.Settings.serving_for).
-SERVING_OPTIONS: dict[str, Any] = {
-    "cache_policy": lambda v: v in ("on", "off", "auto"),
-    "batching": lambda v: v in ("on", "off"),
-    "batch_max_rows": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-    "batch_max_wait_ms": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0,
-}
-
-
-def serving_options(block: Any, meta_path: Path) -> dict[str, Any]:
-    """A model.json `serving` block, checked: {"cache_policy": "off", "batching": "on", ...}."""
-    if not isinstance(block, dict):
-        raise ModelError(f"{meta_path}: serving must be an object")
-    for key, value in block.items():
-        if key not in SERVING_OPTIONS:
-            raise ModelError(f"{meta_path}: unknown serving option {key!r} (known: {', '.join(SERVING_OPTIONS)})")
-        if not SERVING_OPTIONS[key](value):
-            raise ModelError(f"{meta_path}: serving.{key} = {value!r} is not allowed")
-    return dict(block)
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -144,7 +122,10 @@ def load_model(folder: Path) -> LoadedModel:
         raise ModelError(f"{meta_path}: artifact must be a file inside {folder}")
     if len(feature_names) != width or width <= 0:
         raise ModelError(f"{meta_path}: width {width} but {len(feature_names)} feature names")
-    serving = serving_options(meta.get("serving", {}), meta_path)
+    try:
+        serving = ServingOptions.from_json(meta.get("serving", {}))
+    except ServingError as exc:
+        raise ModelError(f"{meta_path}: {exc}") from None
     try:
         actual_sha = sha256_of(artifact)
     except OSError as exc:
@@ -168,7 +149,7 @@ def load_model(folder: Path) -> LoadedModel:
     if hasattr(estimator, "n_jobs"):
         # Threads inside predict fight gevent's monkey-patched threading; one core each.
         estimator.n_jobs = 1
-    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, meta, estimator, serving=serving)
+    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, estimator, serving=serving)
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served

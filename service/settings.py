@@ -4,7 +4,7 @@ Settings are grouped by concern (the gunicorn process, the models, the result ca
 batching). Every field declares its environment variable, default, meaning and check
 next to it; a bad value fails at start-up with a message that names the variable.
 Units are in the names. Cache policy and batching can differ per model: in these
-settings (`iris=off,*=auto`) or in the model's own `model.json` (see `serving_for`).
+settings (`iris=off,*=auto`) or in the model's own `model.json` (service.serving settles them).
 """
 
 from __future__ import annotations
@@ -311,16 +311,6 @@ class BatchingSettings(_Group):
     )
 
 
-@dataclass(frozen=True)
-class ModelServing:
-    """How one model is served, settled from the settings and its model.json."""
-
-    cache_policy: str  # on | off | auto
-    batching: bool
-    batch_max_rows: int
-    batch_max_wait_ms: float
-
-
 GROUPS = {"server": ServerSettings, "models": ModelSettings, "cache": CacheSettings, "batching": BatchingSettings}
 
 
@@ -343,26 +333,6 @@ class Settings:
     def redis_pool_size(self) -> int:
         """Connections per worker: one per concurrent greenlet is enough, never more."""
         return self.cache.max_connections or self.server.worker_connections
-
-    def serving_for(self, model: str, from_model_json: Mapping[str, Any]) -> ModelServing:
-        """This model's cache policy and batching: a per-model entry in these settings wins,
-        then the model's own `serving` block, then the settings' default. No Redis: no cache."""
-        policy = self.cache.policy.explicit(model) or from_model_json.get("cache_policy") or self.cache.policy.default
-        batching = (
-            self.batching.enabled.explicit(model) or from_model_json.get("batching") or self.batching.enabled.default
-        )
-        return ModelServing(
-            cache_policy=policy if self.cache.redis_url else "off",
-            batching=batching == "on",
-            batch_max_rows=int(from_model_json.get("batch_max_rows", self.batching.max_rows)),
-            batch_max_wait_ms=float(from_model_json.get("batch_max_wait_ms", self.batching.max_wait_ms)),
-        )
-
-    def cache_declared_off(self, model: str, from_model_json: Mapping[str, Any]) -> bool:
-        """Whether caching this model's answers is declared off (SERVICE_CACHE_POLICY or its
-        model.json), not merely not worth it or without Redis: then nobody may reuse them."""
-        declared = self.cache.policy.explicit(model) or from_model_json.get("cache_policy") or self.cache.policy.default
-        return declared == "off"
 
     def flat(self) -> dict[str, str]:
         """Every setting as `group.field` → its value as text (reports, logs)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.cache import ResultCache
 from service.inference import Predictor
@@ -28,8 +28,6 @@ class ServiceState:
     peers_ready: Callable[[], bool] = lambda: True
     # The shared desired model state (None: no Redis, or SERVICE_REPOSITORY_POLL_S=0).
     repository: Callable[[], RepositoryStore] | None = None
-    # (model, version, sha256) -> whether its caching is declared off (no L1 reuse either).
-    caching_declared_off: dict[tuple[str, str, str], bool] = field(default_factory=dict)
 
     def is_ready(self) -> bool:
         """Every model found has loaded (in every worker), and not draining."""

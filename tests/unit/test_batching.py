@@ -9,7 +9,7 @@ import pytest
 from service.batching import Batcher
 from service.inference import BYPASS, Predictor
 from service.metrics import Metrics
-from service.settings import ModelServing
+from service.serving import ModelServing, ServingPolicy
 
 
 class CountingModel:
@@ -89,10 +89,10 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
     model = registry.get("iris")
     cache = FakeCache(round_trip_ms)
     serving = ModelServing(cache_policy="auto", batching=False, batch_max_rows=64, batch_max_wait_ms=5.0)
-    predictor = Predictor(cache, Metrics(), "t", lambda model: serving)
+    predictor = Predictor(cache, Metrics(), "t", ServingPolicy(lambda model: serving))
     prediction = predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
     assert prediction.labels == ["setosa"]
-    assert predictor.cache_decision(model) is expected
+    assert predictor.policy.cache_decision(model) is expected
     assert (prediction.cache_status == BYPASS) is (expected is not True)
     assert cache.reads == (1 if expected else 0)
 
@@ -109,9 +109,9 @@ def test_auto_policy_weighs_what_a_hit_saves_a_busy_replica(models_dir, batching
     assert 0 < model.batch_row_ms < model.predict_ms / 3, (model.batch_row_ms, model.predict_ms)
     between = (model.batch_row_ms * model.predict_ms) ** 0.5 / 2  # batch_row_ms < 2 × this < predict_ms
     serving = ModelServing(cache_policy="auto", batching=batching, batch_max_rows=64, batch_max_wait_ms=5.0)
-    predictor = Predictor(FakeCache(between), Metrics(), "t", lambda model: serving)
+    predictor = Predictor(FakeCache(between), Metrics(), "t", ServingPolicy(lambda model: serving))
     predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
-    assert predictor.cache_decision(model) is expected
+    assert predictor.policy.cache_decision(model) is expected
 
 
 class HalfCache:
@@ -148,7 +148,7 @@ def test_rows_on_a_failing_node_are_computed_not_written_and_the_request_says_by
     cache = HalfCache(orjson.dumps(["virginica", [0.0, 0.0, 1.0]]))
     serving = ModelServing(cache_policy="on", batching=False, batch_max_rows=64, batch_max_wait_ms=5.0)
     metrics = Metrics()
-    prediction = Predictor(cache, metrics, "t", lambda model: serving).predict(model, rows)
+    prediction = Predictor(cache, metrics, "t", ServingPolicy(lambda model: serving)).predict(model, rows)
     assert prediction.cache_status == BYPASS
     assert expected_labels[0] != "virginica"
     assert prediction.labels == ["virginica", *expected_labels[1:]]

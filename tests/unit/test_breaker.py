@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.cache import CircuitBreaker
+from service.breaker import CircuitBreaker
 
 
 class FakeClock:

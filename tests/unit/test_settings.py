@@ -1,5 +1,6 @@
 """Settings: read once from the environment, typed, failing fast with the variable's name."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 
 from balancer.render import settings_table as balancer_table
 from service.settings import Settings, SettingsError, settings_table
+from tests.support import copy_model_version
 
 
 def test_defaults_and_overrides():
@@ -40,7 +42,9 @@ def test_bad_values_fail_fast_naming_the_variable(env, message):
 
 
 def serving(env: dict[str, str], model: str, from_model_json: dict | None = None):
-    return Settings.from_env(env).serving_for(model, from_model_json or {})
+    from service.serving import ServingOptions, settle
+
+    return settle(Settings.from_env(env), model, ServingOptions.from_json(from_model_json or {}))
 
 
 def test_cache_policy_per_model():
@@ -69,15 +73,19 @@ def test_model_json_sits_between_the_settings_default_and_a_per_model_setting():
 
 
 def test_a_bad_serving_block_in_model_json_refuses_the_model(tmp_path):
-    from service.models import ModelError, serving_options
+    from service.models import ModelError, load_model
+    from service.serving import ServingError, ServingOptions
 
-    assert serving_options({"batching": "off", "batch_max_rows": 4}, tmp_path) == {
-        "batching": "off",
-        "batch_max_rows": 4,
-    }
+    options = ServingOptions.from_json({"batching": "off", "batch_max_rows": 4})
+    assert options.to_json() == {"batching": "off", "batch_max_rows": 4}
     for bad in ({"batching": "maybe"}, {"batch_max_rows": 0}, {"batch_max_rows": True}, {"speed": "fast"}, []):
-        with pytest.raises(ModelError):
-            serving_options(bad, tmp_path)
+        with pytest.raises(ServingError):
+            ServingOptions.from_json(bad)
+    models = tmp_path / "models"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "iris", models / "iris")
+    folder = copy_model_version(models, "iris", "2", serving={"batching": "maybe"})
+    with pytest.raises(ModelError, match="serving.batching = 'maybe' is not allowed"):
+        load_model(folder)
 
 
 def test_the_settings_page_is_generated_from_the_declarations_whole():
