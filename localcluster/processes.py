@@ -58,16 +58,29 @@ def environ_of(pid: int) -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-def wait_until(check: Callable[[], T], timeout_s: float, what: str) -> T:
-    """Poll `check` every 0.1 s until it returns something truthy; ClusterError after the deadline."""
+def wait_until(
+    check: Callable[[], T],
+    timeout_s: float,
+    what: str,
+    *,
+    poll_s: float = 0.1,
+    tolerate: tuple[type[Exception], ...] = (),
+) -> T:
+    """Poll `check` every `poll_s` until it returns something truthy; ClusterError after the
+    deadline. Errors of the `tolerate` kinds count as "not yet" (the last one is reported)."""
     deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
     while True:
-        result = check()
-        if result:
-            return result
+        try:
+            result = check()
+            if result:
+                return result
+        except tolerate as exc:
+            last_error = exc
         if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
+            said = f" (last error: {last_error})" if last_error is not None else ""
+            raise ClusterError(f"timed out after {timeout_s:.0f} s waiting for {what}{said}")
+        time.sleep(poll_s)
 
 
 def http_status(url: str, timeout_s: float = 1.0) -> int | None:

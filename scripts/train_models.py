@@ -23,7 +23,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from service.models import ModelError, load_model, sha256_of
+from service.artifacts import ModelError, load_model, sha256_of
 
 SEED = 20261122
 VERSION = "1"

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from flask import Flask
 
-from service.api import bp
+from service import api, http, repository
 from service.cache import ResultCache, open_result_cache
+from service.convergence import Converger, RepositoryStore, supervise
 from service.fastlane import FastLane
 from service.inference import Predictor
-from service.lifecycle import Converger, Desired, RepositoryStore, supervise
+from service.lifecycle import Desired
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.redis_client import redis_client
@@ -156,7 +157,9 @@ def create_app(
     )
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
-    app.register_blueprint(bp)
+    http.install(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(repository.bp)
     # The prediction routes without Flask's per-request machinery (service/fastlane.py).
     app.wsgi_app = FastLane(app.wsgi_app, app.extensions["prediction"])  # type: ignore[method-assign]
     return app

@@ -1,28 +1,22 @@
-"""The HTTP plumbing the REST blueprint wires into its app: the model-name URL converter,
-JSON responses and errors, and the one place that sets the request id, the replica's
-headers and the metric labels of every request. Views stay parse → call → serialize."""
+"""The Flask door's plumbing: the model-name URL converter, JSON responses, the views'
+routes from the one route table, and the request envelope (service.envelope) wired into
+Flask's hooks and error handlers. Views stay parse → call → serialize."""
 
 from __future__ import annotations
 
-import logging
-import re
-import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from flask import Blueprint, Response, current_app, g, request
-from flask.sansio.blueprints import BlueprintSetupState
+from flask import Blueprint, Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import BaseConverter
 
+from service import envelope
 from service.models import NAME_REGEX
+from service.routes import ROUTES
 from service.state import ServiceState
 from service.validation import InputError
-
-log = logging.getLogger(__name__)
-
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class ModelNameConverter(BaseConverter):
@@ -38,17 +32,12 @@ def state() -> ServiceState:
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A compact JSON response."""
-    return Response(orjson.dumps(payload), status=status, headers=headers, mimetype="application/json")
+    return Response(orjson.dumps(payload), status=status, headers=headers, mimetype=envelope.JSON)
 
 
 def request_id() -> str:
-    """The caller's X-Request-ID if well-formed, else one made for this request."""
+    """This request's id (the envelope's)."""
     return str(g.request_id)
-
-
-def request_id_from(incoming: str) -> str:
-    """`incoming` (an X-Request-ID header) if well-formed, else a new id."""
-    return incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
 
 
 def label_model(name: str) -> None:
@@ -57,48 +46,56 @@ def label_model(name: str) -> None:
     g.model_label = name
 
 
-def wire(bp: Blueprint) -> None:
-    """Register the converter, hooks and error handlers on `bp`; call before its routes."""
-    bp.record_once(_register_converter)
-    bp.before_app_request(_start_request)
-    bp.after_app_request(_finish_request)
-    bp.teardown_app_request(_end_request)
-    bp.app_errorhandler(InputError)(_input_error)
-    bp.app_errorhandler(HTTPException)(_http_error)
-    bp.app_errorhandler(Exception)(_unexpected_error)
+def add_routes(bp: Blueprint, views: dict[str, Callable[..., Response]]) -> None:
+    """Register each view on the routes the table (service.routes) gives it."""
+    unrouted = set(views) - {route.view for route in ROUTES}
+    if unrouted:
+        raise LookupError(f"views with no route in service.routes: {', '.join(sorted(unrouted))}")
+    for route in ROUTES:
+        if route.view in views:
+            bp.add_url_rule(route.rule, route.view, views[route.view], methods=[route.method])
 
 
-def _register_converter(setup: BlueprintSetupState) -> None:
-    setup.app.url_map.converters["model"] = ModelNameConverter
+def install(app: Flask) -> None:
+    """The converter, the envelope's hooks and the JSON error handlers; before the
+    blueprints are registered (their rules use the converter)."""
+    app.url_map.converters["model"] = ModelNameConverter
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    app.teardown_request(_end_request)
+    app.register_error_handler(InputError, _input_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
 
 
 def _start_request() -> None:
-    g.started = time.perf_counter()
-    state().metrics.in_flight.inc()
-    g.request_id = request_id_from(request.headers.get("X-Request-ID", ""))
-    if state().closing and request.path != "/healthz":
-        # The balancer retries a 503 on another replica and stops choosing this one.
-        raise InputError("replica shutting down: retry on another replica", 503)
+    current = state()
+    g.request_id, g.started = envelope.enter(current, request.headers.get("X-Request-ID", ""))
+    envelope.refuse_if_closing(current, request.path)
 
 
 def _finish_request(response: Response) -> Response:
-    response.headers["X-Request-ID"] = g.get("request_id", "")
-    response.headers["X-Served-By"] = state().settings.server.replica_id
+    current = state()
+    for header, value in envelope.replica_headers(current, g.get("request_id", "")):
+        response.headers[header] = value
     started = g.get("started")
     if started is not None:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
-        elapsed = time.perf_counter() - started
-        state().metrics.observe_request(g.get("model_label", ""), rule, response.status_code, elapsed)
+        envelope.observe(current, g.get("model_label", ""), rule, response.status_code, started)
     return response
 
 
 def _end_request(_exc: BaseException | None) -> None:
     if g.get("started") is not None:
-        state().metrics.in_flight.dec()
+        envelope.leave(state())
+
+
+def _error(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status=status, headers=headers, mimetype=envelope.JSON)
 
 
 def _input_error(exc: InputError) -> Response:
-    return json_response({"error": str(exc)}, exc.status)
+    return _error(*envelope.error_answer(exc, request.method, request.path))
 
 
 def _http_error(exc: HTTPException) -> Response:
@@ -108,9 +105,8 @@ def _http_error(exc: HTTPException) -> Response:
         405: f"method {request.method} not allowed here",
         413: "request body too large",
     }.get(exc.code or 500, exc.description or exc.name)
-    return json_response({"error": message}, exc.code or 500, headers)
+    return _error(exc.code or 500, envelope.error_body(message), headers)
 
 
 def _unexpected_error(exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.path)
-    return json_response({"error": "internal error"}, 500)
+    return _error(*envelope.error_answer(exc, request.method, request.path))

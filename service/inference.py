@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.artifacts import LoadedModel
 from service.batching import Batcher
 from service.cache import UNAVAILABLE, ResultCache, row_keys
 from service.metrics import Metrics
-from service.models import LoadedModel
 from service.serving import ServingPolicy
 
 log = logging.getLogger(__name__)

@@ -17,25 +17,25 @@ applied is never obeyed: the worker keeps serving what it serves, says so (`stat
 `prediction_repository_record_ok` metric), and writes its last good state back, so the
 newest generation any live worker holds wins. While Redis is down every replica keeps
 serving what it has, and changes are refused (503): one replica cannot tell the others.
-See docs/reliability.md. This module knows nothing of HTTP.
+See docs/reliability.md.
+
+This module is the rules, pure (no Redis, no HTTP, no clock): the state and its JSON
+form, whether a record may be obeyed, the version a request gets, and what the
+operator's load, unload and policy change (plan_load, plan_unload, plan_policy). Its
+home in Redis and the workers' loop are service.convergence; the routes service.repository.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 LATEST = "latest"
-SEEN_STALE_S = 10.0  # a worker not heard from for longer (plus 3 polls) has gone
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What a worker found under the record's key: a state to obey, or why it did not obey it.
 RECORD_OK, RECORD_MISSING, RECORD_MALFORMED, RECORD_OLDER = "ok", "missing", "malformed", "older"
@@ -223,170 +223,75 @@ def split_in_effect(plan: ModelPlan) -> bool:
     return sum(1 for w in plan.weights.values() if w > 0) > 1
 
 
-class RepositoryStore:
-    """The desired state and the workers' reports in Redis (any topology: single keys,
-    compare-and-set in a script)."""
-
-    CAS = (
-        "if (redis.call('GET', KEYS[1]) or '') == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end "
-        "return 0"
-    )
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        self._client = client
-        self.key = f"{prefix}:repository"
-        self.seen_key = f"{prefix}:repository:seen"
-
-    def read(self) -> Record:
-        """The record as it is now in Redis (missing, malformed or a state)."""
-        raw = self._client.get(self.key)
-        return read_record(raw if raw is None else bytes(raw))
-
-    def replace(self, found: Record, desired: Desired) -> bool:
-        """Write `desired` over the record `found` read, unless it changed since."""
-        return bool(self._client.eval(self.CAS, 1, self.key, found.raw or b"", desired.to_json()))
-
-    def update(self, change: Callable[[Desired], Desired], known: Desired) -> Desired:
-        """Apply `change` to the current state and store it, unless someone else changed it
-        meanwhile (then again, a few times). The current state is the record, or `known`
-        (what this worker serves) when the record is missing or older: an operator's
-        change never starts from a lost record. PlanError from `change`, and RecordError
-        for a malformed record this worker has nothing to replace with, pass through."""
-        for _ in range(10):
-            found = self.read()
-            current = trusted(found, known)
-            if current is None:
-                if found.state == RECORD_MALFORMED and known.generation == 0:
-                    raise RecordError(
-                        f"the desired-state record {self.key} in Redis is malformed ({found.problem}) "
-                        "and no replica here holds a state to replace it with; delete the key to "
-                        "start from the models on disk"
-                    )
-                current = known
-            updated = change(current)
-            if self.replace(found, updated):
-                return updated
-        raise PlanError("the model repository kept changing under this request; try again")
-
-    def report(self, worker: str, generation: int, errors: list[str], record: Record) -> None:
-        report = {"generation": generation, "at": time.time(), "errors": errors, "record": record.describe()}
-        self._client.hset(self.seen_key, worker, json.dumps(report))
-
-    def reports(self, stale_after_s: float) -> dict[str, dict[str, Any]]:
-        """Each live worker's last report; reports older than `stale_after_s`, and values
-        no worker wrote, are dropped."""
-        now, live = time.time(), {}
-        for worker, raw in (self._client.hgetall(self.seen_key) or {}).items():
-            name = worker.decode(errors="replace") if isinstance(worker, bytes) else str(worker)
-            try:
-                report = json.loads(raw)
-                age_s = now - float(report["at"])
-                generation = int(report["generation"])
-            except (ValueError, TypeError, KeyError, UnicodeDecodeError):
-                self._client.hdel(self.seen_key, worker)
-                continue
-            if age_s > stale_after_s:
-                self._client.hdel(self.seen_key, worker)
-                continue
-            live[name] = {**report, "generation": generation, "age_s": round(age_s, 2)}
-        return live
+def planned(plan: ModelPlan, served: list[str]) -> list[str]:
+    """The versions the desired state serves: those its plan lists, else `served` (what this
+    worker serves: every version on disk). Not this worker's alone: it may not have
+    converged yet."""
+    return sorted(plan.versions) if plan.versions is not None else served
 
 
-class Converger:
-    """One worker's loop: read the desired state, converge, report; and, when asked,
-    look for new model folders. Runs in its own OS thread, beside the requests.
-
-    `known()` is the state this worker applied last (the registry's). A record that cannot
-    be trusted is never applied: the worker keeps serving, writes what it knows back (when
-    it knows anything: generation > 0), and `on_record(ok)` tells the metrics."""
-
-    def __init__(
-        self,
-        apply: Callable[[Desired, bool], list[str]],
-        connect: Callable[[], RepositoryStore],
-        worker: str,
-        poll_s: float,
-        models_poll_s: float,
-        known: Callable[[], Desired],
-        on_record: Callable[[bool], None] = lambda ok: None,
-        on_restore: Callable[[], None] = lambda: None,
-    ) -> None:
-        self._apply = apply
-        self._connect = connect
-        self._known = known
-        self._on_record = on_record
-        self._on_restore = on_restore
-        self.worker = worker
-        self.poll_s = poll_s
-        self.models_poll_s = models_poll_s
-        self.applied = -1
-        self.record = Record(RECORD_MISSING)
-        self._store: RepositoryStore | None = None
-        self._next_scan = time.monotonic() + models_poll_s
-
-    def step(self) -> None:
-        """One round; Redis failures are logged and the next round tries again."""
-        from service.redis_client import REDIS_FAILURES  # redis: only in the workers, after gevent's patch
-
-        try:
-            if self._store is None:
-                self._store = self._connect()
-            self.record = self._store.read()
-        except REDIS_FAILURES as exc:
-            log.debug("model repository: cannot read the desired state: %s", exc)
-            self._store = None
-            return
-        known = self._known()
-        desired, self.record = assess(self.record, known)
-        self._on_record(desired is not None)
-        if desired is None:
-            desired = known
-            self._restore(self._store, known)
-        scan = self.models_poll_s > 0 and time.monotonic() >= self._next_scan
-        if scan:
-            self._next_scan = time.monotonic() + self.models_poll_s
-        errors: list[str] = []
-        if desired.generation != self.applied or scan:
-            errors = self._apply(desired, scan)
-            if desired.generation != self.applied:
-                log.info("model repository: converged on generation %d", desired.generation)
-            self.applied = desired.generation
-        try:
-            self._store.report(self.worker, self.applied, errors, self.record)
-        except REDIS_FAILURES as exc:
-            log.debug("model repository: cannot report: %s", exc)
-            self._store = None
-
-    def _restore(self, store: RepositoryStore, known: Desired) -> None:
-        """Write the last good state back over a record that is missing, malformed or older."""
-        what = self.record.problem or self.record.state
-        if known.generation == 0:  # nothing decided yet: no state to restore
-            if self.record.state == RECORD_MALFORMED:
-                log.error("model repository: record malformed (%s); serving what is loaded", what)
-            return
-        if store.replace(self.record, known):
-            self._on_restore()
-            log.warning(
-                "model repository: record %s (%s); wrote back generation %d, which this worker serves",
-                self.record.state,
-                what,
-                known.generation,
+def plan_load(
+    desired: Desired,
+    name: str,
+    artifacts: Mapping[str, str],
+    served: list[str],
+    version: str | None = None,
+    weight: int | None = None,
+) -> Desired:
+    """Serve the versions just loaded (`artifacts`: version → sha256) of `name`: all versions
+    on disk (no `version`), or one more, optionally with `weight` percent of unversioned
+    requests, the rest staying on today's version. PlanError if it cannot apply."""
+    plan = desired.plan(name)
+    plan = replace(plan, artifacts={**plan.artifacts, **artifacts})
+    if version is None:
+        return desired.with_plan(name, replace(plan, versions=None))
+    listed = set(planned(plan, served)) | {version}
+    weights = dict(plan.weights)
+    if weight is not None:
+        if split_in_effect(plan):
+            raise PlanError(
+                f"{name} is already split between versions ({dict(plan.weights)}); set the "
+                "weights with the policy route instead"
             )
-
-    def run_forever(self) -> None:
-        """Step every poll, for ever; an unexpected error ends it, and `supervise` reports it
-        and starts it again."""
-        while True:
-            self.step()
-            time.sleep(self.poll_s)
+        others = [v for v in planned(plan, served) if v != version]
+        base = choose_version(name, replace(plan, weights={}), others, None)
+        weights = {version: weight, **({base: 100 - weight} if base and weight < 100 else {})}
+    return desired.with_plan(name, replace(plan, versions=tuple(sorted(listed)), weights=weights))
 
 
-def supervise(loop: Callable[[], None], on_failure: Callable[[BaseException], None], backoff_s: float = 1.0) -> None:
-    """Run `loop` for ever: whatever ends it (an error, a thread-killing exception) is
-    reported to `on_failure` and the loop starts again after `backoff_s`."""
-    while True:
-        try:
-            loop()
-        except BaseException as exc:  # noqa: BLE001 - the converger must outlive anything
-            on_failure(exc)
-        time.sleep(backoff_s)
+def plan_unload(desired: Desired, name: str, served: list[str], version: str | None = None) -> Desired:
+    """Serve no version of `name`, or one fewer: refused (PlanError) while unversioned
+    requests still go to that version, by weight or as the pinned default."""
+    plan = desired.plan(name)
+    if version is None:
+        return desired.with_plan(name, ModelPlan(versions=()))
+    listed = planned(plan, served)
+    if version not in listed:
+        raise PlanError(f"model {name!r} serves no version {version!r}")
+    if plan.weights.get(version, 0) > 0:
+        raise PlanError(
+            f"version {version} still gets {plan.weights[version]} % of {name}'s unversioned requests; "
+            "move them with the policy route first"
+        )
+    if plan.default == version:
+        raise PlanError(f"version {version} is {name}'s pinned default; change the policy first")
+    remaining = tuple(v for v in listed if v != version)
+    weights = {v: w for v, w in plan.weights.items() if v != version}
+    artifacts = {v: a for v, a in plan.artifacts.items() if v != version}
+    return desired.with_plan(name, replace(plan, versions=remaining, weights=weights, artifacts=artifacts))
+
+
+def plan_policy(desired: Desired, name: str, served: list[str], changes: Mapping[str, Any]) -> Desired:
+    """Which version unversioned requests of `name` get: `changes` may set "default"
+    ("latest" or a served version) and "weights" (version → percent over served versions,
+    summing to 100; {} ends a split); what it leaves out stays. PlanError if it cannot apply."""
+    plan = desired.plan(name)
+    listed = set(planned(plan, served))
+    default = str(changes.get("default", plan.default))
+    if default != LATEST and default not in listed:
+        raise PlanError(f"default must be 'latest' or a served version of {name} ({', '.join(sorted(listed))})")
+    raw = changes.get("weights", plan.weights)
+    if not isinstance(raw, dict):
+        raise PlanError("weights must be an object of version: percent")
+    weights = check_weights({str(k): v for k, v in raw.items()}, listed)
+    return desired.with_plan(name, replace(plan, default=default, weights=weights))

@@ -1,26 +1,19 @@
-"""Model registry: finds models/<name>/<version>/, verifies each artifact, loads it.
-
-Adding a model is dropping a folder with `model.json` and its artifact. The artifact's
-sha256 must match the metadata before it is unpickled, because unpickling runs code.
-This module knows nothing of HTTP.
+"""Model registry: finds models/<name>/<version>/, loads each version (service.artifacts
+verifies and loads one), and keeps what this worker serves: every version on disk, or
+those the desired state (service.lifecycle) lists. Adding a model is dropping a folder
+with `model.json` and its artifact. This module knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from service.lifecycle import Desired, ModelPlan, choose_version, split_in_effect
-from service.serving import ServingError, ServingOptions
+from service.artifacts import BUSY_BATCH_ROWS, ArtifactMismatch, LoadedModel, ModelError, declared_sha256, load_model
+from service.lifecycle import Desired, choose_version, split_in_effect
 
 log = logging.getLogger(__name__)
 
@@ -31,147 +24,12 @@ NAME_PATTERN = re.compile(f"^{NAME_REGEX}$")
 RELOAD_INTERVAL_S = 1.0
 
 
-class ModelError(Exception):
-    """A model folder that cannot be served."""
-
-
 class UnknownModel(LookupError):
     """No loaded model has this name (or version)."""
 
 
-class ArtifactMismatch(ModelError):
-    """A folder holds another artifact than the one the desired state names for it."""
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def declared_sha256(folder: Path) -> str | None:
-    """The sha256 a model folder's model.json declares (None: unreadable), without loading it."""
-    try:
-        return str(json.loads((folder / "model.json").read_text(encoding="utf-8"))["sha256"]).lower()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """One version of one model, ready to predict."""
-
-    name: str
-    version: str
-    width: int
-    feature_names: list[str]
-    classes: list[Any]
-    sha256: str
-    estimator: Any = field(repr=False)
-    predict_ms: float = 0.0  # a one-row predict, measured at load: what a hit saves an idle replica
-    batch_row_ms: float = 0.0  # per row of a BUSY_BATCH_ROWS predict: what a hit saves a busy one
-    serving: ServingOptions = field(default_factory=ServingOptions)  # model.json's `serving`
-
-    @property
-    def has_proba(self) -> bool:
-        """Whether the model gives class probabilities."""
-        return hasattr(self.estimator, "predict_proba")
-
-    @property
-    def label_datatype(self) -> str:
-        """Open Inference Protocol datatype of the predicted labels."""
-        return "BYTES" if any(isinstance(c, str) for c in self.classes) else "INT64"
-
-    def predict(self, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
-        """Labels (and probabilities where the model has them) for a 2-D float array."""
-        if self.has_proba:
-            proba = self.estimator.predict_proba(rows)
-            # One pass: argmax of the probabilities is what predict() computes anyway.
-            labels = [self.classes[i] for i in proba.argmax(axis=1).tolist()]
-            return labels, proba.tolist()
-        raw = self.estimator.predict(rows).tolist()
-        return raw, None
-
-
-def load_model(folder: Path) -> LoadedModel:
-    """Verify and load one `models/<name>/<version>/` folder, or raise ModelError."""
-    meta_path = folder / "model.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: unreadable metadata ({exc})") from None
-    try:
-        name, version = str(meta["name"]), str(meta["version"])
-        artifact = folder / str(meta["artifact"])
-        expected_sha = str(meta["sha256"]).lower()
-        width = int(meta["inputs"]["width"])
-        feature_names = [str(n) for n in meta["inputs"]["feature_names"]]
-        classes = list(meta["outputs"]["classes"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: missing or bad field {exc}") from None
-    if name != folder.parent.name or version != folder.name:
-        raise ModelError(f"{meta_path}: says {name}/{version} but lives in {folder.parent.name}/{folder.name}")
-    if artifact.resolve().parent != folder.resolve():
-        raise ModelError(f"{meta_path}: artifact must be a file inside {folder}")
-    if len(feature_names) != width or width <= 0:
-        raise ModelError(f"{meta_path}: width {width} but {len(feature_names)} feature names")
-    try:
-        serving = ServingOptions.from_json(meta.get("serving", {}))
-    except ServingError as exc:
-        raise ModelError(f"{meta_path}: {exc}") from None
-    try:
-        actual_sha = sha256_of(artifact)
-    except OSError as exc:
-        raise ModelError(f"{artifact}: unreadable artifact ({exc})") from None
-    if actual_sha != expected_sha:
-        raise ModelError(
-            f"{artifact}: sha256 {actual_sha} does not match model.json ({expected_sha}); "
-            "refusing to load a file that may have been tampered with"
-        )
-    import joblib  # deferred: importing joblib is slow and unneeded when nothing loads
-
-    try:
-        estimator = joblib.load(artifact)
-    except Exception as exc:  # noqa: BLE001 - a verified artifact can still be corrupt or incompatible
-        raise ModelError(f"{artifact}: failed to load ({type(exc).__name__}: {exc})") from None
-    if getattr(estimator, "n_features_in_", width) != width:
-        raise ModelError(f"{artifact}: model expects {estimator.n_features_in_} features, not {width}")
-    fitted_classes = getattr(estimator, "classes_", None)
-    if fitted_classes is not None and list(np.asarray(fitted_classes).tolist()) != classes:
-        raise ModelError(f"{meta_path}: classes {classes} differ from the model's {fitted_classes}")
-    if hasattr(estimator, "n_jobs"):
-        # Threads inside predict fight gevent's monkey-patched threading; one core each.
-        estimator.n_jobs = 1
-    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, estimator, serving=serving)
-    try:
-        return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
-    except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
-        raise ModelError(f"{artifact}: predict on a row of zeros failed ({type(exc).__name__}: {exc})") from None
-
-
-# Rows a busy worker typically predicts in one batched call (32 connections over 2-4
-# replicas): a cheap model's cost is mostly per call, and a hit saves a busy worker only
-# its row's share of one.
-BUSY_BATCH_ROWS = 8
-
-
-def _predict_ms(model: LoadedModel, rows: int, repeats: int = 5) -> float:
-    """Per row of a `rows`-row predict: the fastest of a few (the first pays one-off set-up)."""
-    batch = np.zeros((rows, model.width))
-    model.predict(batch)
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.predict(batch)
-        samples.append((time.perf_counter() - started) * 1000)
-    return min(samples) / rows
 
 
 class ModelRegistry:
@@ -286,7 +144,7 @@ class ModelRegistry:
         for listener in self.listeners:
             listener(served)
 
-    def apply(self, desired: Desired, _scan: bool = False) -> list[str]:
+    def apply(self, desired: Desired) -> list[str]:
         """Converge on `desired` after start (called when it changed, or to look for new
         folders): load listed versions not loaded, unload those no longer listed, and load
         new folders of models whose versions nobody listed. A version that fails to load
@@ -369,10 +227,6 @@ class ModelRegistry:
         if name not in self._models:
             raise UnknownModel(f"model {name!r} not found")
         return sorted(self._models[name], key=_version_key)
-
-    def plan(self, name: str) -> ModelPlan:
-        """The model's desired plan (versions and version policy)."""
-        return self.desired.plan(name)
 
     def split(self, name: str) -> bool:
         """Whether unversioned requests of `name` are split between versions now."""

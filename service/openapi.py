@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from service.models import NAME_PATTERN
+from service.routes import ROUTES, openapi_path
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PATTERN = NAME_PATTERN.pattern
@@ -67,14 +68,14 @@ def _operator(
     }
     if name:
         op["parameters"] = [name]
-    return {"post": op}
+    return op
 
 
 def _get(summary: str, schema: dict[str, Any], *codes: int, params: list[Any] | None = None) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {"200": _json(schema, "OK"), **_errors(*codes)}}
     if params:
         op["parameters"] = params
-    return {"get": op}
+    return op
 
 
 def _post(summary: str, request: str, response: str, params: list[Any] | None = None) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def _post(summary: str, request: str, response: str, params: list[Any] | None = 
     }
     if params:
         op["parameters"] = params
-    return {"post": op}
+    return op
 
 
 _ROW = {"type": "array", "items": {"type": "number"}, "minItems": 1}
@@ -207,11 +208,85 @@ _READY = {
 _META = {"$ref": "#/components/schemas/V2ModelMetadata"}
 
 
+def _paths(operations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The document's paths: every route of the table, none else (KeyError: a route the
+    document does not describe)."""
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        path = openapi_path(route)
+        paths.setdefault(path, {})[route.method.lower()] = operations[path]
+    return paths
+
+
 @lru_cache(maxsize=16)
 def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple[str, ...] = ()) -> dict[str, Any]:
     """The OpenAPI 3.0 document for the served models and versions (built once for each)."""
     _NAME, _VERSION = _path_parameter("name", models), _path_parameter("version", versions)  # noqa: N806
     status = {"type": "object"}
+    # Each route of the table (service.routes) by its OpenAPI path: an operation for each.
+    operations = {
+        "/healthz": _get("Process alive", status),
+        "/readyz": _get("Models loaded, not draining", status, 503),
+        "/metrics": {
+            "summary": "Prometheus metrics of every worker",
+            "responses": {
+                "200": {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        },
+        "/openapi.json": _get("This document", {"type": "object"}),
+        "/predict": _post("Predict with the default model", "ShortcutRequest", "ShortcutResponse"),
+        "/v1/models": _get(
+            "Served models",
+            {
+                "type": "object",
+                "required": ["models"],
+                "properties": {"models": {"type": "array", "items": {"type": "string"}}},
+            },
+        ),
+        "/v1/models/{name}": _get("Model status", _READY, 404, params=[_NAME]),
+        "/v1/models/{name}:predict": _post("KServe V1 predict", "V1Request", "V1Response", [_NAME]),
+        "/v2": _get("Server metadata", {"type": "object", "required": ["name", "version", "extensions"]}),
+        "/v2/health/live": _get("Server live", {"type": "object"}),
+        "/v2/health/ready": _get("Server ready", {"type": "object"}, 503),
+        "/v2/models/{name}": _get("Model metadata", _META, 404, params=[_NAME]),
+        "/v2/models/{name}/versions/{version}": _get("Model version metadata", _META, 404, params=[_NAME, _VERSION]),
+        "/v2/models/{name}/ready": _get("Model ready", _READY, 404, params=[_NAME]),
+        "/v2/models/{name}/versions/{version}/ready": _get(
+            "Model version ready", _READY, 404, params=[_NAME, _VERSION]
+        ),
+        "/v2/models/{name}/infer": _post("Open Inference Protocol infer", "V2InferRequest", "V2InferResponse", [_NAME]),
+        "/v2/models/{name}/versions/{version}/infer": _post(
+            "Open Inference Protocol infer on a version", "V2InferRequest", "V2InferResponse", [_NAME, _VERSION]
+        ),
+        "/v2/repository/index": _operator(
+            "Every model version on disk or served, and its state",
+            None,
+            {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+            {"type": "array", "items": {"type": "object"}},
+        ),
+        "/v2/repository/models/{name}/load": _operator(
+            "Load a model (or one version, optionally with a share of unversioned requests) on every replica",
+            _ANY_NAME,
+            _PARAMETERS,
+            _CHANGED,
+        ),
+        "/v2/repository/models/{name}/unload": _operator(
+            "Unload a model (or one version) on every replica", _ANY_NAME, _PARAMETERS, _CHANGED
+        ),
+        "/v2/repository/models/{name}/policy": _operator(
+            "Which version unversioned requests get: a default and weights between versions",
+            _ANY_NAME,
+            _POLICY,
+            _CHANGED,
+        ),
+        "/v2/repository/status": {
+            "summary": "The desired model state and the generation each worker serves (operator route)",
+            "responses": {"200": _json({"type": "object"}, "OK"), **_errors(403, 503)},
+        },
+    }
     return {
         "openapi": "3.0.3",
         "info": {
@@ -219,76 +294,6 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
             "version": version,
             "description": "KServe V1, Open Inference Protocol (V2 REST) and /predict.",
         },
-        "paths": {
-            "/healthz": _get("Process alive", status),
-            "/readyz": _get("Models loaded, not draining", status, 503),
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics of every worker",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/openapi.json": _get("This document", {"type": "object"}),
-            "/predict": _post("Predict with the default model", "ShortcutRequest", "ShortcutResponse"),
-            "/v1/models": _get(
-                "Served models",
-                {
-                    "type": "object",
-                    "required": ["models"],
-                    "properties": {"models": {"type": "array", "items": {"type": "string"}}},
-                },
-            ),
-            "/v1/models/{name}": _get("Model status", _READY, 404, params=[_NAME]),
-            "/v1/models/{name}:predict": _post("KServe V1 predict", "V1Request", "V1Response", [_NAME]),
-            "/v2": _get("Server metadata", {"type": "object", "required": ["name", "version", "extensions"]}),
-            "/v2/health/live": _get("Server live", {"type": "object"}),
-            "/v2/health/ready": _get("Server ready", {"type": "object"}, 503),
-            "/v2/models/{name}": _get("Model metadata", _META, 404, params=[_NAME]),
-            "/v2/models/{name}/versions/{version}": _get(
-                "Model version metadata", _META, 404, params=[_NAME, _VERSION]
-            ),
-            "/v2/models/{name}/ready": _get("Model ready", _READY, 404, params=[_NAME]),
-            "/v2/models/{name}/versions/{version}/ready": _get(
-                "Model version ready", _READY, 404, params=[_NAME, _VERSION]
-            ),
-            "/v2/models/{name}/infer": _post(
-                "Open Inference Protocol infer", "V2InferRequest", "V2InferResponse", [_NAME]
-            ),
-            "/v2/models/{name}/versions/{version}/infer": _post(
-                "Open Inference Protocol infer on a version", "V2InferRequest", "V2InferResponse", [_NAME, _VERSION]
-            ),
-            "/v2/repository/index": _operator(
-                "Every model version on disk or served, and its state",
-                None,
-                {"type": "object", "properties": {"ready": {"type": "boolean"}}},
-                {"type": "array", "items": {"type": "object"}},
-            ),
-            "/v2/repository/models/{name}/load": _operator(
-                "Load a model (or one version, optionally with a share of unversioned requests) on every replica",
-                _ANY_NAME,
-                _PARAMETERS,
-                _CHANGED,
-            ),
-            "/v2/repository/models/{name}/unload": _operator(
-                "Unload a model (or one version) on every replica", _ANY_NAME, _PARAMETERS, _CHANGED
-            ),
-            "/v2/repository/models/{name}/policy": _operator(
-                "Which version unversioned requests get: a default and weights between versions",
-                _ANY_NAME,
-                _POLICY,
-                _CHANGED,
-            ),
-            "/v2/repository/status": {
-                "get": {
-                    "summary": "The desired model state and the generation each worker serves (operator route)",
-                    "responses": {"200": _json({"type": "object"}, "OK"), **_errors(403, 503)},
-                }
-            },
-        },
+        "paths": _paths(operations),
         "components": {"schemas": _SCHEMAS},
     }

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from service.settings import CACHE_POLICIES, SWITCH, Settings
 
 if TYPE_CHECKING:
-    from service.models import LoadedModel
+    from service.artifacts import LoadedModel
 
 # A model version's identity: name, version and its artifact's sha256.
 Identity = tuple[str, str, str]

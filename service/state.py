@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.cache import ResultCache
+from service.convergence import RepositoryStore
 from service.inference import Predictor
-from service.lifecycle import RepositoryStore
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.settings import Settings

@@ -8,7 +8,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from typing import TypeVar
 import requests
 from requests.adapters import HTTPAdapter
 
+from localcluster import processes
 from localcluster.ports import free_port
-from localcluster.processes import which
+from localcluster.processes import ClusterError, which
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -38,18 +38,9 @@ def system_tool(name: str) -> str:
 
 
 def wait_until(check: Callable[[], T], timeout_s: float = 20.0, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy, or fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - polling tolerates anything until the deadline
-            last_error = exc
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error})")
+    """localcluster's wait, polling faster and taking any error for "not yet" (a server
+    that is still starting); ClusterError after the deadline."""
+    return processes.wait_until(check, timeout_s, what, poll_s=0.05, tolerate=(Exception,))
 
 
 class Server:
@@ -90,7 +81,7 @@ class Server:
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            processes.kill_tree(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=5)
 
     def log_text(self) -> str:
@@ -146,14 +137,8 @@ def start_redis(tmp: Path, port: int | None = None, extra: Sequence[str] = ()) -
         ],
         tmp / f"redis-{port}.log",
     ).start()
-    wait_until(lambda: _redis_ping(port), 10, f"redis on port {port}")
+    wait_until(lambda: processes.redis_ping(port, ""), 10, f"redis on port {port}")
     return server, port
-
-
-def _redis_ping(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-        sock.sendall(b"PING\r\n")
-        return sock.recv(16).startswith(b"+PONG")
 
 
 def start_replica(
@@ -182,7 +167,7 @@ def start_replica(
     )
     try:
         wait_until(check, 30, f"replica at {url}")
-    except TimeoutError:
+    except ClusterError:
         print(server.log_text())
         server.stop()
         raise

@@ -74,7 +74,6 @@ def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(clu
     other_row = rows_body([6.3, 3.3, 6.0, 2.5])
     cases = {
         "the body": (V1, other_row, {}),
-        "a version path": ("/v1/models/iris/versions/1:predict", body, {}),
         "the V2 route": ("/v2/models/iris/infer", body, {}),
         "no Content-Type": (V1, body, {"Content-Type": None}),
         "a compressed body": (V1, gzip.compress(body), {"Content-Encoding": "gzip"}),
@@ -85,6 +84,19 @@ def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(clu
         answer = post(cluster, path, data, headers)
         assert answer.headers.get("X-L1-Cache") in ("MISS", "BYPASS"), (name, answer.headers)
         assert answer.content == fresh(cluster, path, data, headers).content, name
+    # The same V2 body on the unversioned path (kept by the L1) and on a version's path.
+    tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": [6.1, 2.9, 4.7, 1.4]}
+    v2_body = json.dumps({"inputs": [tensor]}).encode()
+    post(cluster, "/v2/models/iris/infer", v2_body), post(cluster, "/v2/models/iris/infer", v2_body)
+    assert post(cluster, "/v2/models/iris/infer", v2_body).headers["X-L1-Cache"] == "HIT"
+    versioned = post(cluster, "/v2/models/iris/versions/1/infer", v2_body)
+    assert versioned.headers.get("X-L1-Cache") in ("MISS", "BYPASS"), versioned.headers
+    assert versioned.content == fresh(cluster, "/v2/models/iris/versions/1/infer", v2_body).content
+    # A path of no prediction route does not go through the L1 at all (the route table's
+    # prediction routes are the L1 location's, service/routes.py): the replica's JSON 404.
+    nowhere = post(cluster, "/v1/models/iris/versions/1:predict", body)
+    assert nowhere.status_code == 404 and "X-L1-Cache" not in nowhere.headers, nowhere.headers
+    assert nowhere.json() == {"error": "not found: no such route"}
     # The same bytes on the same route from one more client: a hit, the first answer.
     assert post(cluster, V1, body).content == fresh(cluster, V1, body).content
 
@@ -222,7 +234,7 @@ def test_a_split_that_begins_after_an_answer_was_kept_reaches_its_hot_keys(start
     for the replica's stale-while-revalidate, not for as long as it stays hot."""
     import shutil
 
-    from service.api import L1_STALE_S
+    from service.dataplane import L1_STALE_S
 
     models = tmp_path / "models"
     shutil.copytree(models_dir / "iris", models / "iris")

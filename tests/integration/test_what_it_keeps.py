@@ -23,7 +23,7 @@ import requests
 from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
-from service.models import sha256_of
+from service.artifacts import sha256_of
 from tests.support import PacedLoad, copy_model_version, repository_call, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]

@@ -4,12 +4,12 @@ import collections
 
 import pytest
 
+from service.convergence import Converger, supervise
 from service.lifecycle import (
     RECORD_MALFORMED,
     RECORD_MISSING,
     RECORD_OK,
     RECORD_OLDER,
-    Converger,
     Desired,
     ModelPlan,
     PlanError,
@@ -17,9 +17,11 @@ from service.lifecycle import (
     RecordError,
     check_weights,
     choose_version,
+    plan_load,
+    plan_policy,
+    plan_unload,
     read_record,
     split_in_effect,
-    supervise,
     trusted,
 )
 
@@ -99,7 +101,7 @@ def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(los
     served = Desired(5, {"iris": ModelPlan(("1",))})
     store, applied, record_ok, restores = FakeStore(served.to_json().encode()), [], [], []
     converger = Converger(
-        lambda desired, scan: applied.append(desired) or [],
+        lambda desired: applied.append(desired) or [],
         lambda: store,
         "w",
         0.1,
@@ -123,7 +125,7 @@ def test_a_worker_keeps_serving_and_writes_its_state_back_over_a_lost_record(los
 def test_a_fresh_cluster_with_no_record_serves_every_version_and_writes_nothing():
     store, applied = FakeStore(None), []
     converger = Converger(
-        lambda desired, scan: applied.append(desired) or [], lambda: store, "w", 0.1, 0, known=lambda: Desired()
+        lambda desired: applied.append(desired) or [], lambda: store, "w", 0.1, 0, known=lambda: Desired()
     )
     converger.step()
     assert applied == [Desired()] and store.raw is None
@@ -181,3 +183,42 @@ def test_bad_weights_are_refused_with_the_reason(weights, says):
     with pytest.raises(PlanError, match=says):
         check_weights(weights, {"1", "2"})
     assert check_weights({"1": 0, "2": 100}, {"1", "2"}) == {"2": 100}
+
+
+# --- the operator's changes: pure rules, no Flask, no Redis ------------------------------
+
+
+def test_loading_a_version_with_a_weight_starts_a_canary_beside_todays_version():
+    start = Desired(3, {"iris": ModelPlan(("1",), artifacts={"1": SHA})})
+    canary = plan_load(start, "iris", {"2": "1" * 64}, served=["1"], version="2", weight=10)
+    plan = canary.plan("iris")
+    assert canary.generation == 4 and plan.versions == ("1", "2")
+    assert plan.weights == {"2": 10, "1": 90} and plan.artifacts == {"1": SHA, "2": "1" * 64}
+    everything = plan_load(start, "iris", {"1": SHA}, served=["1"])
+    assert everything.plan("iris").versions is None, "no version: every version on disk"
+    with pytest.raises(PlanError, match="already split"):
+        plan_load(canary, "iris", {"3": SHA}, served=["1", "2"], version="3", weight=5)
+
+
+def test_unloading_refuses_a_version_that_still_gets_requests():
+    split = Desired(1, {"iris": ModelPlan(("1", "2"), weights={"1": 90, "2": 10})})
+    with pytest.raises(PlanError, match="still gets 10 %"):
+        plan_unload(split, "iris", served=["1", "2"], version="2")
+    pinned = Desired(1, {"iris": ModelPlan(("1", "2"), default="1")})
+    with pytest.raises(PlanError, match="pinned default"):
+        plan_unload(pinned, "iris", served=["1", "2"], version="1")
+    with pytest.raises(PlanError, match="serves no version '9'"):
+        plan_unload(pinned, "iris", served=["1", "2"], version="9")
+    after = plan_unload(pinned, "iris", served=["1", "2"], version="2")
+    assert after.plan("iris").versions == ("1",) and after.plan("iris").default == "1"
+    assert plan_unload(pinned, "iris", served=["1", "2"]).plan("iris").versions == ()
+
+
+def test_the_policy_keeps_what_a_change_leaves_out():
+    plan = Desired(1, {"iris": ModelPlan(("1", "2"), default="2")})
+    weighted = plan_policy(plan, "iris", ["1", "2"], {"weights": {"1": 50, 2: 50}})
+    assert weighted.plan("iris").default == "2" and weighted.plan("iris").weights == {"1": 50, "2": 50}
+    with pytest.raises(PlanError, match="default must be 'latest' or a served version"):
+        plan_policy(plan, "iris", ["1", "2"], {"default": "7"})
+    with pytest.raises(PlanError, match="weights must be an object"):
+        plan_policy(plan, "iris", ["1", "2"], {"weights": None})

@@ -73,7 +73,7 @@ def test_model_json_sits_between_the_settings_default_and_a_per_model_setting():
 
 
 def test_a_bad_serving_block_in_model_json_refuses_the_model(tmp_path):
-    from service.models import ModelError, load_model
+    from service.artifacts import ModelError, load_model
     from service.serving import ServingError, ServingOptions
 
     options = ServingOptions.from_json({"batching": "off", "batch_max_rows": 4})

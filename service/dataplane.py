@@ -1,0 +1,167 @@
+"""The data plane: one prediction request, whichever door it came in by.
+
+Look up the model and version, decode the body with the protocol's codec, predict
+(service.inference: result cache, batching), encode, and say what the balancer's L1 may
+do with the answer (ETag and Cache-Control, or X-Accel-Expires: 0). The fast lane
+(service.fastlane) and the Flask views (service.api) both call `HANDLERS`; a request
+reaches this module as a `Call` (service.envelope). No Flask, no WSGI here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from service import __version__
+from service.artifacts import LoadedModel
+from service.envelope import JSON, Answer, Call
+from service.inference import Prediction
+from service.models import UnknownModel
+from service.protocols import body, shortcut, v1, v2
+from service.state import ServiceState
+from service.validation import InputError
+
+PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
+
+# How long past its TTL the balancer's L1 may still serve a kept answer while one request
+# refreshes it (Cache-Control stale-while-revalidate): bounded, so an entry whose refresh
+# fails, or comes back not reusable (a split began), stops being served.
+L1_STALE_S = 5
+L1_REUSE = f"stale-while-revalidate={L1_STALE_S}"
+
+
+def lookup(current: ServiceState, name: str, version: str | None, call: Call | None = None) -> LoadedModel:
+    """The model version a request names (a version drawn by the policy when it names none;
+    sticky for the routing-key header): a 404, or a 503 while the replica is not ready."""
+    registry = current.registry
+    try:
+        key = call.header(current.settings.models.routing_key_header) if call is not None else None
+        model = registry.get(name, version, key)
+    except UnknownModel as exc:
+        if not registry.ready:
+            # Perhaps a model that failed to load: say so rather than "not found".
+            raise InputError(f"{exc}; replica not ready: {'; '.join(registry.errors)}", 503) from None
+        raise InputError(str(exc), 404) from None
+    if call is not None:
+        call.model_name = model.name
+    return model
+
+
+def _body(current: ServiceState, call: Call) -> bytes:
+    """The request body as the protocol codecs take it: a content type real clients send,
+    decompressed (bounded by the body limit)."""
+    body.check_content_type(call.mimetype)
+    limit = current.settings.models.max_body_bytes
+    return body.decompress(call.raw_body(limit), call.header("Content-Encoding") or "", limit)
+
+
+def reusable(current: ServiceState, model: LoadedModel, versioned: bool) -> bool:
+    """Whether the balancer's L1 may reuse this model's answer: not one whose version was
+    drawn for this request (a split between versions), nor one of a model whose caching
+    is declared off."""
+    return not current.predictor.policy.of(model).declared_off and (versioned or not current.registry.split(model.name))
+
+
+def answer_etag(model: LoadedModel) -> str:
+    """What identifies the answers of a model version to a given request: the model's
+    bytes and this code's encoding of them (the same request, the same answer)."""
+    return f'"{model.name}/{model.version}/{model.sha256[:16]}/{__version__}"'
+
+
+def _prediction_headers(
+    current: ServiceState, model: LoadedModel, prediction: Prediction, versioned: bool
+) -> dict[str, str]:
+    current.metrics.count_version(model.name, model.version)
+    headers = {"X-Cache": prediction.cache_status, "X-Model-Version": model.version}
+    if reusable(current, model, versioned):
+        headers["ETag"] = answer_etag(model)
+        headers["Cache-Control"] = L1_REUSE
+    else:
+        headers["X-Accel-Expires"] = "0"
+    return headers
+
+
+def unchanged(current: ServiceState, name: str, version: str | None, if_none_match: str) -> LoadedModel | None:
+    """The model whose answer to a request naming `name` (and `version`) would carry one of
+    the ETags in `if_none_match`, or None. The balancer's L1 revalidates an expired answer
+    this way (proxy_cache_revalidate): the same request, body included, so an unchanged
+    model means an unchanged answer, and a 304 spares parsing and predicting it."""
+    try:
+        model = current.registry.get(name, version)
+    except UnknownModel:
+        return None
+    if not reusable(current, model, version is not None):
+        return None
+    wanted = answer_etag(model)
+    return model if any(tag.strip() == wanted for tag in if_none_match.split(",")) else None
+
+
+def output_names(model: LoadedModel) -> tuple[str, ...]:
+    """The model's V2 outputs."""
+    return (PREDICT_OUTPUT, PROBA_OUTPUT) if model.has_proba else (PREDICT_OUTPUT,)
+
+
+def v2_metadata(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
+    """The Open Inference Protocol's model metadata."""
+    outputs = [{"name": PREDICT_OUTPUT, "datatype": model.label_datatype, "shape": [-1]}]
+    if model.has_proba:
+        outputs.append({"name": PROBA_OUTPUT, "datatype": "FP64", "shape": [-1, len(model.classes)]})
+    return {
+        "name": model.name,
+        "versions": current.registry.versions(model.name),
+        "platform": "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.width]}],
+        "outputs": outputs,
+        "parameters": {"feature_names": model.feature_names, "classes": model.classes, "sha256": model.sha256},
+    }
+
+
+def predict_v1(current: ServiceState, call: Call, name: str | None, version: str | None = None) -> Answer:
+    """KServe V1 predict: {"instances": [[...]]} → {"predictions": [...], "probabilities": [[...]]}."""
+    model = lookup(current, name or "", None, call)
+    rows = v1.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
+    prediction = current.predictor.predict(model, rows)
+    encoded = v1.encode(prediction.labels, prediction.probabilities)
+    return encoded, _prediction_headers(current, model, prediction, False), JSON
+
+
+def predict_shortcut(current: ServiceState, call: Call, name: str | None = None, version: str | None = None) -> Answer:
+    """The tutorials' /predict, for the default model."""
+    model = lookup(current, current.settings.models.default_model, None, call)
+    rows = shortcut.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
+    prediction = current.predictor.predict(model, rows)
+    encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
+    return encoded, _prediction_headers(current, model, prediction, False), JSON
+
+
+def predict_v2(current: ServiceState, call: Call, name: str | None, version: str | None = None) -> Answer:
+    """Open Inference Protocol infer, with JSON tensors or Triton's binary tensor data."""
+    model = lookup(current, name or "", version, call)
+    names = output_names(model)
+    limits = (model.width, current.settings.models.max_batch_rows, names)
+    parsed = v2.decode(_body(current, call), call.header(v2.HEADER_LENGTH), *limits)
+    prediction = current.predictor.predict(model, parsed.rows)
+    count = len(prediction.labels)
+    outputs = []
+    for output in parsed.outputs or names:
+        if output == PREDICT_OUTPUT:
+            outputs.append(v2.Tensor(output, model.label_datatype, [count], prediction.labels))
+        else:
+            flat = [p for row in prediction.probabilities or [] for p in row]
+            outputs.append(v2.Tensor(output, "FP64", [count, len(model.classes)], flat))
+    # The request's own id only (the spec's "if specified, returned"): never X-Request-ID,
+    # which differs between requests the balancer's L1 answers with one stored body.
+    encoded, headers, content_type = v2.encode(
+        model.name, model.version, parsed.request_id, outputs, parsed.binary_outputs
+    )
+    headers = {**headers, **_prediction_headers(current, model, prediction, version is not None)}
+    return encoded, headers, content_type
+
+
+# The prediction routes' handlers, by the view name of service.routes' table.
+Handler = Callable[[ServiceState, Call, "str | None", "str | None"], Answer]
+HANDLERS: dict[str, Handler] = {
+    "shortcut_predict": predict_shortcut,
+    "v1_predict": predict_v1,
+    "v2_infer": predict_v2,
+}
