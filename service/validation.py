@@ -64,6 +64,10 @@ def parse_json(body: bytes) -> Any:
         fail("JSON nested too deeply")
     except json.JSONDecodeError as exc:
         fail(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except InputError:  # a NaN or Infinity, refused by _reject_constant: its own message
+        raise
+    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        fail("a number in the body has too many digits; send 64-bit floats")
 
 
 def type_name(value: Any) -> str:

@@ -63,9 +63,12 @@ class Tensor:
 def _header_and_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
     if header_length is None:
         return body, None
-    if not header_length.strip().isdigit():
-        fail(f"{HEADER_LENGTH} must be a byte count, got {header_length!r}")
-    length = int(header_length)
+    digits = header_length.strip()
+    # ASCII digits only ("²".isdigit() is true, and int() refuses it), and few enough that
+    # int() converts them (it refuses more than 4,300 digits).
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        fail(f"{HEADER_LENGTH} must be a byte count, got {header_length[:40]!r}")
+    length = int(digits)
     if not 0 < length <= len(body):
         fail(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
     return body[:length], body[length:]

@@ -4,6 +4,7 @@ own request encoder and response decoder, no network), and every malformed one a
 from __future__ import annotations
 
 import gzip
+import json
 import time
 import zlib
 
@@ -11,6 +12,8 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tritonclient.http._utils import _get_inference_request
 
 from service.protocols import body, shortcut, v1, v2
@@ -201,3 +204,96 @@ def test_every_malformed_binary_request_is_a_400(raw, header, message):
     with pytest.raises(InputError, match=message) as error:
         decode(raw, header)
     assert error.value.status == 400
+
+
+# --- inputs found by reading, and a fuzz so that the next one is found by a test ----------
+
+
+@pytest.mark.parametrize("header", ["²", "3²", "٣٢", "9" * 5000, "-32", "+32", "0x20", ""])
+def test_a_header_length_that_is_not_ascii_digits_is_a_400(header):
+    raw, _ = _binary_request(_tensor(32), FOUR)
+    with pytest.raises(InputError) as error:
+        decode(raw, header)
+    assert error.value.status == 400 and v2.HEADER_LENGTH in str(error.value)
+
+
+def test_an_integer_of_more_digits_than_python_converts_is_a_400():
+    body = b'{"instances": [[' + b"1" * 4301 + b", 1, 1, 1]]}"
+    with pytest.raises(InputError, match="too many digits") as error:
+        v1.decode(body, 4, 16)
+    assert error.value.status == 400
+    wide = b'{"instances": [[' + b"1" * 400 + b", 1, 1, 1]]}"
+    with pytest.raises(InputError, match="too large for a 64-bit float"):
+        v1.decode(wide, 4, 16)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_TENSOR = st.fixed_dictionaries(
+    {"name": st.just("input-0")},
+    optional={
+        "shape": st.one_of(st.lists(st.integers(-2, 2**40), max_size=3), _JSON_VALUES),
+        "datatype": st.one_of(
+            st.sampled_from(["FP64", "FP32", "INT64", "INT8", "BYTES", "BOOL", "FP16"]), _JSON_VALUES
+        ),
+        "parameters": st.one_of(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "binary_data_size": st.one_of(st.integers(-(2**70), 2**70), _JSON_VALUES),
+                    "binary_data": _JSON_VALUES,
+                },
+            ),
+            _JSON_VALUES,
+        ),
+        "data": _JSON_VALUES,
+    },
+)
+_REQUEST = st.fixed_dictionaries(
+    {"inputs": st.one_of(st.lists(_TENSOR, max_size=2), _JSON_VALUES)},
+    optional={
+        "id": _JSON_VALUES,
+        "parameters": st.one_of(
+            st.dictionaries(st.sampled_from(["binary_data_output", "x"]), _JSON_VALUES), _JSON_VALUES
+        ),
+        "outputs": st.one_of(
+            st.lists(
+                st.fixed_dictionaries(
+                    {"name": st.one_of(st.sampled_from(["predict", "predict_proba"]), _JSON_VALUES)},
+                    optional={
+                        "parameters": st.one_of(st.dictionaries(st.just("binary_data"), _JSON_VALUES), _JSON_VALUES)
+                    },
+                ),
+                max_size=3,
+            ),
+            _JSON_VALUES,
+        ),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    request=_REQUEST,
+    binary=st.binary(max_size=64),
+    header=st.one_of(
+        st.none(),
+        st.text(max_size=24),
+        st.text(
+            st.characters(categories=("Nd", "No")).filter(str.isdigit), min_size=1, max_size=6
+        ),  # "²": int() refuses
+        st.text("0123456789", min_size=19, max_size=5000),
+        st.integers(-5, 400).map(str),
+    ),
+)
+def test_fuzzed_binary_requests_get_an_answer_or_a_4xx_never_another_error(request, binary, header):
+    head = json.dumps(request).encode()  # the standard library: integers of any size too
+    raw = head + binary
+    for length in (header, str(len(head))):
+        try:
+            decode(raw, length)
+        except InputError as error:
+            assert 400 <= error.status < 500, error
