@@ -57,6 +57,10 @@ class BalancerSettings:
     next_upstream_timeout_s: str = _setting("15", "Most time spent trying replicas for one request.")
     proxy_connect_timeout_ms: str = _setting("500", "Connecting to a replica (loopback/LAN: fast or dead).")
     proxy_read_timeout_s: str = _setting("10", "Longest wait for a replica's answer before trying the next.")
+    operator_timeout_s: str = _setting(
+        "120",
+        "Longest wait for a replica's answer to an operator route (a model load); never retried on another replica.",
+    )
     client_keepalive_timeout_s: str = _setting("75", "Idle client keep-alive.")
     client_timeout_s: str = _setting("10", "Client header/body/send timeouts (cuts off slow clients).")
     max_body_size: str = _setting("1m", "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.")

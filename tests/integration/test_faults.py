@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from localcluster.processes import children
-from tests.support import VENV_BIN, PacedLoad, access_log, dropped_by, wait_until
+from tests.support import VENV_BIN, PacedLoad, access_log, dropped_by, upstream_attempts, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -41,6 +41,7 @@ def cluster(start_cluster):
         REPLICAS,
         defaults=True,
         BALANCER_PROXY_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+        BALANCER_OPERATOR_TIMEOUT_S=str(READ_TIMEOUT_S),
         BALANCER_CLIENT_TIMEOUT_S=str(CLIENT_TIMEOUT_S),
         BALANCER_RATE_LIMIT="20r/s",
         BALANCER_RATE_LIMIT_BURST="10",
@@ -156,6 +157,35 @@ def test_frozen_replica_is_routed_around_within_the_read_timeout(cluster):
     assert summary["failed"] == {}, summary
     # A request caught on the frozen replica waits the read timeout, then another answers.
     assert summary["worst_latency_s"] < READ_TIMEOUT_S + 1.5, summary
+
+
+def test_an_operator_post_that_reached_a_replica_is_never_sent_to_another(cluster):
+    """A model load can take long: retrying it on another replica (on a timeout) would run it
+    twice and could answer 504 after it succeeded. The balancer sends it once, and its 504
+    is final (no @next_attempt either)."""
+    victim = cluster.status().component("replica-3")
+    address = f"127.0.0.1:{victim.port}"
+    log_mark = len(_access_log(cluster))
+    os.killpg(victim.pid, signal.SIGSTOP)
+    try:
+        answers = [
+            requests.post(cluster.internal_url + "/v2/repository/index", json={}, timeout=30) for _ in range(REPLICAS)
+        ]
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)
+
+    def logged() -> list[dict]:  # nginx writes a line after its answer: wait for all of them
+        lines = [line for line in _access_log(cluster)[log_mark:] if line["uri"] == "/v2/repository/index"]
+        return lines if len(lines) >= len(answers) else []
+
+    posts = wait_until(logged, 5, "the access log lines of the operator POSTs")
+    frozen = [line for line in posts if address in line["upstream_addr"]]
+    assert frozen, f"round-robin over {REPLICAS} replicas sent no POST to the frozen one: {posts}"
+    for line in frozen:
+        assert [a for a, _, _ in upstream_attempts(line)] == [address], f"sent to another replica too: {line}"
+        assert line["status"] == 504, line
+    assert sorted(answer.status_code for answer in answers) == sorted(line["status"] for line in posts)
+    assert all(answer.headers["Content-Type"] == "application/json" for answer in answers)
 
 
 def _redis(cluster, *command: str) -> str:
