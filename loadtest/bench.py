@@ -54,7 +54,7 @@ from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
-from service.redis_url import RedisUrlError, parse_redis_url
+from service.redis_url import RedisUrlError, parse_redis_url, redact_url
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -630,7 +630,7 @@ def _redacted(value: str) -> str:
     try:
         return parse_redis_url(value).redacted
     except RedisUrlError:
-        return value
+        return redact_url(value) if "://" in value else value
 
 
 def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:

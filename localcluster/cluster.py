@@ -27,6 +27,7 @@ from localcluster.processes import (
     redis_ping,
     start_time,
     wait_until,
+    write_private,
 )
 from localcluster.state import Component, State, StateFile
 
@@ -374,8 +375,9 @@ class Cluster:
         for server in servers:
             if server.name in running:
                 continue
-            if server.config and not Path(server.args[0]).exists():
-                Path(server.args[0]).write_text(server.config)
+            # Sentinels rewrite their config (written when fresh); a server's holds its password.
+            if server.config and (server.kind == "redis" or not Path(server.args[0]).exists()):
+                write_private(Path(server.args[0]), server.config)
             component = Component(server.name, server.kind, server.port)
             self._spawn(component, [binary, *server.args])
             password = self.redis_password if server.kind == "redis" else ""
@@ -383,10 +385,11 @@ class Cluster:
             started.append(component)
         if topology == "cluster" and fresh:
             cli = Path(binary).with_name("redis-cli")
-            argv = redis_topology.create_cluster_argv(
-                str(cli) if cli.exists() else "redis-cli", self.state.ports.redis, self.redis_password
+            argv = redis_topology.create_cluster_argv(str(cli) if cli.exists() else "redis-cli", self.state.ports.redis)
+            auth = {"REDISCLI_AUTH": self.redis_password} if self.redis_password else {}
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **auth}
             )
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
             if done.returncode != 0:
                 raise ClusterError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
         wait_until(

@@ -129,6 +129,14 @@ def find_binary(name: str, override_env: str, environ: Mapping[str, Any]) -> str
     return found
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it may hold a password): 0600 from creation."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a file that existed keeps its mode otherwise
+    with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+        stream.write(text)
+
+
 def kill_tree(pid: int, signum: int) -> None:
     """Signal a process group we started (start_new_session), ignoring one already gone."""
     try:

@@ -39,8 +39,8 @@ class Server:
     name: str
     kind: str  # redis | sentinel
     port: int
-    args: tuple[str, ...]  # after the binary (a sentinel's first one is its config file)
-    config: str = ""  # a sentinel's config file text (sentinels rewrite it: written when fresh)
+    args: tuple[str, ...]  # after the binary (the first one is its config file when it has one)
+    config: str = ""  # that config file's text, written 0600: it may hold the password
 
 
 def servers(topology: str, base_port: int, data_dir: Path, maxmemory: str, password: str) -> list[Server]:
@@ -59,15 +59,21 @@ def servers(topology: str, base_port: int, data_dir: Path, maxmemory: str, passw
         "--dir",
         str(data_dir),
     )
-    if password:  # masterauth too: after a failover the old primary replicates from the new one
-        common += ("--requirepass", password, "--masterauth", password)
+    # The password goes in a 0600 config file, never on a command line (`ps` shows those to
+    # every user); masterauth too: after a failover the old primary replicates from the new one.
+    auth = f"requirepass {password}\nmasterauth {password}\n" if password else ""
+
+    def redis_server(name: str, port: int, args: tuple[str, ...]) -> Server:
+        if not auth:
+            return Server(name, "redis", port, args)
+        return Server(name, "redis", port, (str(data_dir / f"{name}.auth.conf"), *args), auth)
+
     if topology == "single":
-        return [Server("redis", "redis", base_port, ("--port", str(base_port), *common))]
+        return [redis_server("redis", base_port, ("--port", str(base_port), *common))]
     if topology == "cluster":
         return [
-            Server(
+            redis_server(
                 f"redis-{n}",
-                "redis",
                 port,
                 (
                     "--port",
@@ -91,10 +97,9 @@ def servers(topology: str, base_port: int, data_dir: Path, maxmemory: str, passw
     if topology == "sentinel":
         primary, replica = base_port, base_port + 1
         found = [
-            Server("redis", "redis", primary, ("--port", str(primary), *common)),
-            Server(
+            redis_server("redis", primary, ("--port", str(primary), *common)),
+            redis_server(
                 "redis-replica",
-                "redis",
                 replica,
                 ("--port", str(replica), *common, "--replicaof", "127.0.0.1", str(primary)),
             ),
@@ -130,11 +135,11 @@ def url(topology: str, base_port: int, password: str) -> str:
     return f"redis://{auth}127.0.0.1:{base_port}/0"
 
 
-def create_cluster_argv(redis_cli: str, base_port: int, password: str) -> list[str]:
-    """`redis-cli --cluster create` for the fresh primaries (no replicas)."""
+def create_cluster_argv(redis_cli: str, base_port: int) -> list[str]:
+    """`redis-cli --cluster create` for the fresh primaries (no replicas); the password goes
+    in the environment (REDISCLI_AUTH), never on the command line."""
     nodes = [f"127.0.0.1:{p}" for p in range(base_port, base_port + CLUSTER_PRIMARIES)]
-    auth = ["-a", password, "--no-auth-warning"] if password else []
-    return [redis_cli, *auth, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"]
+    return [redis_cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"]
 
 
 def _client(port: int, password: str) -> redis.Redis:

@@ -6,6 +6,7 @@ not import redis before the workers' gevent monkey-patching.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -36,12 +37,23 @@ class RedisTarget:
     @property
     def redacted(self) -> str:
         """The URL without its password (logs, reports, status)."""
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        return redact_url(self.url)
+
+
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|pass|pwd|auth)=)[^&#]*")
+
+
+def redact_url(url: str) -> str:
+    """`url` with every password it may hold replaced by ***: in the userinfo (whatever the
+    scheme, parseable or not) and in the query (`?password=`). For errors, logs, reports."""
+    scheme, sep, rest = url.partition("://")
+    if not sep and "@" in url:  # not a URL at all: nothing before an @ is shown
+        return _QUERY_SECRET.sub(r"\1***", "***@" + url.rpartition("@")[2])
+    if sep and "@" in rest:
+        userinfo, _, location = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}:***@{location}" if colon else f"***@{location}"
+    return _QUERY_SECRET.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 URL_FORMS = (
@@ -74,7 +86,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     scheme, sep, rest = url.partition("://")
     topology = SCHEMES.get(scheme.lower())
     if not sep or topology is None:
-        raise RedisUrlError(f"REDIS_URL {url!r}: unknown scheme {scheme!r}; the forms are {URL_FORMS}")
+        shown = scheme if sep else "(none)"
+        raise RedisUrlError(f"REDIS_URL {redact_url(url)!r}: unknown scheme {shown!r}; the forms are {URL_FORMS}")
     tls = scheme.lower().startswith("rediss")
     if topology == "single":
         return RedisTarget("single", url, tls=tls)
@@ -84,16 +97,18 @@ def parse_redis_url(url: str) -> RedisTarget:
     path, _, _query = path.partition("?")
     nodes = tuple(_host_port(item, 26379 if topology == "sentinel" else 6379) for item in hosts.split(",") if item)
     if not nodes:
-        raise RedisUrlError(f"REDIS_URL {url!r}: no host:port; the forms are {URL_FORMS}")
+        raise RedisUrlError(f"REDIS_URL {redact_url(url)!r}: no host:port; the forms are {URL_FORMS}")
     parts = [unquoted for unquoted in (urllib.parse.unquote(p) for p in path.split("/")) if unquoted]
     service_name, db = "", 0
     if topology == "sentinel":
         if not parts:
-            raise RedisUrlError(f"REDIS_URL {url!r}: Sentinel needs the primary's service name: {URL_FORMS}")
+            raise RedisUrlError(
+                f"REDIS_URL {redact_url(url)!r}: Sentinel needs the primary's service name: {URL_FORMS}"
+            )
         service_name, parts = parts[0], parts[1:]
     if parts:
         if topology == "cluster" or len(parts) > 1 or not parts[0].isdigit():
-            raise RedisUrlError(f"REDIS_URL {url!r}: unexpected path {path!r}; the forms are {URL_FORMS}")
+            raise RedisUrlError(f"REDIS_URL {redact_url(url)!r}: unexpected path {path!r}; the forms are {URL_FORMS}")
         db = int(parts[0])
     return RedisTarget(
         topology,

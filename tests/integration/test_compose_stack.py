@@ -454,10 +454,7 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
                 "exec",
                 "-T",
                 n,
-                "redis-cli",
-                "-a",
-                "change-me",
-                "--no-auth-warning",
+                "redis-cli",  # REDISCLI_AUTH is in the service's environment
                 "--scan",
                 "--pattern",
                 "pred:iris:*",

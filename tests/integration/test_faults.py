@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -191,7 +192,8 @@ def test_an_operator_post_that_reached_a_replica_is_never_sent_to_another(cluste
 def _redis(cluster, *command: str) -> str:
     port = cluster.status().component("redis").port
     result = subprocess.run(
-        ["redis-cli", "-p", str(port), "--no-auth-warning", "-a", REDIS_PASSWORD, *command],
+        ["redis-cli", "-p", str(port), *command],
+        env={**os.environ, "REDISCLI_AUTH": REDIS_PASSWORD},
         capture_output=True,
         text=True,
         timeout=10,
@@ -230,6 +232,13 @@ def test_redis_needs_its_password_and_listens_on_loopback_only(cluster):
     assert "NOAUTH" in unauthenticated.stdout + unauthenticated.stderr
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.2", port), timeout=1).close()
+    # The password is on no command line (ps shows those to every user), and every file of
+    # the cluster that holds it is the owner's alone.
+    redis = cluster.status().component("redis")
+    assert REDIS_PASSWORD.encode() not in Path(f"/proc/{redis.pid}/cmdline").read_bytes()
+    holding = [f for f in cluster.run_dir.rglob("*") if f.is_file() and REDIS_PASSWORD.encode() in f.read_bytes()]
+    assert holding, "the password is somewhere: Redis reads it from a file"
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in holding} == {f.name: "0o600" for f in holding}
 
 
 def test_nginx_reloads_fail_no_request(cluster):

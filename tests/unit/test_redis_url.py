@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.redis_url import RedisUrlError, parse_redis_url
+from service.redis_url import RedisUrlError, parse_redis_url, redact_url
 from service.settings import Settings, SettingsError
 
 
@@ -71,3 +71,39 @@ def test_a_url_that_names_no_topology_says_why_and_gives_the_forms(url, says):
 def test_the_redacted_url_hides_only_the_password():
     assert parse_redis_url("redis+cluster://u:pw@a:1,b:2").redacted == "redis+cluster://u:***@a:1,b:2"
     assert parse_redis_url("redis://a:1/0").redacted == "redis://a:1/0"
+
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@localhost:6379/zero",
+        f"redis+sentinel://user:{SECRET}@s1:26379,s2:26379",
+        f"redis+cluster://:{SECRET}@n1:6379,n2:6379/3",
+        f"redis+cluster://:{SECRET}@",
+        f"redis+sentinel://:{SECRET}@s1:26379/mymaster/db/extra",
+        f"memcached://:{SECRET}@host:11211",
+        f"redis:/:{SECRET}@host:6379",
+        f"redis://host:6379/0?password={SECRET}",
+    ],
+)
+def test_a_password_never_appears_in_an_error_or_a_redacted_url(url):
+    try:
+        Settings.from_env({"REDIS_URL": url})
+    except SettingsError as exc:
+        assert SECRET not in str(exc), str(exc)
+    try:
+        assert SECRET not in parse_redis_url(url).redacted
+    except RedisUrlError as exc:
+        assert SECRET not in str(exc), str(exc)
+    assert SECRET not in redact_url(url)
+
+
+def test_redaction_keeps_what_an_operator_needs_to_read():
+    assert redact_url("redis+sentinel://user:pw@s1:26379,s2:26379/main/0") == (
+        "redis+sentinel://user:***@s1:26379,s2:26379/main/0"
+    )
+    assert redact_url("redis://h:6379/0?password=pw&db=1") == "redis://h:6379/0?password=***&db=1"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
