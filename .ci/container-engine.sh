@@ -33,7 +33,10 @@ elif [ -x "$LAB/setup.sh" ]; then
     kill "$service_pid" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$service_pid" 2>/dev/null || break; sleep 0.2; done
   fi
-  (cd / && PATH="$shims:$PATH" bash "$LAB/setup.sh") >"${TMPDIR:-/tmp}/compose-lab-setup.log" 2>&1 || {
+  # The project's folder: every python/nginx/redis tag its Dockerfiles and compose file
+  # name gets a stand-in (a bumped base image needs no change in the lab).
+  project="$PWD"
+  (cd / && PATH="$shims:$PATH" bash "$LAB/setup.sh" "$project") >"${TMPDIR:-/tmp}/compose-lab-setup.log" 2>&1 || {
     tail -n 40 "${TMPDIR:-/tmp}/compose-lab-setup.log" >&2
     echo "ci: compose-lab setup failed (log above)" >&2
     exit 1

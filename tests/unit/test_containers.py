@@ -195,3 +195,36 @@ def test_a_skipped_envsh_fails_the_entrypoint_check(tmp_path):
     by_image, output = run_image_entrypoint(tmp_path, dict(SETTINGS["compose"]), 0o644)
     assert "Ignoring" in output and "not executable" in output
     assert PLACEHOLDER.search(by_image), "the check above would have caught it"
+
+
+def test_what_the_images_and_bootstrap_install_is_pinned_to_what_the_tests_ran():
+    """constraints.txt pins the whole dependency tree at the versions of this venv, and
+    every Dockerfile that installs Python packages, and scripts/bootstrap, use it."""
+    check = subprocess.run(
+        [str(VENV_BIN / "python"), "scripts/constraints.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()[1:])
+    assert {"flask", "gunicorn", "gevent", "orjson", "redis", "scikit-learn", "locust"} <= set(pins)
+    orjson = tuple(int(part) for part in pins["orjson"].split(".")[:3])
+    assert orjson >= (3, 9, 15), "orjson before 3.9.15 has CVE-2024-27454"
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        if "pip install" in text:
+            assert "-c constraints.txt" in text and "COPY constraints.txt" in text, dockerfile
+    assert '-c constraints.txt -e ".[dev]"' in (ROOT / "scripts" / "bootstrap").read_text()
+
+
+def _redis_images() -> list[str]:
+    kubernetes = (ROOT / "deploy" / "kubernetes" / "base" / "redis.yaml").read_text()
+    return re.findall(r"image: *(redis:\S+)", COMPOSE.read_text() + kubernetes)
+
+
+def test_redis_is_a_release_with_the_2025_lua_and_hyperloglog_fixes():
+    """CVE-2025-49844 (Lua use-after-free, RCE), CVE-2025-32023, CVE-2025-21605: fixed in
+    7.4.6; 7.4.10 also carries the July 2026 security release."""
+    images = _redis_images()
+    assert len(images) >= 4, images
+    for image in images:
+        version = tuple(int(part) for part in re.match(r"redis:(\d+)\.(\d+)\.(\d+)", image).groups())
+        assert version >= (7, 4, 10), image
