@@ -49,9 +49,11 @@ def test_validates_against_the_kubernetes_schemas(overlay):
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
-        "Secret",
+        "NetworkPolicy",
         "Namespace",
     }
+    # dev generates its demo Secret; prod uses the one you create (no password in the repository)
+    assert ("Secret" in {o["kind"] for o in objects}) is (overlay[0] == "dev")
 
 
 def test_every_container_is_probed_limited_and_unprivileged(overlay):
@@ -161,6 +163,9 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     assert env.index("REDIS_PASSWORD") < env.index("REDIS_URL"), "$(REDIS_PASSWORD) must be defined first"
     target = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "secret"))
     assert (target.topology, target.tls, target.password) == ("cluster", True, "secret")
+    api, endpoint = _pod(objects, "prediction", "api"), {**_outsider("none"), "ip": "10.1.2.3"}
+    assert reachable(objects, "prediction", api, endpoint, 6379), "the api pods reach the managed Redis"
+    assert not reachable(objects, "prediction", api, endpoint, 443)
     result = subprocess.run(
         [
             str(VENV_BIN / "kubernetes-validate"),
@@ -174,3 +179,103 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- who can reach what: the NetworkPolicies, evaluated as a network plugin would -----------
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions In/Exists) against labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value = labels.get(expression["key"])
+        if expression["operator"] == "In" and value not in expression["values"]:
+            return False
+        if expression["operator"] == "Exists" and expression["key"] not in labels:
+            return False
+    return True
+
+
+def _peer_allows(peer: dict, pod: dict, namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return pod.get("ip") is not None
+    if "namespaceSelector" in peer:
+        namespace_ok = _matches(peer["namespaceSelector"], pod["namespace_labels"])
+    else:
+        namespace_ok = pod["namespace"] == namespace
+    return namespace_ok and _matches(peer.get("podSelector", {}), pod["labels"])
+
+
+def _side_allows(policies: list[dict], kind: str, pod: dict, peer: dict, port: int, namespace: str) -> bool:
+    """Whether the policies selecting `pod` let `peer` connect (Ingress) or `pod` reach
+    `peer` (Egress) on `port`; pods of another namespace are not selected by these."""
+    if pod["namespace"] != namespace:
+        return True
+    selecting = [
+        p for p in policies if kind in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod["labels"])
+    ]
+    if not selecting:
+        return True
+    key, peers_key = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
+    for policy in selecting:
+        for rule in policy["spec"].get(key, []):
+            ports = rule.get("ports")
+            if ports is not None and not any(p.get("port") == port for p in ports):
+                continue
+            peers = rule.get(peers_key)
+            if peers is None or any(_peer_allows(p, peer, namespace) for p in peers):
+                return True
+    return False
+
+
+def reachable(objects, namespace: str, source: dict, target: dict, port: int) -> bool:
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    return _side_allows(policies, "Egress", source, target, port, namespace) and _side_allows(
+        policies, "Ingress", target, source, port, namespace
+    )
+
+
+def _pod(objects, namespace: str, deployment: str) -> dict:
+    labels = _one(objects, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
+    return {"labels": labels, "namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
+
+
+def _outsider(namespace: str = "elsewhere", **labels: str) -> dict:
+    return {"labels": labels, "namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
+
+
+def test_network_policies_let_through_exactly_who_the_docs_say(overlay):
+    name, _, objects = overlay
+    namespace = OVERLAYS[name][0]
+    balancer, api, redis = (_pod(objects, namespace, d) for d in ("balancer", "api", "redis"))
+    anyone, neighbour = _outsider(), _outsider(namespace)
+    scraper = _outsider(**{"prediction-cluster/client": "scraper"})
+    loader = _outsider(namespace, **{"prediction-cluster/client": "load-generator"})  # a Locust Job beside them
+    dns = _outsider("kube-system", **{"k8s-app": "kube-dns"})
+    allowed = [
+        *((client, balancer, 8080) for client in (anyone, scraper, loader)),  # not an unlabelled pod beside them
+        (scraper, balancer, 8082),
+        (loader, balancer, 8082),
+        (balancer, api, 8000),
+        (api, redis, 6379),
+        *((pod, dns, 53) for pod in (balancer, api, redis)),
+    ]
+    ports = [(balancer, 8080), (balancer, 8082), (api, 8000), (redis, 6379)]
+    for source in (anyone, neighbour, scraper, loader, balancer, api, redis):
+        for target, port in [*ports, *([(dns, 53)] if source in (balancer, api, redis) else [])]:
+            if source is target:
+                continue
+            expected = any(s is source and t is target and p == port for s, t, p in allowed)
+            assert reachable(objects, namespace, source, target, port) is expected, (source, target, port)
+    # Nothing in the namespace reaches out anywhere else (an address outside the cluster).
+    internet = {**_outsider("none"), "ip": "203.0.113.7"}
+    assert not any(reachable(objects, namespace, pod, internet, 443) for pod in (balancer, api, redis))
+
+
+def test_prod_uses_no_password_or_token_written_in_the_repository(overlay):
+    name, path, _ = overlay
+    text = path.read_text()
+    if name == "prod":
+        assert "change-me" not in text and "replace-me" not in text
+        assert "kind: Secret" not in text
