@@ -67,6 +67,11 @@ class BalancerSettings:
     gzip_min_length: str = _setting("1024", "Smallest JSON response that is gzipped.")
     rate_limit: str = _setting("200r/s", "Requests per second per client address (nginx rate syntax).")
     rate_limit_burst: str = _setting("400", "Requests above the rate a client may burst before 429s.")
+    conn_per_client: str = _setting(
+        "32",
+        "Requests in progress at once per client address on the public listener (429 beyond): bounds what "
+        "one address holds open, slow uploads included.",
+    )
     rate_limit_exempt: str = _setting(
         "127.0.0.0/8 ::1/128",
         "Source networks not rate limited on the public listener (locally: loopback); empty: limit everyone.",
@@ -214,6 +219,8 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     )
     if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
         raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
+    if not settings.conn_per_client.isdigit() or int(settings.conn_per_client) < 1:
+        raise RenderError(f"BALANCER_CONN_PER_CLIENT: {settings.conn_per_client!r} is not a positive number")
     if settings.l1_cache not in ("on", "off"):
         raise RenderError(f"BALANCER_L1_CACHE: {settings.l1_cache!r} is not on or off")
     if not settings.l1_max_body_bytes.isdigit() or int(settings.l1_max_body_bytes) > L1_MAX_BODY_LIMIT:
