@@ -228,3 +228,20 @@ def test_redis_is_a_release_with_the_2025_lua_and_hyperloglog_fixes():
     for image in images:
         version = tuple(int(part) for part in re.match(r"redis:(\d+)\.(\d+)\.(\d+)", image).groups())
         assert version >= (7, 4, 10), image
+
+
+def test_every_service_is_hardened_and_locusts_ui_stays_on_loopback(compose):
+    """No capabilities, no privilege gained through setuid binaries, a read-only root
+    filesystem, for every service (Redis too: it runs as its own user from the start);
+    Locust's web UI, which has no authentication, is published on 127.0.0.1 only."""
+    for name, service in compose["services"].items():
+        assert service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("read_only") is True, name
+        if service["image"].startswith("redis:"):
+            assert service.get("user") == "redis", name
+    assert compose["services"]["locust-master"]["ports"] == [
+        "${LOCUST_WEB_BIND:-127.0.0.1}:${LOCUST_WEB_PORT:-8089}:8089"
+    ]
+    published = [port for service in compose["services"].values() for port in service.get("ports", [])]
+    assert published == ["${BALANCER_HOST_PORT:-8080}:8080", compose["services"]["locust-master"]["ports"][0]]
