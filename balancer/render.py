@@ -73,12 +73,14 @@ class BalancerSettings:
         "one address holds open, slow uploads included.",
     )
     rate_limit_exempt: str = _setting(
-        "127.0.0.0/8 ::1/128",
-        "Source networks not rate limited on the public listener (locally: loopback); empty: limit everyone.",
+        "",
+        "Source networks not rate limited on the public listener; empty (the default, in every mode): limit "
+        "every client alike.",
     )
     internal_networks: str = _setting(
-        "127.0.0.0/8 ::1/128",
-        "Source networks that may read /metrics on the public listener (locally: loopback); empty: nobody.",
+        "",
+        "Source networks that may read /metrics on the public listener, and only that (never the model "
+        "repository, which the internal listener alone serves); empty (the default): nobody.",
     )
     upstream_servers: str = _setting(
         "127.0.0.1:8001", "Space-separated replica addresses (host:port); or a DNS name with resolve."
@@ -128,7 +130,7 @@ class BalancerSettings:
 # user may write on a read-only root filesystem, and no trusted source networks. Under a
 # container engine a host client arrives from whichever gateway the engine's port
 # forwarding picks, so trust goes by listener: the internal one is never published.
-CONTAINER_DEFAULTS = {"pid_file": "/tmp/nginx/nginx.pid", "rate_limit_exempt": "", "internal_networks": ""}
+CONTAINER_DEFAULTS = {"pid_file": "/tmp/nginx/nginx.pid"}
 
 
 def container_settings(environ: Mapping[str, str], **overrides: str) -> BalancerSettings:

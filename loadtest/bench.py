@@ -293,11 +293,13 @@ class Sweep:
 
     # the cluster ------------------------------------------------------------------------
     def cluster_components(self, cluster: Cluster | None = None) -> tuple[str, dict[str, int], Path, str]:
-        """Balancer URL, process trees to account CPU to, the access log, stub_status URL."""
+        """The balancer's internal listener (load generators measure the cluster, not the
+        public listener's limiter: as in compose), process trees to account CPU to, the
+        access log, stub_status URL."""
         status = (cluster or self.cluster).status()
         pids = {c.name: c.pid for c in status.components if c.running}
-        assert status.balancer is not None, "the cluster is not running"
-        return status.balancer, pids, Path(status.logs) / "access.log", status.component("nginx").health
+        assert status.internal is not None, "the cluster is not running"
+        return status.internal, pids, Path(status.logs) / "access.log", status.component("nginx").health
 
     def run_cluster(self) -> None:
         """Every replicas × concurrency × hit ratio × model point."""
@@ -319,7 +321,7 @@ class Sweep:
 
     def _wait_for_spread(self, replicas: int) -> None:
         """After scaling up, nginx finds a new replica within fail_timeout: wait for it."""
-        url = self.cluster.status().balancer
+        url = self.cluster.status().internal
         wanted = {f"replica-{i}" for i in range(1, replicas + 1)}
         deadline = time.monotonic() + 30
         seen: set[str] = set()
@@ -838,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
                 ran = what_ran(cluster, out)
             for topology in plan.redis_topologies:
                 run_on_topology(sweep, topology)
-            url = str(cluster.status().balancer)
+            url = str(cluster.status().internal)
             sweep.progress("h2load: cluster, iris, all hits, c=32")
             sweep.h2load_results.append(sweep.h2load("cluster", url, sweep.cluster_components()[1]))
             if args.targets:

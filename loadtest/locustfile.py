@@ -1,7 +1,7 @@
 """Locust scenarios against the cluster, with a controlled cache-hit ratio.
 
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080                 # web UI
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless \\
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8082                 # web UI
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8082 --headless \\
         -u 32 -r 32 -t 30s --hit-ratio 0.9 --csv reports/x/locust --html reports/x/locust.html \\
         SingleRowUser
 

@@ -21,6 +21,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 
 from localcluster.cluster import ROOT, Cluster, Status, setting
 from localcluster.ports import Ports
@@ -89,12 +90,13 @@ def model_request(args: argparse.Namespace) -> tuple[str, str, dict | None]:
     return "POST", path, {"parameters": parameters} if parameters else None
 
 
-def send_model_request(base: str, args: argparse.Namespace) -> int:
-    """Send a `model` command to the balancer's internal listener; print the answer."""
+def send_model_request(base: str, args: argparse.Namespace, operator: Mapping[str, str]) -> int:
+    """Send a `model` command to the balancer's internal listener with the operator's
+    credential (`operator`: its headers); print the answer."""
     method, path, body = model_request(args)
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        base + path, data=data, method=method, headers={"Content-Type": "application/json", **operator}
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "model":
             cluster._require_running_now()
-            return send_model_request(cluster.internal_url, args)
+            return send_model_request(cluster.internal_url, args, cluster.operator_headers)
         if args.command == "status":
             report = cluster.status()
             models = cluster.models() if report.components else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -304,11 +305,31 @@ class Cluster:
 
     def models(self) -> dict[str, Any] | None:
         """The model repository's status (desired generation, each worker's), or None."""
+        request = urllib.request.Request(f"{self.internal_url}/v2/repository/status", headers=self.operator_headers)
         try:
-            with urllib.request.urlopen(f"{self.internal_url}/v2/repository/status", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 return dict(json.loads(response.read()))
         except (OSError, ValueError):
             return None
+
+    @property
+    def operator_token(self) -> str:
+        """The operator's credential, which the replicas require on the model repository
+        routes: SERVICE_OPERATOR_TOKEN when given, else one made for this cluster and kept
+        in its run directory (0600), so that `scripts/cluster model ...` can send it."""
+        given = self.environ.get("SERVICE_OPERATOR_TOKEN")
+        if given:
+            return given
+        path = self.run_dir / "operator-token"
+        if not path.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_private(path, secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
+
+    @property
+    def operator_headers(self) -> dict[str, str]:
+        """What an operator's request to the model repository carries."""
+        return {"Authorization": f"Bearer {self.operator_token}"}
 
     # --- internals ------------------------------------------------------------------------
     def _require_running(self) -> None:
@@ -410,6 +431,7 @@ class Cluster:
             "REDIS_URL": self._redis_url(),
             "SERVICE_METRICS_DIR": str(self.run_dir / "metrics" / name),
             "SERVICE_MODELS_DIR": self.environ.get("SERVICE_MODELS_DIR", str(ROOT / "models")),
+            "SERVICE_OPERATOR_TOKEN": self.operator_token,
         }
         gunicorn = str(ROOT / ".venv" / "bin" / "gunicorn")
         self._spawn(component, [gunicorn, "-c", "service/gunicorn.conf.py", "service.wsgi:app"], env)

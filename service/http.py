@@ -95,7 +95,7 @@ def _error(status: int, body: bytes, headers: dict[str, str] | None = None) -> R
 
 
 def _input_error(exc: InputError) -> Response:
-    return _error(*envelope.error_answer(exc, request.method, request.path))
+    return _error(*envelope.error_answer(exc, request.method, request.path), exc.headers)
 
 
 def _http_error(exc: HTTPException) -> Response:

@@ -25,6 +25,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*codes: int) -> dict[str, Any]:
     texts = {
         400: "Malformed JSON, wrong shape, type or non-finite number",
+        401: "Operator route: missing or wrong operator token (Authorization: Bearer; nothing changed)",
         403: "Operator route, refused on the balancer's public listener",
         404: "Unknown model or version",
         409: "The change conflicts with the version policy (nothing changed)",
@@ -64,7 +65,8 @@ def _operator(
     op: dict[str, Any] = {
         "summary": f"{summary} (operator route: refused on the balancer's public listener)",
         "requestBody": {"required": False, "content": {"application/json": {"schema": request}}},
-        "responses": {"200": _json(response, "OK"), **_errors(400, 403, 404, 409, 422, 503)},
+        "responses": {"200": _json(response, "OK"), **_errors(400, 401, 403, 404, 409, 422, 503)},
+        "security": [{"operator": []}],
     }
     if name:
         op["parameters"] = [name]
@@ -284,7 +286,8 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
         ),
         "/v2/repository/status": {
             "summary": "The desired model state and the generation each worker serves (operator route)",
-            "responses": {"200": _json({"type": "object"}, "OK"), **_errors(403, 503)},
+            "responses": {"200": _json({"type": "object"}, "OK"), **_errors(401, 403, 503)},
+            "security": [{"operator": []}],
         },
     }
     return {
@@ -295,5 +298,10 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
             "description": "KServe V1, Open Inference Protocol (V2 REST) and /predict.",
         },
         "paths": _paths(operations),
-        "components": {"schemas": _SCHEMAS},
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "operator": {"type": "http", "scheme": "bearer", "description": "SERVICE_OPERATOR_TOKEN"}
+            },
+        },
     }

@@ -11,6 +11,7 @@ version that fails to load a 422, and Redis unavailable a 503: nothing changed a
 from __future__ import annotations
 
 import functools
+import hmac
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -27,6 +28,28 @@ from service.validation import InputError, body_object, parse_json
 T = TypeVar("T")
 
 bp = Blueprint("repository", __name__)
+
+
+@bp.before_request
+def _operator_only() -> None:
+    """Every repository route needs the operator's token (SERVICE_OPERATOR_TOKEN) as a
+    bearer token, compared in constant time; without it, a JSON 401 and nothing changes."""
+    expected = state().settings.server.operator_token
+    if not expected:
+        raise InputError(
+            "the model repository needs an operator token: set SERVICE_OPERATOR_TOKEN on the replicas and send "
+            "it as Authorization: Bearer <token>",
+            401,
+            {"WWW-Authenticate": 'Bearer realm="model repository"'},
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise InputError(
+            "missing or wrong operator token (Authorization: Bearer <token>); nothing changed",
+            401,
+            {"WWW-Authenticate": 'Bearer realm="model repository", error="invalid_token"'},
+        )
+
 
 UNAVAILABLE = "the model repository is unavailable (Redis: {}); nothing changed"
 

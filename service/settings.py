@@ -96,9 +96,10 @@ def setting(
     check: Callable[[Any], str | None] | None = None,
     parse: Callable[[str], Any] | None = None,
     factory: Callable[[], Any] | None = None,
+    secret: bool = False,
 ) -> Any:
     """A settings field: its variable, default (or factory), meaning, check and parser."""
-    metadata = {"env": env, "doc": doc, "check": check, "parse": parse}
+    metadata = {"env": env, "doc": doc, "check": check, "parse": parse, "secret": secret}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -124,6 +125,14 @@ class ServerSettings(_Group):
     """The gunicorn process of one replica."""
 
     bind: str = setting("SERVICE_BIND", "127.0.0.1:8000", "Address gunicorn listens on (host:port).")
+    operator_token: str = setting(
+        "SERVICE_OPERATOR_TOKEN",
+        "",
+        "The operator's credential: the model repository routes need `Authorization: Bearer <it>` (compared "
+        "in constant time; a missing or wrong one is a 401 and changes nothing). Empty: those routes refuse "
+        "everyone. From a secret store; `scripts/cluster` makes one for a local cluster.",
+        secret=True,
+    )
     workers: int = setting(
         "SERVICE_WORKERS",
         1,
@@ -337,10 +346,15 @@ class Settings:
     def flat(self) -> dict[str, str]:
         """Every setting as `group.field` → its value as text (reports, logs)."""
         return {
-            f"{name}.{f.name}": str(getattr(getattr(self, name), f.name))
+            f"{name}.{f.name}": _shown(f, getattr(getattr(self, name), f.name))
             for name in GROUPS
             for f in fields(getattr(self, name))
         }
+
+
+def _shown(f: Any, value: Any) -> str:
+    """A setting's value as reports and logs may show it: a secret never."""
+    return "***" if f.metadata.get("secret") and value else str(value)
 
 
 def _parse(f: Any, raw: str) -> Any:

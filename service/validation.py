@@ -32,9 +32,10 @@ V2_DATATYPES = {
 class InputError(ValueError):
     """The request is wrong; `status` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}  # e.g. WWW-Authenticate with a 401
 
 
 def fail(message: str) -> NoReturn:

@@ -111,9 +111,19 @@ def copy_model_version(
     return folder
 
 
+def operator(cluster) -> dict[str, str]:
+    """The operator's credential for the model repository routes (the cluster made it)."""
+    return cluster.operator_headers
+
+
 def repository_call(cluster, path: str, body: dict | None = None) -> requests.Response:
     """An operator's call to the model repository, on the balancer's internal listener."""
-    return requests.post(cluster.internal_url + path, json=body, timeout=60)
+    return requests.post(cluster.internal_url + path, json=body, headers=operator(cluster), timeout=60)
+
+
+def repository_status(cluster) -> dict:
+    """The model repository's status, as the operator reads it."""
+    return requests.get(cluster.internal_url + "/v2/repository/status", headers=operator(cluster), timeout=5).json()
 
 
 def start_redis(tmp: Path, port: int | None = None, extra: Sequence[str] = ()) -> tuple[Server, int]:

@@ -97,7 +97,12 @@ def test_nginx_errors_are_json(cluster):
     unknown = requests.get(f"{cluster.url}/no/such/path", timeout=10)
     assert unknown.status_code == 404 and unknown.headers["Content-Type"] == "application/json"
     assert "error" in unknown.json()
-    assert requests.get(f"{cluster.url}/metrics", timeout=10).status_code == 200, "loopback is internal"
+    # One trust rule in every mode: loopback is a client like any other on the public listener.
+    refused = requests.get(f"{cluster.url}/metrics", timeout=10)
+    assert refused.status_code == 403 and "internal listener" in refused.json()["error"]
+    unload = requests.post(f"{cluster.url}/v2/repository/models/iris/unload", json={}, timeout=10)
+    assert unload.status_code == 403 and "internal listener" in unload.json()["error"]
+    assert requests.get(f"{cluster.internal_url}/metrics", timeout=10).status_code == 200
 
 
 def test_request_ids_reach_the_replica_passed_through_or_made(cluster):

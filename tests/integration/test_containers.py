@@ -124,12 +124,13 @@ def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, t
 
     with FakeDockerDns() as dns:
         dns.addresses = ["127.0.0.2", "127.0.0.3"]
-        port = free_port()
+        port, internal = free_port(), free_port()
         text = render(
             BalancerSettings.from_env(
                 {},
                 # What docker-compose.scale.yml gives the balancer, with our DNS server.
                 listen=f"127.0.0.1:{port}",
+                internal_listen=f"127.0.0.1:{internal}",
                 status_listen=f"127.0.0.1:{free_port()}",
                 upstream_servers=f"api:{api_port}",
                 upstream_resolve="on",
@@ -170,7 +171,9 @@ def test_compose_balancer_follows_scaling_without_restart(servers, models_dir, t
             tmp_path / "nginx.log",
         ).start()
         servers.append(balancer)
-        url = f"http://127.0.0.1:{port}"
+        # The load generator on the internal listener, as in compose (the public one limits
+        # every client alike, loopback too).
+        url = f"http://127.0.0.1:{internal}"
         wait_until(lambda: requests.get(f"{url}/readyz", timeout=1).status_code == 200, 15, "the balancer")
 
         body = tmp_path / "body.json"

@@ -18,7 +18,15 @@ import pytest
 import requests
 
 from localcluster.processes import children
-from tests.support import VENV_BIN, PacedLoad, access_log, dropped_by, upstream_attempts, wait_until
+from tests.support import (
+    VENV_BIN,
+    PacedLoad,
+    access_log,
+    dropped_by,
+    repository_call,
+    upstream_attempts,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -169,9 +177,7 @@ def test_an_operator_post_that_reached_a_replica_is_never_sent_to_another(cluste
     log_mark = len(_access_log(cluster))
     os.killpg(victim.pid, signal.SIGSTOP)
     try:
-        answers = [
-            requests.post(cluster.internal_url + "/v2/repository/index", json={}, timeout=30) for _ in range(REPLICAS)
-        ]
+        answers = [repository_call(cluster, "/v2/repository/index", {}) for _ in range(REPLICAS)]
     finally:
         os.killpg(victim.pid, signal.SIGCONT)
 
@@ -357,7 +363,16 @@ def test_metrics_and_stub_status_are_internal_only(cluster):
     outsider.mount("http://", Bound())
     refused = outsider.get(f"{cluster.url}/metrics", timeout=5)
     assert refused.status_code == 403 and "internal listener" in refused.json()["error"]
-    assert requests.get(f"{cluster.url}/metrics", timeout=5).status_code == 200, "locally loopback is the operator"
+    # BALANCER_INTERNAL_NETWORKS (127.0.0.1 here) opens /metrics on the public listener, and
+    # only that: the model repository is the internal listener's alone, whoever asks.
+    assert requests.get(f"{cluster.url}/metrics", timeout=5).status_code == 200, "BALANCER_INTERNAL_NETWORKS"
+    for client in (requests, outsider):
+        status = client.get(f"{cluster.url}/v2/repository/status", timeout=5)
+        assert status.status_code == 403 and "internal listener" in status.json()["error"]
+        unload = client.post(f"{cluster.url}/v2/repository/models/iris/unload", json={}, timeout=5)
+        assert unload.status_code == 403, "nothing changed"
+    still = requests.post(f"{cluster.url}/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    assert still.status_code == 200, "iris still served"
     assert outsider.get(f"{cluster.internal_url}/metrics", timeout=5).status_code == 200, "trust goes by listener"
     status_port = int(cluster.status().component("nginx").health.split(":")[2].split("/")[0])
     with pytest.raises(OSError):

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from balancer.render import BalancerSettings
-from tests.support import SourceAddressAdapter, access_log, wait_until
+from tests.support import SourceAddressAdapter, access_log, repository_call, repository_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -250,14 +250,10 @@ def test_a_split_that_begins_after_an_answer_was_kept_reaches_its_hot_keys(start
     shutil.copytree(models / "iris" / "1", models / "iris" / "2")
     meta = json.loads((models / "iris" / "2" / "model.json").read_text())
     (models / "iris" / "2" / "model.json").write_text(json.dumps({**meta, "version": "2"}))
-    loaded = requests.post(
-        f"{cluster.internal_url}/v2/repository/models/iris/load",
-        json={"parameters": {"version": "2", "weight": 50}},
-        timeout=60,
-    )
+    loaded = repository_call(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "2", "weight": 50}})
     assert loaded.status_code == 200, loaded.text
     wait_until(
-        lambda: requests.get(f"{cluster.internal_url}/v2/repository/status", timeout=5).json()["converged"],
+        lambda: repository_status(cluster)["converged"],
         20,
         "the replica to serve the split",
     )

@@ -13,7 +13,14 @@ import time
 import pytest
 import requests
 
-from tests.support import PacedLoad, SourceAddressAdapter, copy_model_version, repository_call, wait_until
+from tests.support import (
+    PacedLoad,
+    SourceAddressAdapter,
+    copy_model_version,
+    repository_call,
+    repository_status,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -37,7 +44,7 @@ def _converged(cluster, generation: int, started: float) -> float:
     """Seconds from `started` until every worker of every replica serves `generation`."""
 
     def done() -> bool:
-        status = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
+        status = repository_status(cluster)
         return status["converged"] and status["generation"] == generation and len(status["workers"]) >= 2
 
     wait_until(done, 30, f"every worker to converge on generation {generation}")
@@ -113,10 +120,10 @@ def test_a_canary_rollout_under_load_fails_nothing(cluster, models):
 
 def test_a_tampered_version_is_refused_and_changes_nothing(cluster, models):
     copy_model_version(models, "iris", "7", tamper=True)
-    before = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
+    before = repository_status(cluster)
     refused = repository_call(cluster, "/v2/repository/models/iris/load", {"parameters": {"version": "7"}})
     assert refused.status_code == 422 and "sha256" in refused.json()["error"], refused.text
-    after = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
+    after = repository_status(cluster)
     assert after["generation"] == before["generation"] and after["models"] == before["models"]
     versions = requests.get(cluster.url + "/v2/models/iris", timeout=5).json()["versions"]
     assert "7" not in versions
@@ -126,7 +133,7 @@ def test_a_tampered_version_is_refused_and_changes_nothing(cluster, models):
 
 
 def test_a_replica_started_after_the_changes_converges(cluster):
-    desired = requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
+    desired = repository_status(cluster)
     cluster.scale(3)
     try:
         third = cluster.status().component("replica-3")
@@ -145,5 +152,13 @@ def test_the_repository_routes_are_refused_on_the_published_listener(cluster):
         answer = outside.post(cluster.url + path, json={}, timeout=10)
         assert answer.status_code == 403 and "internal listener" in answer.json()["error"], path
     assert outside.get(cluster.url + "/v2/repository/status", timeout=10).status_code == 403
-    assert requests.post(cluster.internal_url + "/v2/repository/index", timeout=10).status_code == 200
+    assert repository_call(cluster, "/v2/repository/index").status_code == 200
+    # On the internal listener too, the routes need the operator's token: none or a wrong
+    # one is a JSON 401, and nothing changed.
+    before = repository_status(cluster)["generation"]
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        refused = requests.post(cluster.internal_url + "/v2/repository/models/iris/unload", headers=headers, timeout=10)
+        assert refused.status_code == 401 and "operator token" in refused.json()["error"], headers
+    assert repository_status(cluster)["generation"] == before
+    assert requests.post(cluster.url + "/v1/models/iris:predict", json=ROW, timeout=10).status_code == 200
     assert outside.post(cluster.url + "/v1/models/iris:predict", json=ROW, timeout=10).status_code == 200

@@ -24,7 +24,7 @@ from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
 from service.artifacts import sha256_of
-from tests.support import PacedLoad, copy_model_version, repository_call, wait_until
+from tests.support import PacedLoad, copy_model_version, repository_call, repository_status, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -66,7 +66,7 @@ def _redis(cluster) -> redis.Redis:
 
 
 def _status(cluster) -> dict:
-    return requests.get(cluster.internal_url + "/v2/repository/status", timeout=5).json()
+    return repository_status(cluster)
 
 
 def _replicas(cluster) -> list[str]:

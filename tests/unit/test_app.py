@@ -7,6 +7,7 @@ from service.app import create_app
 from service.settings import Settings
 
 SETOSA, VIRGINICA = [5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]
+TOKEN = "unit-operator-token"
 
 
 @pytest.fixture
@@ -18,6 +19,7 @@ def client(models_dir, tmp_path):
             "SERVICE_REPLICA_ID": "unit",
             "SERVICE_MAX_BATCH_ROWS": "16",
             "SERVICE_MAX_BODY_BYTES": "4096",
+            "SERVICE_OPERATOR_TOKEN": TOKEN,
         }
     )
     return create_app(settings).test_client()
@@ -241,7 +243,32 @@ def test_a_closing_replica_answers_503_except_liveness(client):
     assert client.get("/healthz").status_code == 200
 
 
+def test_the_model_repository_routes_need_the_operators_token(client, models_dir):
+    routes = [
+        ("POST", "/v2/repository/index"),
+        ("POST", "/v2/repository/models/iris/load"),
+        ("POST", "/v2/repository/models/iris/unload"),
+        ("POST", "/v2/repository/models/iris/policy"),
+        ("GET", "/v2/repository/status"),
+    ]
+    for authorization in (None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer ", TOKEN):
+        headers = {"Authorization": authorization} if authorization is not None else {}
+        for method, path in routes:
+            answer = client.open(path, method=method, headers=headers, json={"default": "latest"})
+            assert answer.status_code == 401 and "operator token" in answer.json["error"], (authorization, path)
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer"), path
+    assert client.post("/v1/models/iris:predict", json={"instances": [SETOSA]}).status_code == 200, "served"
+    right = client.post("/v2/repository/index", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 200
+    # No token configured: the routes refuse everyone, and say how to set one.
+    unset = create_app(Settings.from_env({"SERVICE_MODELS_DIR": str(models_dir), "REDIS_URL": ""})).test_client()
+    refused = unset.post("/v2/repository/index", headers={"Authorization": "Bearer "})
+    assert refused.status_code == 401 and "SERVICE_OPERATOR_TOKEN" in refused.json["error"]
+    assert "***" in str(Settings.from_env({"SERVICE_OPERATOR_TOKEN": TOKEN}).flat()["server.operator_token"])
+
+
 def test_the_model_repository_routes_answer_json_and_need_redis_to_change_anything(client):
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {TOKEN}"
     index = client.post("/v2/repository/index")
     assert index.status_code == 200
     assert {(r["name"], r["version"], r["state"]) for r in index.json} >= {("iris", "1", "READY")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -30,7 +31,10 @@ def test_every_placeholder_is_filled_and_nginx_variables_survive(tmp_path):
         assert nginx_variable in text
     assert "server 127.0.0.1:8001 max_fails=2 fail_timeout=5s;" in text
     assert "server 127.0.0.1:8002 max_fails=2 fail_timeout=5s;" in text
-    assert "127.0.0.0/8 1; ::1/128 1;" in text
+    # One trust rule in every mode: no source network is trusted by default, locally too.
+    assert "127.0.0.0/8 1;" not in text and re.search(r"geo \$internal_network \{\s*default 0;\s*\}", text)
+    exempt = render(local(tmp_path, rate_limit_exempt="127.0.0.0/8 ::1/128"))
+    assert "127.0.0.0/8 1; ::1/128 1;" in exempt
     assert "non_idempotent" in text and "keepalive_timeout 60s;" in text
 
 
@@ -74,7 +78,7 @@ def test_template_uses_only_known_placeholders(tmp_path):
 VARIANTS = {
     "one replica": {},
     "eight replicas": {"upstream_servers": " ".join(f"127.0.0.1:{8001 + i}" for i in range(8))},
-    "nobody exempt": {"rate_limit_exempt": "", "internal_networks": ""},
+    "loopback exempt": {"rate_limit_exempt": "127.0.0.0/8 ::1/128", "internal_networks": "127.0.0.1/32"},
     "tuned": {"rate_limit": "50r/m", "rate_limit_burst": "1", "max_body_size": "64k", "worker_processes": "1"},
 }
 

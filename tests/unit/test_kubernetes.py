@@ -277,5 +277,9 @@ def test_prod_uses_no_password_or_token_written_in_the_repository(overlay):
     name, path, _ = overlay
     text = path.read_text()
     if name == "prod":
-        assert "change-me" not in text and "replace-me" not in text
+        assert "change-me" not in text and "replace-me" not in text and "dev-operator-token" not in text
         assert "kind: Secret" not in text
+    api = _one(overlay[2], "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
+    token = next(e for e in api["env"] if e["name"] == "SERVICE_OPERATOR_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
+    assert token["valueFrom"]["secretKeyRef"]["name"].startswith("operator-token")
