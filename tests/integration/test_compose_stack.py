@@ -154,6 +154,25 @@ def test_predict_v1_and_v2_answer_through_the_published_port(stack):
     assert ready.status_code == 200
 
 
+def test_the_plain_compose_command_addresses_the_same_stack(stack):
+    """`docker compose ...` with no -f (what users type) reads compose.yaml, which includes
+    docker-compose.scale.yml: the same services, and the running stack's containers."""
+    plain = [*stack.engine.compose, "-p", stack.project]
+
+    def run(*args: str) -> str:
+        result = subprocess.run([*plain, *args], cwd=ROOT, env=stack.env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    explicit = set(stack.compose("config", "--services").stdout.split())
+    assert set(run("config", "--services").split()) == explicit >= {"redis", "api", "balancer"}
+    running = {row["Name"] for row in stack.containers()}
+    out = run("ps", "--format", "json").strip()
+    rows = json.loads(out) if out.startswith("[") else [json.loads(line) for line in out.splitlines()]
+    listed = {row["Name"] for row in rows}
+    assert listed == running and len([n for n in listed if "-api-" in n]) == 4, listed
+
+
 def test_requests_spread_over_the_four_replicas(stack):
     served = collections.Counter()
     with requests.Session() as session:

@@ -21,12 +21,16 @@ def compose() -> dict:
 
 
 def test_compose_validates_against_the_compose_specification():
+    plain = ROOT / "compose.yaml"
     result = subprocess.run(
-        [str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        [str(VENV_BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE), str(plain)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # `docker compose ...` with no -f reads compose.yaml: the same project, the whole stack.
+    assert yaml.safe_load(plain.read_text()) == {"name": "prediction-cluster", "include": [COMPOSE.name]}
+    assert yaml.safe_load(COMPOSE.read_text())["name"] == "prediction-cluster"
 
 
 def test_api_is_scalable_and_everything_has_healthchecks(compose):
