@@ -27,7 +27,7 @@ from locust.env import Environment
 
 from loadtest.payloads import FRESH, Mix, model_width, pool_row
 
-CACHE_STATES = {"HIT", "MISS", "PARTIAL", "BYPASS"}
+CACHE_STATES = {"HIT", "MISS", "PARTIAL", "OFF", "BYPASS"}
 cache_mix: collections.Counter[str] = collections.Counter()
 
 

@@ -359,12 +359,19 @@ def interpretation(results: Results) -> list[str]:
         miss = results.find("cluster", model=model, hit_ratio=low, concurrency=c, replicas=rmax)
         hits = results.find("cluster", model=model, hit_ratio=high, concurrency=c, replicas=rmax)
         if miss and hits and low != high and miss["rps"]:
-            bypassed = hits["cache"].get("BYPASS", 0) > sum(hits["cache"].values()) / 2
-            if bypassed:
+            total = sum(hits["cache"].values())
+            if hits["cache"].get("OFF", 0) > total / 2:
                 sentences.append(
-                    f"The cache, {model}: off for this model (X-Cache: BYPASS; the auto policy found a predict "
-                    f"cheaper than two Redis round trips), so the {high:.0%}-hit and {low:.0%}-hit points "
-                    f"({_fmt(hits['rps'])} and {_fmt(miss['rps'])} req/s) differ by their rows, not by the cache."
+                    f"The cache, {model}: off for this model by policy (X-Cache: OFF; under `auto` the replicas "
+                    f"found a predict cheaper than two Redis round trips), so the {high:.0%}-hit and {low:.0%}-hit "
+                    f"points ({_fmt(hits['rps'])} and {_fmt(miss['rps'])} req/s) differ by their rows, not by "
+                    "the cache."
+                )
+                continue
+            if hits["cache"].get("BYPASS", 0) > total / 2:
+                sentences.append(
+                    f"The cache, {model}: Redis was unavailable for most of the {high:.0%}-hit point "
+                    "(X-Cache: BYPASS): its numbers say nothing about the cache; look at the errors and the logs."
                 )
                 continue
             gain = hits["rps"] / miss["rps"]

@@ -1,8 +1,10 @@
 """The data plane: rows in, predictions out, through the shared result cache and batching.
 
 Knows nothing of HTTP. Cache status per request: HIT (every row cached), MISS (none),
-PARTIAL (some), BYPASS (cache off for this model, or unavailable for at least one of
-its rows: with a Redis Cluster, rows on live nodes are still read and written).
+PARTIAL (some), OFF (this model's results do not go through the cache, by policy: `off`,
+`auto` found a predict cheaper than Redis, or no REDIS_URL), BYPASS (they should, but
+Redis is unavailable for at least one of its rows: with a Redis Cluster, rows on live
+nodes are still read and written).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from service.serving import ServingPolicy
 
 log = logging.getLogger(__name__)
 
-HIT, MISS, PARTIAL, BYPASS = "HIT", "MISS", "PARTIAL", "BYPASS"
+HIT, MISS, PARTIAL, OFF, BYPASS = "HIT", "MISS", "PARTIAL", "OFF", "BYPASS"
 Result = tuple[list[Any], list[list[float]] | None]
 
 
@@ -115,7 +117,9 @@ class Predictor:
         batcher = self._batcher(model)
         return batcher.predict(rows) if batcher is not None else self._timed_predict(model, rows)
 
-    def _cache_pays(self, model: LoadedModel) -> bool:
+    def _cache_pays(self, model: LoadedModel) -> bool | None:
+        """Whether this model's results go through the cache: True, False (by policy), or
+        None (auto, not decidable now: Redis unavailable, or another request measuring it)."""
         decided = self.policy.cache_decision(model)
         if decided is not None:
             return decided
@@ -127,14 +131,14 @@ class Predictor:
             decided = True
         else:
             if self._deciding:
-                return False  # another request is measuring Redis: bypass meanwhile
+                return None  # another request is measuring Redis: bypass meanwhile
             self._deciding = True
             try:
                 round_trip = self._cache.round_trip_ms()
             finally:
                 self._deciding = False
             if round_trip is None:
-                return False  # Redis unavailable: bypass now, decide once it answers
+                return None  # Redis unavailable: bypass now, decide once it answers
             # A miss pays an MGET and a SET; a hit saves the predict of one row. With batching
             # that row shares a predict call with others when the replica is busy (when
             # throughput counts), and saves only its share of one (models.BUSY_BATCH_ROWS).
@@ -156,13 +160,15 @@ class Predictor:
     def predict(self, model: LoadedModel, rows: np.ndarray) -> Prediction:
         """Predict every row, taking cached rows from the cache and caching the rest."""
         cached = None
-        if self._cache is not None and self._cache_pays(model):
+        pays = self._cache_pays(model) if self._cache is not None else False
+        if pays and self._cache is not None:
             keys = row_keys(self._key_prefix, model.name, model.version, model.sha256, rows)
             cached = self._cache.get_many(keys)
         if cached is None:
             labels, proba = self._infer(model, rows)
-            self._metrics.count_cache(model.name, BYPASS, len(rows))
-            return Prediction(labels, proba, BYPASS)
+            status = OFF if pays is False else BYPASS  # by policy, or Redis unavailable
+            self._metrics.count_cache(model.name, status, len(rows))
+            return Prediction(labels, proba, status)
         unavailable = {i for i, value in enumerate(cached) if value is UNAVAILABLE}
         labels_out: list[Any] = [None] * len(rows)
         proba_out: list[Any] = [None] * len(rows)

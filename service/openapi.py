@@ -84,7 +84,7 @@ def _post(summary: str, request: str, response: str, params: list[Any] | None = 
     headers = {
         h: {"schema": {"type": "string"}, "description": d}
         for h, d in (
-            ("X-Cache", "HIT, MISS, PARTIAL or BYPASS"),
+            ("X-Cache", "HIT, MISS, PARTIAL, OFF (not cached by policy) or BYPASS (Redis unavailable)"),
             ("X-Served-By", "replica id"),
             ("X-Request-ID", "the caller's id or a new one"),
             ("X-Model-Version", "model version"),

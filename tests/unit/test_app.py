@@ -32,7 +32,7 @@ def test_v1_predict_and_headers(client):
     assert response.status_code == 200
     assert response.json["predictions"] == ["setosa", "virginica"]
     assert len(response.json["probabilities"]) == 2
-    assert response.headers["X-Cache"] == "BYPASS"
+    assert response.headers["X-Cache"] == "OFF", "no REDIS_URL: not cached, by configuration"
     assert response.headers["X-Served-By"] == "unit"
     assert response.headers["X-Request-ID"] == "abc-123"
     assert response.headers["X-Model-Version"] == "1"
@@ -143,7 +143,7 @@ def test_metrics_count_requests(client):
     text = client.get("/metrics").data.decode()
     assert 'prediction_http_requests_total{model="iris",route="/predict",status="200"} 3.0' in text
     assert 'prediction_http_requests_total{model="iris",route="/predict",status="400"} 1.0' in text
-    assert 'prediction_cache_rows_total{model="iris",result="bypass"} 3.0' in text
+    assert 'prediction_cache_rows_total{model="iris",result="off"} 3.0' in text
     assert 'prediction_inference_duration_seconds_count{model="iris"} 3.0' in text
 
 

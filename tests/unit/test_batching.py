@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher
-from service.inference import BYPASS, Predictor
+from service.inference import BYPASS, OFF, Predictor
 from service.metrics import Metrics
 from service.serving import ModelServing, ServingPolicy
 
@@ -93,7 +93,9 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
     prediction = predictor.predict(model, np.array([[5.1, 3.5, 1.4, 0.2]]))
     assert prediction.labels == ["setosa"]
     assert predictor.policy.cache_decision(model) is expected
-    assert (prediction.cache_status == BYPASS) is (expected is not True)
+    # Decided off: OFF (policy); undecidable, Redis unavailable: BYPASS; on: through the cache.
+    assert (prediction.cache_status == OFF) is (expected is False)
+    assert (prediction.cache_status == BYPASS) is (expected is None)
     assert cache.reads == (1 if expected else 0)
 
 
