@@ -361,14 +361,8 @@ def _parse(f: Any, raw: str) -> Any:
     parser = f.metadata.get("parse")
     if parser is not None:
         return parser(raw)
-    converters: dict[str, Callable[[str], Any]] = {
-        "int": int,
-        "float": float,
-        "str": str,
-        "Path": Path,
-        "Path | None": Path,
-    }
-    kind = str(f.type)
+    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Path": Path}
+    kind = str(f.type).removesuffix(" | None")
     return converters[kind](raw if kind == "str" else raw.strip())
 
 
@@ -397,7 +391,3 @@ def settings_table() -> str:
             out.append(f"| `{f.metadata['env']}` | {text} | {f.metadata['doc']} |")
         out.append("")
     return "\n".join(out).rstrip()
-
-
-if __name__ == "__main__":
-    print(settings_table())
