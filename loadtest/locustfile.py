@@ -24,6 +24,7 @@ from typing import Any
 
 from locust import FastHttpUser, events, tag, task
 from locust.env import Environment
+from locust.runners import WorkerRunner
 
 from loadtest.payloads import FRESH, Mix, model_width, pool_row
 
@@ -111,13 +112,19 @@ payloads: Payloads | None = None
 
 @events.test_start.add_listener
 def _prepare(environment: Environment, **_: Any) -> None:
-    """Build the payloads and warm the pool into the cache (so pool rows are hits)."""
+    """Build the payloads (every process) and warm the pool into the cache (so pool rows
+    are hits) once, where the run starts: the master, or the only process.
+
+    A worker fires test_start inside its message loop, when the master's spawn message
+    arrives: a worker busy warming there reports its users late, and the master gives up
+    waiting ("not all reports received from workers ... 0 total users"), which the web UI's
+    Start button showed as a swarm that never ran."""
     global payloads
     options = environment.parsed_options
     assert options is not None
     mix = Mix(pool_size=options.pool_size, hit_ratio=options.hit_ratio, skew=options.skew)
     payloads = Payloads(mix, options.batch_rows)
-    if environment.host and mix.hit_ratio > 0:
+    if environment.host and mix.hit_ratio > 0 and not isinstance(environment.runner, WorkerRunner):
         warm_pool(environment.host, payloads)
 
 

@@ -449,6 +449,53 @@ def test_loadtest_profile_headless_locust_keeps_the_replicas_and_writes_reports(
     assert requests_total > 100 and failures == 0, aggregated
 
 
+def _total(stats: dict) -> dict:
+    return next(entry for entry in stats["stats"] if entry["name"] == "Aggregated")
+
+
+def test_the_locust_web_ui_starts_a_swarm_every_time(stack):
+    """The UI's Start button (POST /swarm) with 2 workers connected: users spawn and
+    requests flow, every time; Stop (POST /stop) stops them."""
+    stack.compose(
+        "--profile",
+        "loadtest",
+        "up",
+        "-d",
+        "--no-deps",
+        "--force-recreate",
+        "--scale",
+        "locust-worker=2",
+        "locust-master",
+        "locust-worker",
+        timeout=300,
+    )
+    ui = f"http://127.0.0.1:{stack.env['LOCUST_WEB_PORT']}"
+
+    def stats() -> dict:
+        return requests.get(f"{ui}/stats/requests", timeout=5).json()
+
+    try:
+        wait_until(lambda: stats().get("worker_count") == 2, 60, "2 Locust workers connected to the master")
+        tries = []
+        for attempt in range(3):
+            started = requests.post(f"{ui}/swarm", data={"user_count": 10, "spawn_rate": 10}, timeout=10)
+            assert started.status_code == 200 and started.json().get("success"), started.text
+            try:
+                running = wait_until(
+                    lambda: (s := stats())["user_count"] == 10 and _total(s)["num_requests"] > 0 and s,
+                    30,
+                    f"try {attempt + 1}: 10 users spawned and requests answered",
+                )
+            finally:
+                requests.post(f"{ui}/stop", timeout=10)
+            tries.append({"users": running["user_count"], "requests": _total(running)["num_requests"]})
+            wait_until(lambda: stats()["state"] == "stopped", 30, "the swarm to stop")
+            requests.post(f"{ui}/stats/reset", timeout=10)
+        report("loadtest profile: locust web UI", tries=tries)
+    finally:
+        stack.compose("--profile", "loadtest", "rm", "-s", "-f", "locust-master", "locust-worker", check=False)
+
+
 def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     """The README's Redis Cluster recipe: the profile's nodes, its one-shot init, and the
     replicas recreated with API_REDIS_URL pointing at the cluster."""
