@@ -8,7 +8,10 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
+
+import requests
 
 from tests.support import ROOT
 
@@ -101,6 +104,7 @@ class ComposeStack:
         self.project = project
         self.env = env
         self.log_dir = log_dir
+        self.url = ""  # the balancer's published listener, once the stack is up
         extra = [f for f in os.environ.get("COMPOSE_E2E_FILES", "").split(":") if f]
         self.files = [str(COMPOSE), *extra]
 
@@ -141,6 +145,43 @@ class ComposeStack:
         """The container's addresses on every network it is on."""
         template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
         return set(self.cli("inspect", "-f", template, container).stdout.split())
+
+    def routing(self) -> dict:
+        """What the balancer can route to, for a failure message: each replica's addresses,
+        what the balancer's resolver answers for `api`, and its error log's last lines."""
+        names = {cid: sorted(self.addresses(name)) for cid, name in self.replica_ids().items()}
+        dns = self.compose("exec", "-T", "balancer", "nslookup", "api", check=False)
+        log = self.compose("logs", "--no-color", "--tail", "40", "balancer", check=False).stdout
+        return {"replicas": names, "dns": dns.stdout + dns.stderr, "balancer_log": log[-5000:]}
+
+    def wait_routed(self, timeout: float = 90) -> float:
+        """Wait until the balancer routes to exactly the running replicas and to no
+        address that is gone: every replica answers, and a round of 4 requests per replica
+        takes no try on a stale address (each under the 0.5 s connect timeout). After a
+        scale or a recreate, nginx's resolver and its failed-peer marks take a while to
+        follow (RESOLVER_VALID_S, FAIL_TIMEOUT_S; longer under the podman lab's DNS). What
+        follows measures the stack as a user finds it settled. Returns the seconds waited."""
+        started = time.monotonic()
+        while True:
+            replicas = set(self.replica_ids())
+            served, slow = set(), 0
+            for _ in range(4 * len(replicas)):
+                # Metadata: answered by a replica (X-Served-By), no cache, no Redis.
+                try:
+                    answer = requests.get(f"{self.url}/v2/models/iris", timeout=20)
+                except requests.RequestException:
+                    slow += 1
+                    continue
+                served.add(answer.headers.get("X-Served-By"))
+                slow += answer.status_code != 200 or answer.elapsed.total_seconds() > 0.4
+            if served == replicas and not slow:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(
+                    f"the balancer did not settle in {timeout} s: served by {served}, replicas {replicas}, "
+                    f"{slow} slow or failed: {self.routing()}"
+                )
+            time.sleep(0.5)
 
     def health(self, container: str) -> str:
         """healthy | unhealthy | starting | '' (no healthcheck)."""

@@ -71,8 +71,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "BALANCER_L1_CACHE": "off",
     }
     stack = ComposeStack(engine, PROJECT, env, log_dir)
-    stack.url = f"http://127.0.0.1:{env['BALANCER_HOST_PORT']}"  # type: ignore[attr-defined]
-    stack.reports_dir = ROOT / "reports" / reports_dir  # type: ignore[attr-defined]
+    stack.url = f"http://127.0.0.1:{env['BALANCER_HOST_PORT']}"
+    stack.reports_dir = ROOT / "reports" / reports_dir
     driver = None
     if os.environ.get("COMPOSE_E2E_HEALTHCHECK_DRIVER"):
         driver = subprocess.Popen(
@@ -89,7 +89,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         report("images built", seconds=round(time.monotonic() - started, 1))
         started = time.monotonic()
         up = stack.compose("up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300", timeout=600)
-        stack.up_output = up.stdout + up.stderr  # type: ignore[attr-defined]
+        stack.up_output = up.stdout + up.stderr
         report("stack up and healthy", seconds=round(time.monotonic() - started, 1))
         failed_before = request.session.testsfailed
         yield stack
@@ -111,7 +111,7 @@ def access_log(stack: ComposeStack) -> list[dict]:
 
 
 def post(stack: ComposeStack, path: str, body: object, **kwargs: object) -> requests.Response:
-    return requests.post(f"{stack.url}{path}", json=body, timeout=30, **kwargs)  # type: ignore[attr-defined]
+    return requests.post(f"{stack.url}{path}", json=body, timeout=30, **kwargs)
 
 
 # --- the stack as started -----------------------------------------------------------------
@@ -288,6 +288,7 @@ def test_stopping_one_replica_under_load_fails_no_request(stack):
     assert touched["client_5xx"] == 0 and touched["dropped"] == 0, touched
     stack.compose("up", "-d", "--no-recreate", "--scale", "api=4", "--wait", "--wait-timeout", "300")
     wait_until(lambda: len(stack.replica_ids()) == 4, 60, "four replicas again")
+    stack.wait_routed()
 
 
 def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
@@ -358,6 +359,7 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
     report(
         "scale under load",
         phases=phases,
+        addresses={cid: sorted(a) for cid, a in upstreams.items()},
         total=counts,
         retried=sum("," in line["upstream_addr"] for line in lines),
         dropped=len(dropped_by(lines, set().union(*upstreams.values()))),
@@ -370,8 +372,9 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
     assert sum(line["status"] >= 500 for line in lines) == 0
     dropped = dropped_by(lines, set().union(*(upstreams[cid] for cid in removed)))
     assert dropped == [], f"replicas removed by the scale-down dropped requests they had accepted: {dropped[:10]}"
-    # Back to 4 for the load-test profile.
+    # Back to 4 for the load-test profile, which measures the stack settled.
     stack.compose("up", "-d", "--no-recreate", "--scale", "api=4", "--wait", "--wait-timeout", "300")
+    report("scale back to 4", settled_s=round(stack.wait_routed(), 1))
 
 
 # --- the loadtest profile -------------------------------------------------------------------
@@ -395,7 +398,7 @@ def test_loadtest_profile_h2load_uses_the_unlimited_internal_listener(stack):
     failed = [line for line in access_log(stack)[log_mark:] if line["status"] >= 300]
     report("loadtest profile: h2load", **counts, failed_in_access_log=failed[:20])
     # 3000 requests from one address within seconds: far past the public limit (200 r/s, burst 400).
-    assert counts["succeeded"] == counts["s2xx"] == counts["done"] == 3000, counts
+    assert counts["succeeded"] == counts["s2xx"] == counts["done"] == 3000, (counts, stack.routing())
     assert counts["failed"] == counts["errored"] == counts["timeout"] == 0, counts
 
 
@@ -510,9 +513,12 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     init = stack.compose("--profile", "redis-cluster", "logs", "--no-color", "redis-cluster-init").stdout
     assert "All 16384 slots covered" in init, init
     rows = [[4.4 + i / 100, 2.9, 1.4, 0.2] for i in range(30)]
-    # nginx finds the recreated replicas within its resolver's `valid`; until then it may
-    # try addresses that are gone and retry: answers still come, from the new replicas.
-    statuses = [post(stack, "/v1/models/iris:predict", {"instances": rows}).headers["X-Cache"] for _ in range(3)]
+    # The replicas were recreated (new addresses): measure once nginx has followed.
+    settled_s = stack.wait_routed()
+    try:
+        statuses = [post(stack, "/v1/models/iris:predict", {"instances": rows}).headers["X-Cache"] for _ in range(3)]
+    except requests.RequestException as error:
+        raise AssertionError(f"{error!r}: {stack.routing()}") from error
     # The iris rows' keys only (the model repository keeps its own records in Redis too).
     keys = {
         n: len(
@@ -528,7 +534,13 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
         )
         for n in nodes
     }
-    report("Redis Cluster profile", seconds=round(time.monotonic() - started, 1), x_cache=statuses, keys=keys)
+    report(
+        "Redis Cluster profile",
+        seconds=round(time.monotonic() - started, 1),
+        settled_s=round(settled_s, 1),
+        x_cache=statuses,
+        keys=keys,
+    )
     assert statuses == ["MISS", "HIT", "HIT"]
     assert sum(keys.values()) == len(rows) and all(keys.values()), "the rows are spread over the three primaries"
 
