@@ -16,8 +16,8 @@ status:  ## each component: pid, port, health
 scale:  ## change the replica count of the running cluster: make scale REPLICAS=n
 	scripts/cluster scale $(REPLICAS)
 
-bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html (QUICK=1: a smoke run)
-	scripts/bench $(if $(QUICK),--quick,)
+bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html (QUICK=1: a smoke run; URL=...: a running deployment)
+	scripts/bench $(if $(QUICK),--quick,) $(if $(URL),--url $(URL),) $(if $(INTERNAL_URL),--internal-url $(INTERNAL_URL),)
 
 bench-targets:  ## only the performance targets' points, one line per target (a benchmark, not a test)
 	scripts/bench --targets

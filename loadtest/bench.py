@@ -8,11 +8,9 @@ comparison and a Locust mix; then the report.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import csv
 import datetime as dt
-import http.client
 import json
 import os
 import platform
@@ -22,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -34,8 +31,6 @@ from loadtest import profile, report
 from loadtest.baseline import BASELINE_WORKERS, Baseline
 from loadtest.generators import (
     h2load_argv,
-    pool_batches,
-    pool_bodies,
     predict_path,
     write_wrk_payloads,
     wrk_argv,
@@ -50,6 +45,7 @@ from loadtest.parsers import (
 )
 from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import busy_cores, memory, snapshot, watching
+from loadtest.warmup import warm_caches
 from localcluster import Cluster, Ports, free_port
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
@@ -115,38 +111,6 @@ def _version(argv: list[str]) -> str:
     return text[0] if text else "?"
 
 
-def warm_l1(url: str, model: str, mix: Mix, threads: int = 8, tries: int = 4) -> int:
-    """Send each pool row as the exact request wrk sends for it until the L1 answers it
-    (`X-L1-Cache: HIT`; it stores a key from BALANCER_L1_MIN_USES requests on), so a pool
-    row is a hit in the L1 too. Nothing to do when the L1 is off (no X-L1-Cache header) or
-    does not keep this model's answers (no HIT after `tries`). Returns the rows warmed."""
-    parts = urllib.parse.urlsplit(url)
-    path = predict_path(model)
-    headers = {"Content-Type": "application/json"}
-    local = threading.local()
-
-    def until_hit(body: str) -> bool | None:
-        """True: a HIT; False: never; None: the L1 is off."""
-        if not hasattr(local, "conn"):
-            local.conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
-        for _ in range(tries):
-            local.conn.request("POST", path, body=body.encode(), headers=headers)
-            response = local.conn.getresponse()
-            response.read()
-            state = response.getheader("X-L1-Cache")
-            if state is None:
-                return None
-            if state == "HIT":
-                return True
-        return False
-
-    bodies = pool_bodies(model, mix)
-    if not bodies or not until_hit(bodies[0]):
-        return 0
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return 1 + sum(bool(hit) for hit in pool.map(until_hit, bodies[1:]))
-
-
 class Sweep:
     """Runs every point and writes raw results; report.py turns them into the report."""
 
@@ -183,17 +147,6 @@ class Sweep:
         sys.stderr.flush()
 
     # one point --------------------------------------------------------------------------
-    def warm(self, url: str, model: str, mix: Mix) -> None:
-        """Put the pool into the caches so that choosing a pool row is a hit: the replicas'
-        result cache (batches of pool rows), then the balancer's L1 (see warm_l1)."""
-        for body in pool_batches(model, mix):
-            request = urllib.request.Request(
-                f"{url}{predict_path(model)}", data=body.encode(), headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                response.read()
-        warm_l1(url, model, mix)
-
     def measure(
         self,
         kind: str,
@@ -209,7 +162,7 @@ class Sweep:
         """Run wrk for one point and collect everything the report shows about it."""
         mix = Mix(pool_size=self.plan.pool_size, hit_ratio=hit_ratio, skew=self.plan.skew)
         if hit_ratio > 0:
-            self.warm(url, model, mix)
+            warm_caches(url, model, mix)
         nonce = random.SystemRandom().randint(10**5, 10**6 - 1)
         tag = f"{kind}-r{replicas}-c{concurrency}-h{int(hit_ratio * 100)}-{model}".replace(" ", "").replace(",", "-")
         tag += f"-round{self.round + 1}" if self.plan.rounds > 1 else ""

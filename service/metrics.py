@@ -15,6 +15,8 @@ outright loses at most that much of its counts.
 from __future__ import annotations
 
 import atexit
+import os
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -38,6 +40,7 @@ class PendingWrites:
 
     def __init__(self) -> None:
         self.dirty: list[Any] = []
+        self.before_flush: Callable[[], None] = lambda: None
         # A real lock (an OS thread, the model loader, may count too), held only to swap lists.
         self._lock = monkey.get_original("_thread", "allocate_lock")()
         self._flusher = gevent.spawn(self._flush_every, FLUSH_S)  # runs once the worker serves
@@ -48,6 +51,7 @@ class PendingWrites:
 
     def flush(self) -> None:
         """Write every pending increment to its file."""
+        self.before_flush()
         with self._lock:
             dirty, self.dirty = self.dirty, []
         for value in dirty:
@@ -203,6 +207,15 @@ class Metrics:
             "Times a worker's converger loop failed unexpectedly and was restarted.",
             registry=registry,
         )
+        # What a benchmark from outside reads per replica (loadtest.remote): its CPU.
+        self.cpu = Counter(
+            "prediction_worker_cpu_seconds",
+            "CPU time (user + system) of this replica's workers, counted every FLUSH_S and at each scrape.",
+            registry=registry,
+        )
+        self._cpu_counted = _cpu_seconds()
+        if self._pending is not None:
+            self._pending.before_flush = self.count_cpu
         self._version_children: dict[tuple[str, str], Counter] = {}
         self._cache_children: dict[tuple[str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
@@ -251,8 +264,16 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def count_cpu(self) -> None:
+        """Add this worker's CPU time since the last count."""
+        now = _cpu_seconds()
+        self.cpu.inc(max(0.0, now - self._cpu_counted))
+        self._cpu_counted = now
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every worker of this replica."""
+        if self._pending is None:
+            self.count_cpu()
         if self._multiprocess_dir:
             if self._pending is not None:
                 self._pending.flush()  # this worker's counts are exact; the others' up to FLUSH_S late
@@ -260,3 +281,8 @@ class Metrics:
             MultiProcessCollector(registry, path=self._multiprocess_dir)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system

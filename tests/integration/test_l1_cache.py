@@ -219,9 +219,9 @@ def test_a_model_whose_caching_is_declared_off_is_never_micro_cached(start_clust
 def test_the_benchmark_warms_its_pool_into_the_l1_with_the_bytes_wrk_sends(cluster):
     """A 100 % hits point must be hits in the L1 too, not a replica's answer for every row's
     first BALANCER_L1_MIN_USES requests (which once made the report's tails those of Python)."""
-    from loadtest.bench import warm_l1
     from loadtest.generators import pool_bodies
     from loadtest.payloads import Mix
+    from loadtest.warmup import warm_l1
 
     mix = Mix(pool_size=20, hit_ratio=1.0, skew="zipf")  # warmed and checked within TTL_S
     assert warm_l1(cluster.url, "iris", mix) == 20
