@@ -192,7 +192,7 @@ def run(plan: RemotePlan, out: Path) -> dict[str, Any]:
                         points.append(measure(plan, out, replicas, concurrency, hit, model, round_no))
     return {
         "plan": {k: v for k, v in plan.__dict__.items()},
-        "started_utc": out.name,
+        "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wrk": subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[:1],
         "scaled": scaled,
         "points": points,
