@@ -13,6 +13,9 @@ throughput, latency percentiles, statuses and errors, where each answer came fro
 listener (--internal-url, where /metrics answers), it also reads each replica's CPU and
 requests from its metrics before and after each point. The report says what it could not
 see: no baseline, no per-process CPU of nginx or Redis, no access log.
+
+In the compose stack it runs as the loadtest profile's `bench` service (the loadtest image
+carries wrk and matplotlib, not the local cluster tooling: nothing here imports it).
 """
 
 from __future__ import annotations
@@ -387,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a shell command that sets the replica count {n}, e.g. "
         "'docker compose up -d --no-recreate --scale api={n}'; run from the project folder",
     )
-    parser.add_argument("--out", type=Path, help="report folder (default reports/<UTC timestamp>)")
+    parser.add_argument(
+        "--out", type=Path, help="report folder (default $BENCH_REPORTS_DIR or reports/, then <UTC timestamp>)"
+    )
     args = parser.parse_args(argv)
     if bool(args.replicas) != bool(args.scale_command):
         parser.error("--replicas and --scale-command go together")
@@ -406,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         "scale_command": args.scale_command,
     }
     plan = replace(plan, **{k: v for k, v in chosen.items() if v is not None})
-    out = (args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
+    reports = Path(os.environ.get("BENCH_REPORTS_DIR") or ROOT / "reports")
+    out = (args.out or reports / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     try:
         results = run(plan, out)
     except (RemoteError, OSError) as error:

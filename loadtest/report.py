@@ -21,8 +21,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from loadtest.profile import MINIMAL  # noqa: E402
-
 Block = tuple[Any, ...]
 
 
@@ -488,6 +486,10 @@ def cpu_reference(results: Results) -> list[Block]:
     measured = results.raw.get("cpu_reference") or []
     if not measured:
         return []
+    # Here, not at the top: the profile's module needs the local cluster tooling, which the
+    # loadtest image (the compose bench service, loadtest.remote) does not carry.
+    from loadtest.profile import MINIMAL
+
     rows = []
     for round_no in sorted({m["round"] for m in measured}):
         pair = {m["kind"]: m for m in measured if m["round"] == round_no}

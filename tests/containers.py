@@ -150,9 +150,15 @@ class ComposeStack:
         """What the balancer can route to, for a failure message: each replica's addresses,
         what the balancer's resolver answers for `api`, and its error log's last lines."""
         names = {cid: sorted(self.addresses(name)) for cid, name in self.replica_ids().items()}
-        dns = self.compose("exec", "-T", "balancer", "nslookup", "api", check=False)
+        dns = self.compose("exec", "-T", "balancer", "getent", "ahostsv4", "api", check=False)
         log = self.compose("logs", "--no-color", "--tail", "40", "balancer", check=False).stdout
-        return {"replicas": names, "dns": dns.stdout + dns.stderr, "balancer_log": log[-5000:]}
+        replicas = self.compose("logs", "--no-color", "--tail", "15", "api", check=False).stdout
+        return {
+            "replicas": names,
+            "dns": dns.stdout + dns.stderr,
+            "balancer_log": log[-5000:],
+            "replica_logs": replicas[-8000:],
+        }
 
     def wait_routed(self, timeout: float = 90) -> float:
         """Wait until the balancer routes to exactly the running replicas and to no

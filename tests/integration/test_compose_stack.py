@@ -499,6 +499,33 @@ def test_the_locust_web_ui_starts_a_swarm_every_time(stack):
         stack.compose("--profile", "loadtest", "rm", "-s", "-f", "locust-master", "locust-worker", check=False)
 
 
+def test_the_bench_service_writes_the_report_on_the_host(stack):
+    """`docker compose --profile loadtest run --rm bench`: the sweep from inside the network
+    against the balancer's internal listener, a short one here; the report on the host,
+    every replica in its spread with its CPU read from /metrics."""
+    out = f"/reports/{stack.env['REPORTS_SUBDIR']}/bench"
+    before = stack.replica_ids()
+    args = ["--concurrency", "8", "--hit-ratios", "0,1", "--seconds", "2", "--out", out]
+    result = stack.compose("--profile", "loadtest", "run", "--rm", "--no-deps", "bench", *args, timeout=300)
+    folder = stack.reports_dir / "bench"
+    results = json.loads((folder / "results.json").read_text())
+    points = results["points"]
+    miss = next(p for p in points if p["hit_ratio"] == 0)
+    report(
+        "loadtest profile: bench service",
+        points=[{k: p[k] for k in ("hit_ratio", "rps", "p99_ms", "cache", "served_by")} for p in points],
+        cpu=miss["replica_metrics"],
+    )
+    assert stack.replica_ids() == before, "the bench service changed the deployment"
+    assert all(p["requests"] > 0 and p["non_2xx"] == 0 and p["socket_errors"] == 0 for p in points), points
+    assert set(miss["served_by"]) == set(before), (miss["served_by"], result.stderr[-2000:])
+    assert set(miss["replica_metrics"]) == set(before) and all(
+        m["cpu_cores"] > 0 for m in miss["replica_metrics"].values()
+    ), miss["replica_metrics"]
+    markdown = (folder / "report.md").read_text()
+    assert "## What this report could not see" in markdown and (folder / "report.html").exists()
+
+
 def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     """The README's Redis Cluster recipe: the profile's nodes, its one-shot init, and the
     replicas recreated with API_REDIS_URL pointing at the cluster."""

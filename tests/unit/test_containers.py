@@ -65,12 +65,15 @@ def test_only_the_public_listener_is_published_and_no_network_is_trusted(compose
 
 def test_loadtest_profile(compose):
     services = compose["services"]
-    for name in ("locust-master", "locust-worker", "h2load"):
+    for name in ("locust-master", "locust-worker", "h2load", "bench"):
         assert services[name]["profiles"] == ["loadtest"]
         assert "container_name" not in services[name]
     assert "--master" in services["locust-master"]["command"]
     assert "http://balancer:8082" in services["locust-master"]["command"], "the internal listener"
     assert "http://balancer:8082/" in services["h2load"]["entrypoint"][-1]
+    bench = services["bench"]["entrypoint"]
+    assert bench[:3] == ["python", "-m", "loadtest.remote"] and bench.count("http://balancer:8082") == 2
+    assert services["bench"]["volumes"] == ["./reports:/reports"]
 
 
 def test_every_compose_variable_is_documented_in_env_example():
