@@ -221,10 +221,10 @@ def plots(results: Results, folder: Path) -> list[Block]:
         made += _figure(
             folder,
             f"latency_vs_concurrency_{model}.png",
-            f"Latency vs concurrency ({model}, {hit:.0%} hits, {rmax} replicas)",
+            f"Latency vs concurrency ({model}, {hit:.0%} hits, {_count(rmax, 'replica')})",
             "connections",
             "ms",
-            f"Latency percentiles of {model} against concurrency, {rmax} replicas, {hit:.0%} cache hits.",
+            f"Latency percentiles of {model} against concurrency, {_count(rmax, 'replica')}, {hit:.0%} cache hits.",
             series,
             logx=True,
         )
@@ -240,12 +240,26 @@ def plots(results: Results, folder: Path) -> list[Block]:
     made += _figure(
         folder,
         "cache_effect.png",
-        f"What the cache buys ({rmax} replicas, c={c})",
+        f"What the cache buys ({_count(rmax, 'replica')}, c={c})",
         "cache-hit ratio (%)",
         "requests/s",
-        "Requests/s against the share of requests whose row is already cached.",
+        "Requests/s against the share of requests whose row is already cached: nginx's L1 and the "
+        "replicas' Redis cache together. The table below shows which of them answered.",
         series,
     )
+    rows = []
+    for model in results.plan["models"]:
+        for h in results.plan["hit_ratios"]:
+            pt = results.find("cluster", model=model, hit_ratio=h, concurrency=c, replicas=rmax)
+            if pt:
+                shares = _answer_shares(pt)
+                rows.append(
+                    [model, f"{h:.0%}", _fmt(pt["rps"]), *(f"{shares[k]:.0f} %" for k in ("L1", "Redis", "computed"))]
+                )
+    made += [
+        ("p", f"Who answered ({_count(rmax, 'replica')}, c={c}), as the client counted the responses' headers:"),
+        ("table", ["model", "cache hits", "req/s", "nginx L1", "Redis HIT", "computed by a replica"], rows),
+    ]
 
     # The fewest hits: every request reaches a replica (the L1 answers repeats itself).
     point = results.find(
@@ -264,7 +278,7 @@ def plots(results: Results, folder: Path) -> list[Block]:
                 "img",
                 _plot(
                     folder / "replica_distribution.png",
-                    f"Requests per replica ({rmax} replicas, c={c})",
+                    f"Requests per replica ({_count(rmax, 'replica')}, c={c})",
                     "replica",
                     "requests",
                     [("", names, [replicas[n] for n in names], "")],
@@ -327,7 +341,10 @@ def interpretation(results: Results) -> list[str]:
             f"{cores} cores; replicas beyond the core count share the same CPUs, so more of them add "
             "resilience and smoother tails rather than throughput here."
         )
-    busiest = max(results.cluster, key=lambda p: p["rps"], default=None)
+    # The replicas' story from the fastest point they answered: at a point the L1 answers,
+    # no replica takes part, and nginx's times say nothing about them.
+    answered = [p for p in results.cluster if _answer_shares(p)["L1"] < 50]
+    busiest = max(answered, key=lambda p: p["rps"], default=None)
     if busiest:
         cpu = busiest["cpu_cores"]
         replicas_cpu = sum(v for k, v in cpu.items() if k.startswith("replica"))
@@ -341,16 +358,27 @@ def interpretation(results: Results) -> list[str]:
         verdict = "CPU-bound" if total > 0.85 * cores else "not CPU-bound (look at latency and connections)"
         shares = ", ".join(f"{name} {value:.2f}" for name, value in sorted(parts.items(), key=lambda kv: -kv[1]))
         sentences.append(
-            f"Where the time goes: at the fastest point ({busiest['model']}, {busiest['replicas']} replicas, "
-            f"c={busiest['concurrency']}, {busiest['hit_ratio']:.0%} hits, {_fmt(busiest['rps'])} req/s) the machine "
-            f"is {verdict}: cores used — {shares} of {cores}. The replicas (gunicorn, gevent, Flask, the model) "
-            "are the bottleneck when they take most of it; nginx's own share shows what balancing costs."
+            f"Where the time goes: at the fastest point the replicas answered ({busiest['model']}, "
+            f"{_count(busiest['replicas'], 'replica')}, c={busiest['concurrency']}, {busiest['hit_ratio']:.0%} hits, "
+            f"{_fmt(busiest['rps'])} req/s) the machine is {verdict}: cores used — {shares} of {cores}. The replicas "
+            "(gunicorn, gevent, Flask, the model) are the bottleneck when they take most of it; nginx's own share "
+            "shows what balancing costs."
         )
         access = busiest["access_log"]
         sentences.append(
-            f"nginx vs replicas: nginx's total time per request was {_fmt(access['nginx_p50_ms'], 2)} ms at the "
-            f"median, of which the replica took {_fmt(access['upstream_p50_ms'], 2)} ms; the client measured "
-            f"{_fmt(busiest['p50_ms'], 2)} ms."
+            f"nginx vs replicas at that point: the median of nginx's total time per request was "
+            f"{_log_ms(access['nginx_p50_ms'])}, the median of the replica's part (upstream time) "
+            f"{_log_ms(access['upstream_p50_ms'])}: medians of two distributions logged in whole milliseconds, so "
+            f"they compare roughly; the client measured {_fmt(busiest['p50_ms'], 2)} ms."
+        )
+    l1_points = [p for p in results.cluster if _answer_shares(p)["L1"] >= 50]
+    l1_best = max(l1_points, key=lambda p: p["rps"], default=None)
+    if l1_best:
+        sentences.append(
+            f"The L1: at its fastest point ({l1_best['model']}, c={l1_best['concurrency']}, "
+            f"{l1_best['hit_ratio']:.0%} hits) nginx answered {_answer_shares(l1_best)['L1']:.0f} % of "
+            f'{_fmt(l1_best["rps"])} req/s from its micro-cache, no replica taking part; the table "Who answered" '
+            "separates it from the replicas' Redis cache."
         )
     for model in results.plan["models"]:
         low, high = min(results.plan["hit_ratios"]), max(results.plan["hit_ratios"])
@@ -391,6 +419,26 @@ def interpretation(results: Results) -> list[str]:
         else f"Errors: {failures} non-2xx or socket errors in all; see the table."
     )
     return sentences
+
+
+def _answer_shares(point: dict[str, Any]) -> dict[str, float]:
+    """% of a point's answers from nginx's L1, from the replicas' Redis cache (HIT), and
+    computed by a replica (MISS, OFF, BYPASS), as the client counted them."""
+    cache = point.get("cache") or {}
+    total = sum(cache.values()) or 1
+    l1, hit = cache.get("L1", 0), cache.get("HIT", 0)
+    return {"L1": 100 * l1 / total, "Redis": 100 * hit / total, "computed": 100 * (total - l1 - hit) / total}
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _log_ms(value: float | None) -> str:
+    """A median of nginx's log, which has millisecond resolution: 0 means under 1 ms."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return "under 1 ms" if value < 1 else f"{_fmt(value, 0)} ms"
 
 
 def _l1_share(point: dict[str, Any]) -> str:
@@ -468,7 +516,8 @@ def topologies(results: Results) -> list[Block]:
     return [
         (
             "h2",
-            f"The result cache on each Redis topology ({points[0]['replicas']} replicas, c={points[0]['concurrency']})",
+            f"The result cache on each Redis topology ({_count(points[0]['replicas'], 'replica')}, "
+            f"c={points[0]['concurrency']})",
         ),
         ("table", ["model", "hits", "Redis", "req/s", "p50 ms", "p99 ms", "X-Cache", f"vs {first}"], rows),
         (
@@ -539,7 +588,11 @@ def blocks(results: Results, folder: Path) -> list[Block]:
             )
         )
     out.append(
-        ("h2", f"Summary: cluster ({results.max_replicas} replicas) vs the tutorials' set-up, c={results.headline_c}")
+        (
+            "h2",
+            f"Summary: cluster ({_count(results.max_replicas, 'replica')}) vs the tutorials' set-up, "
+            f"c={results.headline_c}",
+        )
     )
     out.append(
         (

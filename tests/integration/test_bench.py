@@ -73,6 +73,13 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     assert "gzip_min_length 2048;" in environment["nginx_directives"]
     assert "gzip_min_length 2048;" in (out / "raw" / "nginx.conf").read_text()
     assert "batching.max_wait_ms=2.5" in markdown and "gzip_min_length 2048;" in markdown
+    # The words match the numbers: the replicas' times come from a point they answered, the
+    # L1 and the Redis cache are told apart, and counts agree with their nouns.
+    assert "1 replicas" not in markdown and "(upstream time) –" not in markdown
+    assert "Where the time goes: at the fastest point the replicas answered" in markdown
+    who = markdown.split("Who answered (")[1].split("\n\n")[1]
+    assert "| nginx L1 | Redis HIT | computed by a replica |" in who
+    assert "The L1: at its fastest point" in markdown
 
 
 def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(tmp_path, models_dir):
