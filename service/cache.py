@@ -19,7 +19,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, cast
 
 import numpy as np
@@ -27,6 +26,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from service.breaker import CircuitBreaker
+from service.fanout import FANOUT_TIMEOUTS, in_parallel
 from service.redis_client import REDIS_FAILURES, redis_client
 from service.redis_url import parse_redis_url
 
@@ -137,32 +137,6 @@ def _fastest_ping(client: redis.Redis, samples: int) -> float:
     return min(times)
 
 
-_threads: ThreadPoolExecutor | None = None
-
-
-def in_parallel(calls: Sequence[Callable[[], T]]) -> list[T]:
-    """Run calls (which must not raise) side by side: greenlets under gevent's
-    monkey-patching (the replicas), else a small thread pool. One call runs inline."""
-    global _threads
-    if len(calls) == 1:
-        return [calls[0]()]
-    try:
-        from gevent import monkey
-
-        patched = monkey.is_module_patched("socket")
-    except ImportError:
-        patched = False
-    if patched:
-        import gevent
-
-        jobs = [gevent.spawn(call) for call in calls]
-        gevent.joinall(jobs)
-        return [job.value for job in jobs]
-    if _threads is None:
-        _threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cache-node")
-    return list(_threads.map(lambda call: call(), calls))
-
-
 # {node name: (node, {slot: indices of the keys in that slot})}
 NodeSlots = dict[str, tuple[ClusterNode, dict[int, list[int]]]]
 
@@ -190,8 +164,10 @@ class ClusterResultCache:
         breaker: CircuitBreaker,
         node_breaker: Callable[[Callable[[bool], None], str], CircuitBreaker],
         on_change: Callable[[bool], None] | None = None,
+        fanout_timeout_s: float | None = None,
     ) -> None:
         self._connect = connect
+        self._fanout_timeout_s = fanout_timeout_s
         self._cluster: RedisCluster | None = None
         self._ttl_s = ttl_s
         self.breaker = breaker
@@ -295,7 +271,7 @@ class ClusterResultCache:
 
             return self._on_node(name, node, work)
 
-        replies = in_parallel([functools.partial(lookup, name, node, slots) for name, (node, slots) in nodes.items()])
+        replies = self._fan_out(lookup, nodes)
         values: list[Value] = [UNAVAILABLE] * len(keys)
         answered = False
         for (_node, slots), reply in zip(nodes.values(), replies, strict=True):
@@ -324,7 +300,27 @@ class ClusterResultCache:
 
             return self._on_node(name, node, work)
 
-        in_parallel([functools.partial(store, name, node, slots) for name, (node, slots) in nodes.items()])
+        self._fan_out(store, nodes)
+
+    def _fan_out(self, call: Callable[[str, ClusterNode, dict[int, list[int]]], T], nodes: NodeSlots) -> list[T | None]:
+        """`call` for every node in parallel, within the fan-out's time budget: a node that
+        has not answered by then counts as failing (its breaker, a stale slot map)."""
+        finished: set[str] = set()
+
+        def timed(name: str, node: ClusterNode, slots: dict[int, list[int]]) -> T:
+            result = call(name, node, slots)
+            finished.add(name)
+            return result
+
+        replies = in_parallel(
+            [functools.partial(timed, name, node, slots) for name, (node, slots) in nodes.items()],
+            self._fanout_timeout_s,
+        )
+        for name in nodes.keys() - finished:
+            log.warning("cache node %s did not answer within %.2f s: given up", name, self._fanout_timeout_s or 0)
+            self._stale = True
+            self._breaker(name).record_failure()
+        return replies
 
     def round_trip_ms(self, samples: int = 5) -> float | None:
         """Fastest of a few PINGs to one primary (a single-row lookup asks one node)."""
@@ -373,4 +369,8 @@ def open_result_cache(
         breaker=breaker,
         node_breaker=lambda changed, what: CircuitBreaker(backoff_s, max_backoff_s, on_change=changed, what=what),
         on_change=on_change,
+        # Every Redis operation has timeout_ms; a node's pipeline takes a few (connect,
+        # AUTH, the commands). The budget of the whole fan-out leaves room for a busy
+        # worker and still bounds what one request waits on the cache.
+        fanout_timeout_s=FANOUT_TIMEOUTS * timeout_ms / 1000,
     )

@@ -1,0 +1,62 @@
+"""The Redis Cluster cache's fan-out waits on its slowest node at most its budget: a node
+that stalls past it is given up and counted as failing, the others' answers kept."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+from service.breaker import CircuitBreaker
+from service.cache import ClusterResultCache
+from service.fanout import in_parallel
+from tests.support import ROOT
+
+
+def test_threads_give_up_a_call_past_the_budget():
+    started = time.monotonic()
+    results = in_parallel([lambda: "fast", lambda: time.sleep(2) or "slow"], timeout_s=0.2)
+    assert results == ["fast", None] and time.monotonic() - started < 1.5
+
+
+def test_greenlets_give_up_and_kill_a_call_past_the_budget():
+    code = textwrap.dedent(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import time, gevent
+        from service.fanout import in_parallel
+        state = {}
+        def stalls():
+            try:
+                gevent.sleep(5)
+            except BaseException:
+                state["killed"] = True
+                raise
+        started = time.monotonic()
+        results = in_parallel([lambda: "fast", stalls], timeout_s=0.2)
+        gevent.sleep(0.05)
+        print(results, round(time.monotonic() - started, 1) < 1.0, state.get("killed"))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "['fast', None] True True", done.stdout + done.stderr
+
+
+def test_a_stalled_node_counts_as_failing_and_the_others_answer():
+    cache = ClusterResultCache(
+        lambda: None,
+        ttl_s=60,
+        breaker=CircuitBreaker(1.0, 2.0),
+        node_breaker=lambda changed, what: CircuitBreaker(1.0, 2.0, on_change=changed, what=what),
+        fanout_timeout_s=0.2,
+    )
+
+    def call(name, node, slots):
+        if name == "stalls:6379":
+            time.sleep(2)
+        return [name]
+
+    started = time.monotonic()
+    replies = cache._fan_out(call, {"answers:6379": (None, {}), "stalls:6379": (None, {})})
+    assert replies == [["answers:6379"], None] and time.monotonic() - started < 1.5
+    assert not cache._breaker("stalls:6379").allow() and cache._breaker("answers:6379").allow()
+    assert cache._stale, "a stalled node marks the slot map for a refresh"
