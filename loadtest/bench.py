@@ -36,6 +36,8 @@ from loadtest.generators import (
     wrk_argv,
 )
 from loadtest.parsers import (
+    comma_floats,
+    comma_ints,
     parse_h2load,
     parse_h2load_log,
     parse_locust_stats,
@@ -88,14 +90,6 @@ class Plan:
 QUICK = Plan(
     replicas=(1, 2), concurrency=(8, 32), hit_ratios=(0.0, 1.0), models=("iris",), seconds=3.0, locust_seconds=5.0
 )
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
 
 
 def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -693,9 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer points, shorter (< 2 min)")
-    parser.add_argument("--replicas", type=_ints, help="e.g. 1,2,4")
-    parser.add_argument("--concurrency", type=_ints, help="e.g. 1,8,32,128")
-    parser.add_argument("--hit-ratios", type=_floats, help="e.g. 0,0.9,1")
+    parser.add_argument("--replicas", type=comma_ints, help="e.g. 1,2,4")
+    parser.add_argument("--concurrency", type=comma_ints, help="e.g. 1,8,32,128")
+    parser.add_argument("--hit-ratios", type=comma_floats, help="e.g. 0,0.9,1")
     parser.add_argument("--models", type=lambda s: tuple(s.split(",")), help="e.g. iris,digits")
     parser.add_argument("--seconds", type=float, help="duration of each point")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tutorial baseline")

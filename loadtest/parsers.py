@@ -61,6 +61,16 @@ def parse_h2load_log(text: str) -> dict[str, Any]:
     }
 
 
+def comma_ints(text: str) -> tuple[int, ...]:
+    """A command-line list such as `1,8,32`."""
+    return tuple(int(x) for x in text.split(","))
+
+
+def comma_floats(text: str) -> tuple[float, ...]:
+    """A command-line list such as `0,0.9,1`."""
+    return tuple(float(x) for x in text.split(","))
+
+
 def parse_wrk(output: str) -> dict[str, Any]:
     """The JSON line loadtest/wrk_mix.lua prints, with latencies in ms and requests/s."""
     for line in output.splitlines():

@@ -32,12 +32,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loadtest.generators import write_wrk_payloads, wrk_argv
-from loadtest.parsers import parse_wrk
+from loadtest.parsers import comma_floats, comma_ints, parse_wrk
 from loadtest.payloads import Mix
 from loadtest.warmup import warm_caches
 
@@ -194,7 +194,7 @@ def run(plan: RemotePlan, out: Path) -> dict[str, Any]:
                         )
                         points.append(measure(plan, out, replicas, concurrency, hit, model, round_no))
     return {
-        "plan": {k: v for k, v in plan.__dict__.items()},
+        "plan": asdict(plan),
         "finished_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wrk": subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[:1],
         "scaled": scaled,
@@ -365,26 +365,18 @@ def build(folder: Path) -> dict[str, Path]:
     return {"md": md, "html": page}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="scripts/bench --url", description=__doc__.split("\n")[0])
     parser.add_argument("--url", required=True, help="where to send the load: the balancer, e.g. http://balancer:8082")
     parser.add_argument("--internal-url", help="the balancer's internal listener, where /metrics answers")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few short points")
-    parser.add_argument("--concurrency", type=_ints, help="e.g. 1,8,32")
-    parser.add_argument("--hit-ratios", type=_floats, help="e.g. 0,0.9,1")
+    parser.add_argument("--concurrency", type=comma_ints, help="e.g. 1,8,32")
+    parser.add_argument("--hit-ratios", type=comma_floats, help="e.g. 0,0.9,1")
     parser.add_argument("--models", type=lambda s: tuple(s.split(",")), help="e.g. iris,digits")
     parser.add_argument("--seconds", type=float, help="duration of each point")
     parser.add_argument("--rounds", type=int, help="run every point this many times (medians in the report)")
-    parser.add_argument("--replicas", type=_ints, help="replica counts, with --scale-command: e.g. 1,2,4")
+    parser.add_argument("--replicas", type=comma_ints, help="replica counts, with --scale-command: e.g. 1,2,4")
     parser.add_argument(
         "--scale-command",
         help="a shell command that sets the replica count {n}, e.g. "

@@ -38,9 +38,9 @@ def in_parallel(calls: Sequence[Callable[[], T]], timeout_s: float | None = None
 
         jobs = [gevent.spawn(call) for call in calls]
         gevent.joinall(jobs, timeout=timeout_s)
-        late = [job for job in jobs if not job.ready()]
-        if late:
-            gevent.killall(late, block=False)
+        for job in jobs:
+            if not job.ready():
+                job.kill(block=False)  # a greenlet of ours, past the budget
         return [job.value if job.successful() else None for job in jobs]
     if _threads is None:
         _threads = ThreadPoolExecutor(max_workers=16, thread_name_prefix="cache-node")
