@@ -24,6 +24,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import re
 import shlex
 import statistics
@@ -126,7 +127,8 @@ def measure(
     if hit > 0:
         warm_caches(plan.url, model, mix)
     tag = f"r{replicas or 'x'}-c{concurrency}-h{int(hit * 100)}-{model}-round{round_no + 1}"
-    payloads = write_wrk_payloads(out / "raw" / f"{tag}.lua", model, mix, nonce=int.from_bytes(os.urandom(3)) + 10**6)
+    nonce = random.SystemRandom().randint(10**5, 10**6 - 1)  # as the local sweep draws it
+    payloads = write_wrk_payloads(out / "raw" / f"{tag}.lua", model, mix, nonce)
     argv = wrk_argv(plan.url, concurrency, plan.seconds)
     before = replica_metrics(plan.internal_url) if plan.internal_url else None
     result = subprocess.run(
