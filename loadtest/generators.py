@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loadtest.payloads import Mix, pool_row
+from loadtest.payloads import Mix, around_first_value, pool_row
 
 LOADTEST = Path(__file__).resolve().parent
 WRK_SCRIPT = LOADTEST / "wrk_mix.lua"
@@ -24,15 +24,13 @@ def _lua_string(text: str) -> str:
 def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: int = 50_000) -> Path:
     """The Lua data file wrk_mix.lua loads: pool bodies, pre-drawn choices, fresh-row templates."""
     pool = pool_bodies(model, mix)
-    tails = []
-    for i in range(min(mix.pool_size, 64)):
-        rest = ",".join(json.dumps(v) for v in pool_row(model, i)[1:])
-        tails.append(f",{rest}]]}}")
+    tails = [around_first_value(pool_row(model, i))[1] + "]}" for i in range(min(mix.pool_size, 64))]
+    head = '{"instances":[' + around_first_value(pool_row(model, 0))[0]
     drawn = mix.choices(choices, seed=nonce)
     lua = [
         "return {",
         f"  path = {_lua_string(predict_path(model))},",
-        f"  fresh_head = {_lua_string(chr(123) + chr(34) + 'instances' + chr(34) + ':[[' + str(nonce))},",
+        f"  fresh_head = {_lua_string(head + str(nonce))},",
         "  pool = {" + ",".join(_lua_string(body) for body in pool) + "},",
         "  tails = {" + ",".join(_lua_string(tail) for tail in tails) + "},",
         "  choices = {" + ",".join(str(c) for c in drawn) + "},",

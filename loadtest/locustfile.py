@@ -7,7 +7,8 @@
 
 One idea per user class (pick classes by name, or tasks by tag): SingleRowUser (V1, one
 iris row), BatchUser (V1, --batch-rows rows), V2InferUser (Open Inference Protocol),
-HeavyUser (digits, the forest), MixUser (a realistic mix of all four). Rows come from a
+HeavyUser (digits, the forest), NamedColumnsUser (churn: an object of named, mixed-type
+columns, predicted as a DataFrame), MixUser (a realistic mix of all five). Rows come from a
 pool that is warmed into the cache at start; --hit-ratio of the requests reuse a pool row
 (--skew zipf or uniform), the rest send rows never seen before. Every response is
 checked (status, JSON shape, X-Cache); thresholds (--max-fail-ratio, --max-p95-ms,
@@ -26,7 +27,9 @@ from locust import FastHttpUser, events, tag, task
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
-from loadtest.payloads import FRESH, Mix, model_width, pool_row
+from loadtest.payloads import FRESH, Mix, around_first_value, model_width, pool_row
+
+MODELS = ("iris", "digits", "churn")
 
 CACHE_STATES = {"HIT", "MISS", "PARTIAL", "OFF", "BYPASS"}
 cache_mix: collections.Counter[str] = collections.Counter()
@@ -81,10 +84,10 @@ class Payloads:
         self.counter = 0
         self.choices = mix.choices(100_000, seed=self.nonce)
         self.position = 0
-        self.pool = {model: [pool_row(model, i) for i in range(mix.pool_size)] for model in ("iris", "digits")}
-        self.pool_json = {m: [json.dumps(r) for r in rows] for m, rows in self.pool.items()}
+        self.pool = {model: [pool_row(model, i) for i in range(mix.pool_size)] for model in MODELS}
+        self.pool_json = {m: [json.dumps(r, separators=(",", ":")) for r in rows] for m, rows in self.pool.items()}
         # A fresh row is a pool row with its first value replaced: "<nonce>.<counter>".
-        self.fresh_tail = {m: [",".join(s.split(",")[1:]) for s in bodies] for m, bodies in self.pool_json.items()}
+        self.fresh = {m: [around_first_value(r) for r in rows] for m, rows in self.pool.items()}
 
     def row_json(self, model: str) -> str:
         """One row as JSON text: a pool row, or one never sent before."""
@@ -93,7 +96,8 @@ class Payloads:
         if choice != FRESH:
             return self.pool_json[model][choice]
         self.counter += 1
-        return f"[{self.nonce}.{self.counter:09d},{self.fresh_tail[model][self.counter % self.mix.pool_size]}"
+        head, tail = self.fresh[model][self.counter % self.mix.pool_size]
+        return f"{head}{self.nonce}.{self.counter:09d}{tail}"
 
     def v1(self, model: str, rows: int = 1) -> str:
         """A KServe V1 body."""
@@ -214,11 +218,29 @@ class HeavyUser(_PredictUser):
         self._post("/v1/models/digits:predict", payloads.v1("digits"), "v1 digits 1 row", 1)
 
 
+class NamedColumnsUser(_PredictUser):
+    """One churn row per request, as an object by column name: a Pipeline on a DataFrame."""
+
+    @tag("named")
+    @task
+    def named(self) -> None:
+        """V1 predict with an object instance (named, mixed-type columns)."""
+        assert payloads is not None
+        self._post("/v1/models/churn:predict", payloads.v1("churn"), "v1 churn 1 object", 1)
+
+
 class MixUser(_PredictUser):
-    """A realistic mix: mostly single rows, some batches, V2 clients, the heavy model."""
+    """A realistic mix: mostly single rows, some batches, V2 clients, the heavy model, a
+    model of named columns."""
 
     # Locust documents a {task: weight} dict here; its type annotation only names the list form.
-    tasks = {SingleRowUser.single: 6, BatchUser.batch: 1, V2InferUser.infer: 2, HeavyUser.heavy: 1}  # type: ignore[assignment]
+    tasks = {  # type: ignore[assignment]
+        SingleRowUser.single: 6,
+        BatchUser.batch: 1,
+        V2InferUser.infer: 2,
+        HeavyUser.heavy: 1,
+        NamedColumnsUser.named: 1,
+    }
 
 
 @events.quitting.add_listener

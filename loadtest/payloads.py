@@ -8,11 +8,17 @@ only indexes into lists.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from typing import Any
 
-MODEL_WIDTHS = {"iris": 4, "digits": 64}
+MODEL_WIDTHS = {"iris": 4, "digits": 64, "churn": 5}
+# Models fitted on named columns: a row is an object by column name (KServe's object
+# instances), its first key a number that a fresh row replaces.
+NAMED = {"churn"}
 FRESH = -1  # a choice that means "a row never sent before"
+Row = list[float] | dict[str, Any]
 
 
 def model_width(model: str) -> int:
@@ -23,20 +29,41 @@ def model_width(model: str) -> int:
         raise ValueError(f"unknown model {model!r}; known: {sorted(MODEL_WIDTHS)}") from None
 
 
-def pool_row(model: str, index: int) -> list[float]:
+def pool_row(model: str, index: int) -> Row:
     """Row `index` of a model's pool: deterministic, and plausible input for the model."""
     rng = random.Random(f"{model}:{index}")
     if model == "digits":  # 8x8 pixel intensities 0..16
         return [float(rng.randint(0, 16)) for _ in range(model_width(model))]
+    if model == "churn":  # scripts/train_models.py churn_table's columns and ranges
+        return {
+            "monthly": round(rng.uniform(5.0, 120.0), 2),
+            "plan": rng.choice(("basic", "pro", "team")),
+            "age": rng.randint(18, 79),
+            "support_calls": rng.randint(0, 6),
+            "autopay": rng.random() < 0.6,
+        }
+    model_width(model)  # an unknown model is a ValueError here
     low, high = (4.3, 2.0, 1.0, 0.1), (7.9, 4.4, 6.9, 2.5)  # iris feature ranges
     return [round(rng.uniform(lo, hi), 4) for lo, hi in zip(low, high, strict=True)]
 
 
-def fresh_row(model: str, nonce: int, counter: int) -> list[float]:
+def fresh_row(model: str, nonce: int, counter: int) -> Row:
     """A row no pool and no earlier run produced (the first value carries nonce and counter)."""
     row = pool_row(model, counter % 1000)
-    row[0] = float(f"{nonce}.{counter:09d}")
+    first = float(f"{nonce}.{counter:09d}")
+    if isinstance(row, dict):
+        return {key: first if i == 0 else value for i, (key, value) in enumerate(row.items())}
+    row[0] = first
     return row
+
+
+def around_first_value(row: Row) -> tuple[str, str]:
+    """A row's compact JSON split around its first value, (head, tail): head + a number +
+    tail is the row with that number first (how fresh rows are made without re-encoding)."""
+    text = json.dumps(row, separators=(",", ":"))
+    first = row[0] if isinstance(row, list) else next(iter(row.values()))
+    head = "[" if isinstance(row, list) else text[: text.index(":") + 1]
+    return head, text[len(head) + len(json.dumps(first)) :]
 
 
 @dataclass(frozen=True)

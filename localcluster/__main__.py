@@ -5,6 +5,8 @@
     scripts/cluster scale N                                            add or drain-and-remove replicas
     scripts/cluster restart --rolling                                  one replica at a time
     scripts/cluster down                                               stop everything started, by pid
+    scripts/cluster model add PATH --name N [--version V] [--weight W] [--input COLUMN=TYPE]
+                                                                       a fitted model file as a new version
     scripts/cluster model load|unload|policy|index|status ...          model versions on every replica
 
 State (pids, ports) lives in <run dir>/cluster.json, logs in <run dir>/logs/. The run
@@ -17,15 +19,20 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from localcluster.cluster import ROOT, Cluster, Status, setting
 from localcluster.ports import Ports
 from localcluster.processes import ClusterError
+from service.packaging import PackagingError, add_model, parse_inputs
 
 
 def print_status(status: Status, models: dict | None = None) -> None:
@@ -90,21 +97,79 @@ def model_request(args: argparse.Namespace) -> tuple[str, str, dict | None]:
     return "POST", path, {"parameters": parameters} if parameters else None
 
 
-def send_model_request(base: str, args: argparse.Namespace, operator: Mapping[str, str]) -> int:
-    """Send a `model` command to the balancer's internal listener with the operator's
-    credential (`operator`: its headers); print the answer."""
-    method, path, body = model_request(args)
+def call_repository(base: str, method: str, path: str, body: dict | None, operator: Mapping[str, str]) -> Any:
+    """One call to the model repository through the balancer's internal listener, with the
+    operator's credential (`operator`: its headers): the JSON answer, or ClusterError."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
         base + path, data=data, method=method, headers={"Content-Type": "application/json", **operator}
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            print(json.dumps(json.loads(response.read()), indent=2))
-            return 0
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        print(f"cluster: {exc.code}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+        raise ClusterError(f"{exc.code}: {exc.read().decode(errors='replace')}") from None
+
+
+def send_model_request(base: str, args: argparse.Namespace, operator: Mapping[str, str]) -> int:
+    """Send a `model` command; print the answer."""
+    try:
+        print(json.dumps(call_repository(base, *model_request(args), operator), indent=2))
+    except ClusterError as exc:
+        print(f"cluster: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def wait_converged(cluster: Cluster, generation: int, timeout_s: float = 60.0) -> bool:
+    """Whether every worker of every replica serves `generation` (or a later one) in time."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = cluster.models() or {}
+        workers = status.get("workers", {})
+        if workers and all(w.get("generation", -1) >= generation for w in workers.values()):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def add_model_command(cluster: Cluster, args: argparse.Namespace) -> int:
+    """`model add`: package the file into the replicas' models folder and, when the cluster
+    runs, load it on every replica (a canary with --weight). Nothing is left written when
+    the file is refused, or when the replicas refuse to load it."""
+    running = cluster.running()
+    if args.weight is not None and not running:
+        print("cluster: model add: --weight routes requests of a running cluster; start it first", file=sys.stderr)
+        return 1
+    try:
+        added = add_model(args.path, cluster.models_dir, args.name, args.version, parse_inputs(args.input))
+    except PackagingError as exc:
+        print(f"cluster: model add: {exc}; nothing written", file=sys.stderr)
+        return 1
+    meta = added.metadata
+    inputs = meta["inputs"].get("columns") or f"{meta['inputs']['width']} numbers"
+    if isinstance(inputs, list):
+        inputs = ", ".join(f"{c['name']} ({c['datatype']})" for c in inputs)
+    print(f"{added.name} version {added.version}: a {meta['estimator']} ({meta['task']}), inputs {inputs}")
+    print(f"written to {added.folder}")
+    if not running:
+        print("no cluster runs here: the replicas load it when they start (scripts/cluster up)")
+        return 0
+    load = argparse.Namespace(action="load", name=added.name, version=added.version, weight=args.weight)
+    try:
+        answer = call_repository(cluster.internal_url, *model_request(load), cluster.operator_headers)
+    except ClusterError as exc:
+        shutil.rmtree(added.folder, ignore_errors=True)
+        print(f"cluster: model add: the replicas refused it ({exc}); removed {added.folder}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2))
+    if not wait_converged(cluster, int(answer["generation"])):
+        print(
+            "cluster: model add: loaded, but not every replica serves it yet (scripts/cluster status)", file=sys.stderr
+        )
+        return 1
+    print(f"every replica serves {added.name} version {added.version}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,6 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop everything `up` started")
     model = sub.add_parser("model", help="load, unload and route model versions on every replica")
     action = model.add_subparsers(dest="action", required=True)
+    add = action.add_parser(
+        "add", help="package a fitted model file (joblib or pickle) as a new version; load it if the cluster runs"
+    )
+    add.add_argument("path", type=Path, help="a joblib or pickle file of a scikit-learn-API estimator or Pipeline")
+    add.add_argument("--name", required=True, help="the model's name (in URLs)")
+    add.add_argument("--version", help="default: the next free number")
+    add.add_argument("--weight", type=int, help="percent of unversioned requests the new version gets (a canary)")
+    add.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="COLUMN=DATATYPE",
+        help="a named column's type (BYTES, INT64, FP64, BOOL) where the model cannot tell; repeatable",
+    )
     load = action.add_parser("load", help="load a model (or one version) from the models folder")
     load.add_argument("name")
     load.add_argument("version", nargs="?")
@@ -153,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     environ = dict(os.environ)
     cluster = Cluster(ROOT / setting(environ, "CLUSTER_RUN_DIR"), environ)
     try:
+        if args.command == "model" and args.action == "add":
+            return add_model_command(cluster, args)
         if args.command == "model":
             cluster._require_running_now()
             return send_model_request(cluster.internal_url, args, cluster.operator_headers)

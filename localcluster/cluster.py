@@ -313,6 +313,20 @@ class Cluster:
             return None
 
     @property
+    def models_dir(self) -> Path:
+        """The folder the replicas load models from: SERVICE_MODELS_DIR as the cluster
+        started with it, else ./models."""
+        return Path(self.environ.get("SERVICE_MODELS_DIR", str(ROOT / "models")))
+
+    def running(self) -> bool:
+        """Whether the cluster runs now (its balancer does)."""
+        try:
+            self._require_running_now()
+        except ClusterError:
+            return False
+        return True
+
+    @property
     def operator_token(self) -> str:
         """The operator's credential, which the replicas require on the model repository
         routes: SERVICE_OPERATOR_TOKEN when given, else one made for this cluster and kept
@@ -430,7 +444,7 @@ class Cluster:
             "SERVICE_REPLICA_ID": name,
             "REDIS_URL": self._redis_url(),
             "SERVICE_METRICS_DIR": str(self.run_dir / "metrics" / name),
-            "SERVICE_MODELS_DIR": self.environ.get("SERVICE_MODELS_DIR", str(ROOT / "models")),
+            "SERVICE_MODELS_DIR": str(self.models_dir),
             "SERVICE_OPERATOR_TOKEN": self.operator_token,
         }
         gunicorn = str(ROOT / ".venv" / "bin" / "gunicorn")

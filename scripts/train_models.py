@@ -5,25 +5,29 @@
 
 Writes models/<name>/<version>/model.joblib and model.json (with the artifact's sha256).
 Skips a model whose folder already holds a verified artifact unless --force is given.
+
+iris (linear) and digits (a forest) take plain rows of numbers; churn is a Pipeline fitted on
+a DataFrame of named columns of mixed types (a string among them), from a synthetic table
+drawn with a fixed seed, so that serving named columns is shown and measured. Its model.json
+is written by the same code as `scripts/cluster model add` (service.packaging).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
-import sklearn
 from sklearn.datasets import load_digits, load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from service.artifacts import ModelError, load_model, sha256_of
+from service.artifacts import ModelError, load_model
+from service.packaging import datatypes_of, describe, write_metadata
 
 SEED = 20261122
 VERSION = "1"
@@ -44,6 +48,45 @@ def _digits() -> tuple[Any, np.ndarray, np.ndarray, list[str], list[Any], str]:
     return model, data.data, data.target, list(data.feature_names), classes, "digits"
 
 
+PLANS = ("basic", "pro", "team")
+
+
+def churn_table(rows: int, seed: int = SEED) -> tuple[Any, np.ndarray]:
+    """A synthetic customer table (plan, age, monthly, support_calls, autopay) and whether
+    each customer left: drawn from a fixed seed, the same on every machine."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(PLANS, size=rows, p=[0.5, 0.35, 0.15])
+    age = rng.integers(18, 80, size=rows)
+    monthly = np.round(rng.gamma(4.0, 8.0, size=rows) + np.select([plan == "pro", plan == "team"], [20, 45], 5), 2)
+    calls = rng.poisson(1.5, size=rows)
+    autopay = rng.random(rows) < 0.6
+    score = -1.0 + 0.45 * calls - 0.03 * (age - 45) + 0.02 * monthly - 0.9 * autopay + 0.6 * (plan == "basic")
+    left = rng.random(rows) < 1 / (1 + np.exp(-score))
+    table = pd.DataFrame({"plan": plan, "age": age, "monthly": monthly, "support_calls": calls, "autopay": autopay})
+    return table, np.where(left, "leaves", "stays")
+
+
+def _churn() -> tuple[Any, Any, np.ndarray, list[str], list[Any], str]:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    table, labels = churn_table(4000)
+    encode = ColumnTransformer(
+        [
+            # An unknown plan is refused (handle_unknown="error"): model.json lists the plans,
+            # and a request with another gets a 400 naming the column and row.
+            ("plan", OneHotEncoder(handle_unknown="error"), ["plan"]),
+            ("numbers", StandardScaler(), ["age", "monthly", "support_calls"]),
+            ("flags", "passthrough", ["autopay"]),
+        ]
+    )
+    model = Pipeline([("encode", encode), ("classify", LogisticRegression(max_iter=1000, random_state=SEED))])
+    return model, table, labels, list(table.columns), sorted(set(labels.tolist())), "churn"
+
+
 def train(builder: Any, out: Path, force: bool) -> Path:
     """Fit one model, write its artifact and metadata, return its folder."""
     model, x, y, feature_names, classes, name = builder()
@@ -62,25 +105,19 @@ def train(builder: Any, out: Path, force: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     artifact = folder / "model.joblib"
     joblib.dump(model, artifact)
-    meta = {
-        "name": name,
-        "version": VERSION,
-        "framework": "scikit-learn",
-        "framework_version": sklearn.__version__,
-        "estimator": type(model).__name__,
-        "artifact": artifact.name,
-        "sha256": sha256_of(artifact),
-        "inputs": {"width": x.shape[1], "feature_names": feature_names, "datatype": "FP64"},
-        "outputs": {"classes": classes, "probabilities": hasattr(model, "predict_proba")},
-        "training": {
-            "dataset": f"sklearn.datasets.load_{name}",
-            "rows": int(x.shape[0]),
-            "seed": SEED,
-            "holdout_fraction": 0.25,
-            "holdout_accuracy": round(accuracy, 4),
-        },
+    fields = describe(model, datatypes_of(x) if hasattr(x, "dtypes") else None)
+    if fields["inputs"].get("columns") is None:  # plain rows: the data set's own feature names
+        fields["inputs"]["feature_names"] = feature_names
+    assert fields["outputs"]["classes"] == classes, (fields["outputs"], classes)
+    dataset = "scripts/train_models.py churn_table" if name == "churn" else f"sklearn.datasets.load_{name}"
+    fields["training"] = {
+        "dataset": dataset,
+        "rows": int(x.shape[0]),
+        "seed": SEED,
+        "holdout_fraction": 0.25,
+        "holdout_accuracy": round(accuracy, 4),
     }
-    (folder / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_metadata(folder, name, artifact, fields)
     print(f"{name}: trained, held-out accuracy {accuracy:.3f}, written to {folder}")
     return folder
 
@@ -91,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models"), help="models folder")
     parser.add_argument("--force", action="store_true", help="retrain even if up to date")
     args = parser.parse_args(argv)
-    for builder in (_iris, _digits):
+    for builder in (_iris, _digits, _churn):
         train(builder, args.out, args.force)
     return 0
 

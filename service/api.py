@@ -13,7 +13,7 @@ from flask import Blueprint, Response, g, request
 
 from service import __version__
 from service.artifacts import LoadedModel
-from service.dataplane import HANDLERS, Answer, lookup, v2_metadata
+from service.dataplane import HANDLERS, Answer, lookup, triton_config, v2_metadata
 from service.http import add_routes, json_response, label_model, request_id, state
 from service.openapi import openapi_document
 from service.protocols import v2
@@ -139,6 +139,11 @@ def v2_model(name: str, version: str | None = None) -> Response:
     return json_response(v2_metadata(state(), _model(name, version)))
 
 
+def v2_model_config(name: str, version: str | None = None) -> Response:
+    """Triton's model configuration extension: what Triton's own tools read first."""
+    return json_response(triton_config(state(), _model(name, version)))
+
+
 def v2_model_ready(name: str, version: str | None = None) -> Response:
     """Model ready (a model is served only once loaded)."""
     model = _model(name, version)
@@ -167,6 +172,7 @@ add_routes(
             v2_live,
             v2_ready,
             v2_model,
+            v2_model_config,
             v2_model_ready,
             v2_infer,
         )

@@ -1,9 +1,12 @@
 """One model version: its folder verified, its artifact loaded, its predict timed.
 
-A folder is `models/<name>/<version>/` with `model.json` and the artifact it names. The
-artifact's sha256 must match model.json before it is unpickled, because unpickling runs
-code. The registry (service.models) finds the folders and keeps what is served. This
-module knows nothing of HTTP.
+A folder is `models/<name>/<version>/` with `model.json` and the artifact it names
+(docs/models.md has every field). The artifact's sha256 must match model.json before it is
+unpickled, because unpickling runs code. A model takes plain rows of `width` numbers, or
+named columns of mixed types (`inputs.columns`, service.columns), predicted as a DataFrame;
+it is a classifier (labels, and probabilities where it has them) or a regressor (numbers).
+The registry (service.models) finds the folders and keeps what is served. This module
+knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from service.columns import Column, columns_from_json, example_row, frame, typed_rows
 from service.serving import ServingError, ServingOptions
+
+TASKS = ("classification", "regression")
 
 
 class ModelError(Exception):
@@ -59,26 +65,40 @@ class LoadedModel:
     predict_ms: float = 0.0  # a one-row predict, measured at load: what a hit saves an idle replica
     batch_row_ms: float = 0.0  # per row of a BUSY_BATCH_ROWS predict: what a hit saves a busy one
     serving: ServingOptions = field(default_factory=ServingOptions)  # model.json's `serving`
+    columns: tuple[Column, ...] | None = None  # named inputs (a DataFrame); None: plain float rows
+    regression: bool = False  # predicts numbers, not classes
 
     @property
     def has_proba(self) -> bool:
         """Whether the model gives class probabilities."""
-        return hasattr(self.estimator, "predict_proba")
+        return not self.regression and hasattr(self.estimator, "predict_proba")
 
     @property
     def label_datatype(self) -> str:
-        """Open Inference Protocol datatype of the predicted labels."""
+        """Open Inference Protocol datatype of the predictions."""
+        if self.regression:
+            return "FP64"
         return "BYTES" if any(isinstance(c, str) for c in self.classes) else "INT64"
 
     def predict(self, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
-        """Labels (and probabilities where the model has them) for a 2-D float array."""
+        """Labels (and probabilities where the model has them), or a regressor's numbers, for
+        rows of floats (a 2-D float array) or typed rows of named columns (service.columns)."""
+        inputs = frame(rows, self.columns) if self.columns is not None else rows
         if self.has_proba:
-            proba = self.estimator.predict_proba(rows)
+            proba = self.estimator.predict_proba(inputs)
             # One pass: argmax of the probabilities is what predict() computes anyway.
             labels = [self.classes[i] for i in proba.argmax(axis=1).tolist()]
             return labels, proba.tolist()
-        raw = self.estimator.predict(rows).tolist()
-        return raw, None
+        raw = self.estimator.predict(inputs)
+        if self.regression:
+            return np.asarray(raw, dtype=np.float64).reshape(len(rows)).tolist(), None
+        return raw.tolist(), None
+
+    def example(self, count: int) -> np.ndarray:
+        """`count` rows every input accepts (zeros, or a category where a column lists them)."""
+        if self.columns is None:
+            return np.zeros((count, self.width))
+        return typed_rows([example_row(self.columns)] * count)
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -92,11 +112,18 @@ def load_model(folder: Path) -> LoadedModel:
         name, version = str(meta["name"]), str(meta["version"])
         artifact = folder / str(meta["artifact"])
         expected_sha = str(meta["sha256"]).lower()
-        width = int(meta["inputs"]["width"])
-        feature_names = [str(n) for n in meta["inputs"]["feature_names"]]
-        classes = list(meta["outputs"]["classes"])
+        inputs, outputs = meta["inputs"], meta["outputs"]
+        columns = columns_from_json(inputs["columns"], "inputs.columns") if "columns" in inputs else None
+        width = int(inputs["width"]) if columns is None else len(columns)
+        feature_names = [str(n) for n in inputs["feature_names"]] if columns is None else [c.name for c in columns]
+        classes = list(outputs.get("classes", []))
+        task = meta.get("task", "classification" if classes else "regression")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{meta_path}: missing or bad field {exc}") from None
+    if task not in TASKS:
+        raise ModelError(f"{meta_path}: task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task == "classification" and not classes:
+        raise ModelError(f"{meta_path}: a classifier needs outputs.classes")
     if name != folder.parent.name or version != folder.name:
         raise ModelError(f"{meta_path}: says {name}/{version} but lives in {folder.parent.name}/{folder.name}")
     if artifact.resolve().parent != folder.resolve():
@@ -122,19 +149,38 @@ def load_model(folder: Path) -> LoadedModel:
         estimator = joblib.load(artifact)
     except Exception as exc:  # noqa: BLE001 - a verified artifact can still be corrupt or incompatible
         raise ModelError(f"{artifact}: failed to load ({type(exc).__name__}: {exc})") from None
+    if not callable(getattr(estimator, "predict", None)):
+        raise ModelError(f"{artifact}: a {type(estimator).__name__} has no predict(); not a model")
     if getattr(estimator, "n_features_in_", width) != width:
         raise ModelError(f"{artifact}: model expects {estimator.n_features_in_} features, not {width}")
+    fitted_names = getattr(estimator, "feature_names_in_", None)
+    if fitted_names is not None and list(fitted_names) != feature_names:
+        raise ModelError(f"{meta_path}: inputs {feature_names} differ from the columns the model was fitted on")
+    if fitted_names is not None and columns is None:
+        raise ModelError(f"{meta_path}: the model was fitted on named columns; list them in inputs.columns")
     fitted_classes = getattr(estimator, "classes_", None)
-    if fitted_classes is not None and list(np.asarray(fitted_classes).tolist()) != classes:
-        raise ModelError(f"{meta_path}: classes {classes} differ from the model's {fitted_classes}")
+    if task == "classification" and fitted_classes is not None:
+        if list(np.asarray(fitted_classes).tolist()) != classes:
+            raise ModelError(f"{meta_path}: classes {classes} differ from the model's {fitted_classes}")
     if hasattr(estimator, "n_jobs"):
         # Threads inside predict fight gevent's monkey-patched threading; one core each.
         estimator.n_jobs = 1
-    model = LoadedModel(name, version, width, feature_names, classes, actual_sha, estimator, serving=serving)
+    model = LoadedModel(
+        name,
+        version,
+        width,
+        feature_names,
+        classes,
+        actual_sha,
+        estimator,
+        serving=serving,
+        columns=columns,
+        regression=task == "regression",
+    )
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
-        raise ModelError(f"{artifact}: predict on a row of zeros failed ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{artifact}: predict on an example row failed ({type(exc).__name__}: {exc})") from None
 
 
 # Rows a busy worker typically predicts in one batched call (32 connections over 2-4
@@ -145,7 +191,7 @@ BUSY_BATCH_ROWS = 8
 
 def _predict_ms(model: LoadedModel, rows: int, repeats: int = 5) -> float:
     """Per row of a `rows`-row predict: the fastest of a few (the first pays one-off set-up)."""
-    batch = np.zeros((rows, model.width))
+    batch = model.example(rows)
     model.predict(batch)
     samples = []
     for _ in range(repeats):

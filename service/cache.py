@@ -26,6 +26,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from service.breaker import CircuitBreaker
+from service.columns import canonical_bytes
 from service.fanout import FANOUT_TIMEOUTS, in_parallel
 from service.redis_client import REDIS_FAILURES, redis_client
 from service.redis_url import parse_redis_url
@@ -37,12 +38,14 @@ log = logging.getLogger(__name__)
 
 def row_keys(prefix: str, model: str, version: str, artifact: str, rows: np.ndarray) -> list[str]:
     """One key per row: model, version, the artifact (its sha256: a version rewritten with
-    another artifact never reads the old answers) and a hash of the row's canonical float64
-    bytes."""
+    another artifact never reads the old answers) and a hash of the row's canonical bytes:
+    float64 for plain rows, typed JSON for named columns (service.columns)."""
+    head = f"{prefix}:{model}:{version}:{artifact[:16]}:"
+    if rows.dtype == object:
+        return [head + hashlib.blake2b(canonical_bytes(row), digest_size=16).hexdigest() for row in rows]
     # Adding 0.0 turns -0.0 into 0.0, and little-endian float64 makes the bytes (so the
     # key) the same on every replica for numbers that compare equal.
     canonical = np.ascontiguousarray(rows, dtype="<f8") + 0.0
-    head = f"{prefix}:{model}:{version}:{artifact[:16]}:"
     return [head + hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in canonical]
 
 

@@ -22,6 +22,13 @@ from service.state import ServiceState
 from service.validation import InputError
 
 PREDICT_OUTPUT, PROBA_OUTPUT = "predict", "predict_proba"
+PLATFORM = "sklearn"
+TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "INT64": "TYPE_INT64",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
 
 # How long past its TTL the balancer's L1 may still serve a kept answer while one request
 # refreshes it (Cache-Control stale-while-revalidate): bounded, so an entry whose refresh
@@ -101,25 +108,82 @@ def output_names(model: LoadedModel) -> tuple[str, ...]:
     return (PREDICT_OUTPUT, PROBA_OUTPUT) if model.has_proba else (PREDICT_OUTPUT,)
 
 
-def v2_metadata(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
-    """The Open Inference Protocol's model metadata."""
-    outputs = [{"name": PREDICT_OUTPUT, "datatype": model.label_datatype, "shape": [-1]}]
+def v2_inputs(model: LoadedModel) -> list[dict[str, Any]]:
+    """The model's V2 inputs: one tensor of rows, or one per named column."""
+    if model.columns is None:
+        return [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.width]}]
+    return [{"name": c.name, "datatype": c.datatype, "shape": [-1, 1]} for c in model.columns]
+
+
+def v2_outputs(model: LoadedModel) -> list[dict[str, Any]]:
+    """The model's V2 outputs: the prediction, and the class probabilities where it has them."""
+    outputs: list[dict[str, Any]] = [{"name": PREDICT_OUTPUT, "datatype": model.label_datatype, "shape": [-1]}]
     if model.has_proba:
         outputs.append({"name": PROBA_OUTPUT, "datatype": "FP64", "shape": [-1, len(model.classes)]})
+    return outputs
+
+
+def v2_metadata(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
+    """The Open Inference Protocol's model metadata."""
+    parameters: dict[str, Any] = {
+        "task": "regression" if model.regression else "classification",
+        "feature_names": model.feature_names,
+        "classes": model.classes,
+        "sha256": model.sha256,
+    }
+    if model.columns is not None:
+        parameters["content_type"] = "pd"  # MLServer's marker: one input per DataFrame column
     return {
         "name": model.name,
         "versions": current.registry.versions(model.name),
-        "platform": "sklearn",
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, model.width]}],
-        "outputs": outputs,
-        "parameters": {"feature_names": model.feature_names, "classes": model.classes, "sha256": model.sha256},
+        "platform": PLATFORM,
+        "inputs": v2_inputs(model),
+        "outputs": v2_outputs(model),
+        "parameters": parameters,
     }
+
+
+def triton_config(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
+    """Triton's model configuration (its extension's JSON form of ModelConfig): what Triton's
+    tools read before they send a request. perf_analyzer's model parser takes the shapes
+    from the metadata without their first dimension (max_batch_size > 0: the batch), checks
+    that every input and output here is in the metadata, and reads `dynamic_batching` and
+    `response_cache`."""
+    serving = current.predictor.policy.of(model)
+
+    def tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        described = []
+        for entry in entries:
+            dims = entry["shape"][1:]
+            tensor = {"name": entry["name"], "data_type": TRITON_TYPES[entry["datatype"]], "dims": dims or [1]}
+            if not dims:  # one value per row: Triton writes a [1] that reshapes to a scalar
+                tensor["reshape"] = {"shape": []}
+            described.append(tensor)
+        return described
+
+    config: dict[str, Any] = {
+        "name": model.name,
+        "platform": PLATFORM,
+        "backend": "",
+        "version_policy": {"specific": {"versions": [model.version]}},
+        "max_batch_size": current.settings.models.max_batch_rows,
+        "input": tensors(v2_inputs(model)),
+        "output": tensors(v2_outputs(model)),
+        "instance_group": [{"name": model.name, "kind": "KIND_CPU", "count": 1}],
+        "response_cache": {"enable": current.predictor.caches(model)},
+        "model_transaction_policy": {"decoupled": False},
+        "parameters": {"sha256": {"string_value": model.sha256}},
+    }
+    if serving.batching:
+        wait_us = int(serving.batch_max_wait_ms * 1000)
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": wait_us}
+    return config
 
 
 def predict_v1(current: ServiceState, call: Call, name: str | None, version: str | None = None) -> Answer:
     """KServe V1 predict: {"instances": [[...]]} → {"predictions": [...], "probabilities": [[...]]}."""
     model = lookup(current, name or "", None, call)
-    rows = v1.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
+    rows = v1.decode(_body(current, call), model.width, current.settings.models.max_batch_rows, model.columns)
     prediction = current.predictor.predict(model, rows)
     encoded = v1.encode(prediction.labels, prediction.probabilities)
     return encoded, _prediction_headers(current, model, prediction, False), JSON
@@ -128,7 +192,7 @@ def predict_v1(current: ServiceState, call: Call, name: str | None, version: str
 def predict_shortcut(current: ServiceState, call: Call, name: str | None = None, version: str | None = None) -> Answer:
     """The tutorials' /predict, for the default model."""
     model = lookup(current, current.settings.models.default_model, None, call)
-    rows = shortcut.decode(_body(current, call), model.width, current.settings.models.max_batch_rows)
+    rows = shortcut.decode(_body(current, call), model.width, current.settings.models.max_batch_rows, model.columns)
     prediction = current.predictor.predict(model, rows)
     encoded = shortcut.encode(model.name, model.version, prediction.labels, prediction.probabilities)
     return encoded, _prediction_headers(current, model, prediction, False), JSON
@@ -138,7 +202,7 @@ def predict_v2(current: ServiceState, call: Call, name: str | None, version: str
     """Open Inference Protocol infer, with JSON tensors or Triton's binary tensor data."""
     model = lookup(current, name or "", version, call)
     names = output_names(model)
-    limits = (model.width, current.settings.models.max_batch_rows, names)
+    limits = (model.width, current.settings.models.max_batch_rows, names, model.columns)
     parsed = v2.decode(_body(current, call), call.header(v2.HEADER_LENGTH), *limits)
     prediction = current.predictor.predict(model, parsed.rows)
     count = len(prediction.labels)

@@ -52,7 +52,10 @@ def _decode(value: bytes, model: LoadedModel) -> tuple[Any, list[float] | None] 
     if type(decoded) is not list or len(decoded) != 2:
         return None
     label, proba = decoded
-    if model.classes and label not in model.classes:
+    if model.regression:
+        if type(label) is not float and type(label) is not int:
+            return None
+    elif label not in model.classes:
         return None
     if model.has_proba:
         if type(proba) is not list or len(proba) != len(model.classes):
@@ -116,6 +119,13 @@ class Predictor:
     def _infer(self, model: LoadedModel, rows: np.ndarray) -> Result:
         batcher = self._batcher(model)
         return batcher.predict(rows) if batcher is not None else self._timed_predict(model, rows)
+
+    def caches(self, model: LoadedModel) -> bool:
+        """Whether this model's results go through the result cache (as far as decided)."""
+        if self._cache is None:
+            return False
+        decided = self.policy.cache_decision(model)
+        return decided if decided is not None else self.policy.of(model).cache_policy != "off"
 
     def _cache_pays(self, model: LoadedModel) -> bool | None:
         """Whether this model's results go through the cache: True, False (by policy), or

@@ -7,6 +7,9 @@ from typing import Any
 
 from service.models import NAME_PATTERN
 from service.routes import ROUTES, openapi_path
+from service.validation import V2_DATATYPES
+
+V2_DATATYPES_SORTED = sorted(V2_DATATYPES)
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _PATTERN = NAME_PATTERN.pattern
@@ -106,24 +109,34 @@ def _post(summary: str, request: str, response: str, params: list[Any] | None = 
 
 
 _ROW = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+# A model of named columns takes an instance as an object by column name, or as an array
+# in column order, of strings, numbers and booleans (GET /v2/models/{name} lists them).
+_CELL = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+_INSTANCE = {
+    "oneOf": [
+        _ROW,
+        {"type": "array", "items": _CELL, "minItems": 1},
+        {"type": "object", "additionalProperties": _CELL, "minProperties": 1},
+    ]
+}
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "V1Request": {
         "type": "object",
         "required": ["instances"],
-        "properties": {"instances": {"type": "array", "items": _ROW, "minItems": 1}},
+        "properties": {"instances": {"type": "array", "items": _INSTANCE, "minItems": 1}},
     },
     "V1Response": {
         "type": "object",
         "required": ["predictions"],
         "properties": {
-            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "number"}]}},
             "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
         },
     },
     "ShortcutRequest": {
         "type": "object",
-        "properties": {"features": _ROW, "instances": {"type": "array", "items": _ROW, "minItems": 1}},
+        "properties": {"features": _INSTANCE, "instances": {"type": "array", "items": _INSTANCE, "minItems": 1}},
         "anyOf": [{"required": ["features"]}, {"required": ["instances"]}],
     },
     "ShortcutResponse": {
@@ -132,7 +145,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "model": {"type": "string"},
             "version": {"type": "string"},
-            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}},
+            "predictions": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "number"}]}},
             "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
         },
     },
@@ -142,7 +155,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"type": "string", "enum": ["FP32", "FP64", "INT32", "INT64"]},
+            "datatype": {"type": "string", "enum": list(V2_DATATYPES_SORTED)},
             "parameters": {"type": "object"},
             "data": {"type": "array"},
         },
@@ -208,6 +221,7 @@ _READY = {
     "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
 }
 _META = {"$ref": "#/components/schemas/V2ModelMetadata"}
+_CONFIG = {"type": "object", "required": ["name", "max_batch_size", "input", "output"]}
 
 
 def _paths(operations: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -255,6 +269,10 @@ def openapi_document(version: str, models: tuple[str, ...] = (), versions: tuple
         "/v2/health/ready": _get("Server ready", {"type": "object"}, 503),
         "/v2/models/{name}": _get("Model metadata", _META, 404, params=[_NAME]),
         "/v2/models/{name}/versions/{version}": _get("Model version metadata", _META, 404, params=[_NAME, _VERSION]),
+        "/v2/models/{name}/config": _get("Triton's model configuration", _CONFIG, 404, params=[_NAME]),
+        "/v2/models/{name}/versions/{version}/config": _get(
+            "Triton's model configuration of a version", _CONFIG, 404, params=[_NAME, _VERSION]
+        ),
         "/v2/models/{name}/ready": _get("Model ready", _READY, 404, params=[_NAME]),
         "/v2/models/{name}/versions/{version}/ready": _get(
             "Model version ready", _READY, 404, params=[_NAME, _VERSION]

@@ -43,6 +43,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v2/health/ready", "v2_ready"),
     Route("GET", "/v2/models/<model:name>", "v2_model"),
     Route("GET", "/v2/models/<model:name>/versions/<model:version>", "v2_model"),
+    Route("GET", "/v2/models/<model:name>/config", "v2_model_config"),
+    Route("GET", "/v2/models/<model:name>/versions/<model:version>/config", "v2_model_config"),
     Route("GET", "/v2/models/<model:name>/ready", "v2_model_ready"),
     Route("GET", "/v2/models/<model:name>/versions/<model:version>/ready", "v2_model_ready"),
     Route("POST", "/v2/models/<model:name>/infer", "v2_infer", prediction=True),

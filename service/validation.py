@@ -43,12 +43,24 @@ def fail(message: str) -> NoReturn:
     raise InputError(message)
 
 
-def _reject_constant(name: str) -> NoReturn:
-    fail(f"{name} is not a valid JSON number; send finite numbers only")
+class NonFinite:
+    """A NaN, Infinity or -Infinity the body held where JSON allows none: kept as a marker,
+    so that the validator that meets it can say where it was (a column and a row)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    __str__ = __repr__
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8 only, no NaN/Infinity, bounded nesting."""
+    """Strict JSON: UTF-8 only, bounded nesting; a NaN or Infinity becomes a NonFinite
+    marker, which no validator accepts as a number."""
     if not body:
         fail("request body is empty; send a JSON object")
     try:
@@ -60,13 +72,11 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         fail(f"request body is not valid UTF-8 (byte {exc.start})")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=NonFinite)
     except RecursionError:
         fail("JSON nested too deeply")
     except json.JSONDecodeError as exc:
         fail(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
-    except InputError:  # a NaN or Infinity, refused by _reject_constant: its own message
-        raise
     except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
         fail("a number in the body has too many digits; send 64-bit floats")
 
@@ -75,6 +85,8 @@ def type_name(value: Any) -> str:
     """The JSON name of a value's type, for messages."""
     if value is None:
         return "null"
+    if type(value) is NonFinite:
+        return str(value)
     return {bool: "boolean", str: "string", dict: "object", list: "array"}.get(type(value), type(value).__name__)
 
 

@@ -26,10 +26,7 @@ FAILED_KEY = pytest.StashKey[bool]()
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The demo models, trained once if absent."""
-    if (
-        not (MODELS_DIR / "iris" / "1" / "model.json").exists()
-        or not (MODELS_DIR / "digits" / "1" / "model.json").exists()
-    ):
+    if not all((MODELS_DIR / name / "1" / "model.json").exists() for name in ("iris", "digits", "churn")):
         subprocess.run([sys.executable, "scripts/train_models.py"], cwd=ROOT, check=True)
     return MODELS_DIR
 

@@ -8,15 +8,21 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import columns as named
+from service.columns import Column
 from service.validation import body_object, fail, parse_json, rows_from_instances
 
 
-def decode(body: bytes, width: int, max_rows: int) -> np.ndarray:
-    """The request's rows as a float64 matrix, or InputError."""
+def decode(body: bytes, width: int, max_rows: int, columns: tuple[Column, ...] | None = None) -> np.ndarray:
+    """The request's rows (floats, or typed rows of named `columns`), or InputError."""
     payload = body_object(parse_json(body))
-    if "features" in payload:
+    if columns is not None:
+        for key, rows in (("features", [payload.get("features")]), ("instances", payload.get("instances"))):
+            if key in payload:
+                return named.rows_from_instances(rows, columns, max_rows, key)
+    elif "features" in payload:
         return rows_from_instances([payload["features"]], width, max_rows, "features")
-    if "instances" in payload:
+    elif "instances" in payload:
         return rows_from_instances(payload["instances"], width, max_rows)
     fail('send {"features": [...]} for one row or {"instances": [[...], ...]}')
 

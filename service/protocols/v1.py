@@ -1,4 +1,5 @@
-"""KServe V1 / TF-Serving rows: {"instances": [[...], ...]} → {"predictions": [...]}."""
+"""KServe V1 / TF-Serving rows: {"instances": [[...], ...]} → {"predictions": [...]}; for a
+model of named columns an instance may also be an object, {"plan": "pro", "age": 31}."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import columns as named
+from service.columns import Column
 from service.validation import body_object, fail, parse_json, rows_from_instances
 
 
-def decode(body: bytes, width: int, max_rows: int) -> np.ndarray:
-    """The request's rows as a float64 matrix of `width` columns, or InputError."""
+def decode(body: bytes, width: int, max_rows: int, columns: tuple[Column, ...] | None = None) -> np.ndarray:
+    """The request's rows, or InputError: a float64 matrix of `width` columns, or for a model
+    of named `columns` typed rows, each instance an object by name or an array in order."""
     payload = body_object(parse_json(body))
     if "instances" not in payload:
         fail("missing 'instances': send {\"instances\": [[...], ...]}")
+    if columns is not None:
+        return named.rows_from_instances(payload["instances"], columns, max_rows, "instances")
     return rows_from_instances(payload["instances"], width, max_rows)
 
 

@@ -26,7 +26,7 @@ StartCluster = Callable[..., Cluster]
 def models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
     """This module's own copy of the demo models folder, for tests that add or rewrite versions."""
     folder = tmp_path_factory.mktemp("models")
-    for name in ("iris", "digits"):
+    for name in ("iris", "digits", "churn"):
         shutil.copytree(models_dir / name, folder / name)
     return folder
 

@@ -78,7 +78,7 @@ def test_v2_metadata_and_health(client):
 
 
 def test_v1_discovery_and_shortcut(client):
-    assert client.get("/v1/models").json == {"models": ["digits", "iris"]}
+    assert client.get("/v1/models").json == {"models": ["churn", "digits", "iris"]}
     assert client.get("/v1/models/digits").json == {"name": "digits", "ready": True}
     response = client.post("/predict", json={"features": SETOSA})
     assert response.json["predictions"] == ["setosa"] and response.json["model"] == "iris"
