@@ -120,6 +120,7 @@ class Sweep:
         self.h2load_results: list[dict[str, Any]] = []
         self.cpu_reference: list[dict[str, Any]] = []  # run_cpu_reference
         self.total = len(plan.replicas) * len(plan.concurrency) * len(plan.hit_ratios) * len(plan.models)
+        self.total += 1  # run_named_columns
         if plan.baseline:
             self.total += len(plan.concurrency) * len(plan.models)
         self.total += len(plan.redis_topologies) * len(plan.models) * len(plan.hit_ratios)
@@ -427,6 +428,19 @@ def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency
         sweep.done += 1
     finally:
         other.stop()
+
+
+def run_named_columns(sweep: Sweep) -> None:
+    """One point of the demo churn model (a row is an object of named, mixed-type columns,
+    predicted as a DataFrame by a ColumnTransformer Pipeline) on the cluster as run_cluster
+    left it (the most replicas), new rows at the headline concurrency: next to iris's point
+    of the same round (LogisticRegression too, on plain rows), what DataFrame inputs cost."""
+    replicas, concurrency = sweep.plan.replicas[-1], sweep.plan.headline_concurrency
+    sweep.progress(f"cluster: {replicas} replica(s), c={concurrency}, new rows, churn (named columns)")
+    url, pids, access_log, status_url = sweep.cluster_components()
+    point = sweep.measure(report.NAMED_COLUMNS, url, pids, access_log, status_url, replicas, concurrency, 0.0, "churn")
+    sweep.points.append(point)
+    sweep.done += 1
 
 
 def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
@@ -783,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(plan.rounds):
             sweep.round = round_no
             sweep.run_cluster()
+            run_named_columns(sweep)
             if round_no == 0:
                 ran = what_ran(cluster, out)
             for topology in plan.redis_topologies:

@@ -46,7 +46,10 @@ class FlaskCall:
 
 
 def _model(name: str, version: str | None = None) -> LoadedModel:
-    model = lookup(state(), name, version)
+    """The version a metadata request names, else the one that speaks for the model: never
+    one drawn at random by a split, so that its metadata and configuration agree."""
+    current = state()
+    model = lookup(current, name, version or current.registry.primary(name))
     label_model(model.name)
     return model
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from service.columns import Column, columns_from_json, example_row, frame, typed_rows
 from service.serving import ServingError, ServingOptions
+from service.validation import InputError
 
 TASKS = ("classification", "regression")
 
@@ -67,6 +68,7 @@ class LoadedModel:
     serving: ServingOptions = field(default_factory=ServingOptions)  # model.json's `serving`
     columns: tuple[Column, ...] | None = None  # named inputs (a DataFrame); None: plain float rows
     regression: bool = False  # predicts numbers, not classes
+    example_row: tuple[Any, ...] | None = None  # model.json's inputs.example, in column order
 
     @property
     def has_proba(self) -> bool:
@@ -95,10 +97,12 @@ class LoadedModel:
         return raw.tolist(), None
 
     def example(self, count: int) -> np.ndarray:
-        """`count` rows every input accepts (zeros, or a category where a column lists them)."""
+        """`count` rows the model takes: model.json's example, else zeros (or a category
+        where a column lists them)."""
         if self.columns is None:
-            return np.zeros((count, self.width))
-        return typed_rows([example_row(self.columns)] * count)
+            row = self.example_row or (0.0,) * self.width
+            return np.array([row] * count, dtype=np.float64)
+        return typed_rows([list(self.example_row or example_row(self.columns))] * count)
 
 
 def load_model(folder: Path) -> LoadedModel:
@@ -118,6 +122,7 @@ def load_model(folder: Path) -> LoadedModel:
         feature_names = [str(n) for n in inputs["feature_names"]] if columns is None else [c.name for c in columns]
         classes = list(outputs.get("classes", []))
         task = meta.get("task", "classification" if classes else "regression")
+        example = _example(inputs.get("example"), width, columns)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{meta_path}: missing or bad field {exc}") from None
     if task not in TASKS:
@@ -176,11 +181,29 @@ def load_model(folder: Path) -> LoadedModel:
         serving=serving,
         columns=columns,
         regression=task == "regression",
+        example_row=example,
     )
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
         raise ModelError(f"{artifact}: predict on an example row failed ({type(exc).__name__}: {exc})") from None
+
+
+def _example(raw: Any, width: int, columns: tuple[Column, ...] | None) -> tuple[Any, ...] | None:
+    """model.json's `inputs.example` checked: `width` numbers, or a value for each column
+    (ValueError if it is neither)."""
+    if raw is None:
+        return None
+    if columns is None:
+        if type(raw) is not list or len(raw) != width or not all(type(v) in (int, float) for v in raw):
+            raise ValueError(f"inputs.example must be {width} numbers")
+        return tuple(float(v) for v in raw)
+    if type(raw) is not dict or set(raw) != {c.name for c in columns}:
+        raise ValueError("inputs.example must give a value for each column, by name")
+    try:
+        return tuple(c.check(raw[c.name], f"inputs.example.{c.name}") for c in columns)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # Rows a busy worker typically predicts in one batched call (32 connections over 2-4

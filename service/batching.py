@@ -67,12 +67,17 @@ class Batcher:
         self._observe(len(batch), len(rows))
         try:
             labels, proba = self._predict(rows)
-        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error, not a hang
-            for _, result in batch:
-                if result is not None:
-                    result.set_exception(exc)
-            if len(batch) == 1 and batch[0][1] is None:
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets an answer, never a hang
+            if len(batch) > 1:
+                # One caller's rows may be what the model refused: each caller alone, so
+                # the others still get their predictions and only that one the error.
+                for waiting in batch:
+                    self._run([waiting])
+                return [], None
+            result = batch[0][1]
+            if result is None:
                 raise
+            result.set_exception(exc)
             return [], None
         start = 0
         for part, result in batch:

@@ -22,6 +22,7 @@ from service.batching import Batcher
 from service.cache import UNAVAILABLE, ResultCache, row_keys
 from service.metrics import Metrics
 from service.serving import ServingPolicy
+from service.validation import InputError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,13 @@ class Predictor:
 
     def _timed_predict(self, model: LoadedModel, rows: np.ndarray) -> Result:
         started = time.perf_counter()
-        result = model.predict(rows)
+        try:
+            result = model.predict(rows)
+        except (ValueError, TypeError) as exc:
+            # Rows that passed validation but not the model's own checks (a NaN after its
+            # log transform, a value its encoder refuses): the caller's input, a 400.
+            message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise InputError(f"the model could not predict these rows ({type(exc).__name__}: {message})") from None
         self._metrics.observe_inference(model.name, len(rows), time.perf_counter() - started)
         return result
 

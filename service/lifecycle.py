@@ -218,6 +218,17 @@ def choose_version(name: str, plan: ModelPlan, served: list[str], routing_key: s
     return served[-1]
 
 
+def primary_version(name: str, plan: ModelPlan, served: list[str]) -> str | None:
+    """The version that speaks for the model as a whole (its metadata, its configuration,
+    whatever the split draws for one request): the one with the largest share of unversioned
+    requests (the later on a tie; `served` is oldest first), else the pinned default, else the
+    latest served."""
+    weighted = [(w, served.index(v), v) for v, w in plan.weights.items() if w > 0 and v in served]
+    if weighted:
+        return max(weighted)[2]
+    return choose_version(name, replace(plan, weights={}), served, None)
+
+
 def split_in_effect(plan: ModelPlan) -> bool:
     """Whether unversioned requests of this model may get different versions."""
     return sum(1 for w in plan.weights.values() if w > 0) > 1

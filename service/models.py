@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.artifacts import BUSY_BATCH_ROWS, ArtifactMismatch, LoadedModel, ModelError, declared_sha256, load_model
-from service.lifecycle import Desired, choose_version, split_in_effect
+from service.lifecycle import Desired, choose_version, primary_version, split_in_effect
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,14 @@ class ModelRegistry:
                 raise UnknownModel(f"model {name!r} not found")
             raise UnknownModel(f"model {name!r} has no version {version!r}")
         return model
+
+    def primary(self, name: str) -> str | None:
+        """The version that speaks for `name` as a whole (lifecycle.primary_version), or None
+        if no version of it is served."""
+        versions = self._models.get(name)
+        if not versions:
+            return None
+        return primary_version(name, self.desired.plan(name), sorted(versions, key=_version_key))
 
     def index(self) -> list[dict[str, str]]:
         """Every version on disk or loaded: READY, or UNAVAILABLE with the reason."""

@@ -111,13 +111,11 @@ def _post(summary: str, request: str, response: str, params: list[Any] | None = 
 _ROW = {"type": "array", "items": {"type": "number"}, "minItems": 1}
 # A model of named columns takes an instance as an object by column name, or as an array
 # in column order, of strings, numbers and booleans (GET /v2/models/{name} lists them).
-_CELL = {"oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+# (Cells are left untyped: strings, numbers and booleans, by the model's columns.)
 _INSTANCE = {
-    "oneOf": [
-        _ROW,
-        {"type": "array", "items": _CELL, "minItems": 1},
-        {"type": "object", "additionalProperties": _CELL, "minProperties": 1},
-    ]
+    "description": "an array of numbers (a model of plain rows), or for a model of named columns an array "
+    "in column order or an object by column name",
+    "oneOf": [{"type": "array", "minItems": 1}, {"type": "object", "minProperties": 1}],
 }
 _SCHEMAS: dict[str, Any] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},

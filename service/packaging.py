@@ -152,8 +152,8 @@ def describe(estimator: Any, declared: Mapping[str, str] | None = None) -> dict[
                 "the model says neither its columns (feature_names_in_) nor its width (n_features_in_)"
             )
         inputs = {"width": int(width), "feature_names": [f"x{i}" for i in range(int(width))], "datatype": "FP64"}
-        example: Any = np.zeros((1, int(width)))
         columns = None
+        candidates: list[Any] = [[0.0] * int(width), [1.0] * int(width)]
     else:
         names = [str(n) for n in names]
         unknown = sorted(set(declared) - set(names))
@@ -162,18 +162,8 @@ def describe(estimator: Any, declared: Mapping[str, str] | None = None) -> dict[
         encoded = _encoded_columns(estimator, names)
         columns = tuple(_column(n, declared.get(n), encoded.get(n)) for n in names)
         inputs = {"width": len(columns), "feature_names": names, "columns": [c.to_json() for c in columns]}
-        inputs["example"] = dict(zip(names, example_row(columns), strict=True))
-        example = frame(typed_rows([example_row(columns)]), columns)
-    try:
-        predicted = np.asarray(estimator.predict(example))
-        if task == "classification" and hasattr(estimator, "predict_proba"):
-            estimator.predict_proba(example)
-    except Exception as exc:  # noqa: BLE001 - any failure of the example is the answer
-        hint = ""
-        if columns is not None:
-            hint = f"; the columns were read as {', '.join(f'{c.name}={c.datatype}' for c in columns)}: "
-            hint += "say the right ones with --input COLUMN=BYTES|INT64|FP64|BOOL"
-        raise PackagingError(f"predict on an example row failed ({type(exc).__name__}: {exc}){hint}") from None
+        candidates = [example_row(columns, zero) for zero in (0, 1)]
+    inputs["example"], predicted = _first_that_predicts(estimator, task, candidates, columns)
     if predicted.shape != (1,):
         raise PackagingError(f"predict gave shape {list(predicted.shape)} for one row; one value per row is served")
     import sklearn
@@ -189,6 +179,29 @@ def describe(estimator: Any, declared: Mapping[str, str] | None = None) -> dict[
             "probabilities": task == "classification" and hasattr(estimator, "predict_proba"),
         },
     }
+
+
+def _first_that_predicts(
+    estimator: Any, task: str, candidates: list[Any], columns: tuple[Column, ...] | None
+) -> tuple[Any, np.ndarray]:
+    """The first example row the model predicts (zeros, then ones: a model may refuse a zero,
+    as a log transform does), as model.json keeps it, and its prediction."""
+    failure: Exception | None = None
+    for row in candidates:
+        example = np.asarray([row]) if columns is None else frame(typed_rows([row]), columns)
+        try:
+            predicted = np.asarray(estimator.predict(example))
+            if task == "classification" and hasattr(estimator, "predict_proba"):
+                estimator.predict_proba(example)
+        except Exception as exc:  # noqa: BLE001 - any failure of the example is the answer
+            failure = failure or exc
+            continue
+        return (row if columns is None else dict(zip([c.name for c in columns], row, strict=True))), predicted
+    hint = ""
+    if columns is not None:
+        hint = f"; the columns were read as {', '.join(f'{c.name}={c.datatype}' for c in columns)}: "
+        hint += "say the right ones with --input COLUMN=BYTES|INT64|FP64|BOOL"
+    raise PackagingError(f"predict on an example row failed ({type(failure).__name__}: {failure}){hint}")
 
 
 def datatypes_of(table: Any) -> dict[str, str]:

@@ -43,7 +43,10 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     plan = raw["environment"]["plan"]
     expected = len(plan["replicas"]) * len(plan["concurrency"]) * len(plan["hit_ratios"]) * len(plan["models"])
     expected += len(plan["concurrency"]) * len(plan["models"])  # the baseline
+    expected += 1  # the model of named columns (churn), beside iris's point
     assert len(raw["points"]) == expected
+    named = [p for p in raw["points"] if p["kind"] == "cluster, named columns"]
+    assert [(p["model"], p["replicas"], p["concurrency"], p["hit_ratio"]) for p in named] == [("churn", 2, 32, 0.0)]
     with (out / "points.csv").open() as stream:
         assert len(list(csv.DictReader(stream))) == expected
     for point in raw["points"]:
@@ -77,6 +80,8 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     # L1 and the Redis cache are told apart, and counts agree with their nouns.
     assert "1 replicas" not in markdown and "(upstream time) –" not in markdown
     assert "Where the time goes: at the fastest point the replicas answered" in markdown
+    assert "## A model of named columns: what DataFrame inputs cost" in markdown
+    assert "Replica CPU per request, churn against iris: " in markdown
     who = markdown.split("Who answered (")[1].split("\n\n")[1]
     assert "| nginx L1 | Redis HIT | computed by a replica |" in who
     assert "The L1: at its fastest point" in markdown

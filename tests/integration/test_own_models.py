@@ -293,3 +293,32 @@ def test_locust_sends_named_columns_and_checks_every_answer(cluster, tmp_path):
     with (tmp_path / "locust_stats.csv").open() as stream:
         named = {row["Name"]: row for row in csv.DictReader(stream)}["v1 churn 1 object"]
     assert int(named["Request Count"]) > 10 and named["Failure Count"] == "0", named
+
+
+def test_rows_a_model_refuses_are_a_400_for_their_sender_only(cluster, tmp_path):
+    """A Pipeline whose log transform turns a negative number into NaN, which its regression
+    refuses: that row's sender gets a JSON 400; concurrent senders of good rows, whose rows
+    shared a batched predict with it, get their predictions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    x, y = load_iris(return_X_y=True)
+    logs = Pipeline([("log", FunctionTransformer(np.log)), ("fit", LogisticRegression(max_iter=500))]).fit(x, y)
+    joblib.dump(logs, tmp_path / "logs.joblib")
+    done = model_add(cluster, tmp_path / "logs.joblib", "--name", "logs")
+    assert done.returncode == 0, done.stderr
+
+    rows = [[5.1 + i / 100, 3.5, 1.4, 0.2] if i % 4 else [-1.0 - i, 3.5, 1.4, 0.2] for i in range(64)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda row: predict(cluster, "/v1/models/logs:predict", {"instances": [row]}), rows))
+    for row, answer in zip(rows, answers, strict=True):
+        if row[0] < 0:
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"].startswith("the model could not predict these rows (ValueError:")
+        else:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["predictions"] == logs.predict([row]).tolist()

@@ -62,6 +62,31 @@ def test_an_error_reaches_every_waiting_caller():
         batcher.predict(np.zeros((100, 2)))  # larger than a batch: runs alone, raises to its caller
 
 
+class PickyModel(CountingModel):
+    """Refuses any call that holds a negative first value, as a model's own checks would."""
+
+    def __call__(self, rows: np.ndarray):
+        self.calls.append(len(rows))
+        if (rows[:, 0] < 0).any():
+            raise ValueError("Input X contains NaN")
+        return rows[:, 0].tolist(), None
+
+
+def test_rows_the_model_refuses_fail_only_their_caller():
+    model = PickyModel()
+    batcher = Batcher(model, max_rows=64, max_wait_s=1.0, observe=lambda *_: None)
+    values = [1.0, 2.0, -1.0, 3.0]
+    jobs = [gevent.spawn(batcher.predict, np.array([[v, 0.0]])) for v in values]
+    gevent.joinall(jobs)
+    assert model.calls == [4, 1, 1, 1, 1], "the shared call, then each caller alone"
+    assert [job.value[0] if job.successful() else type(job.exception) for job in jobs] == [
+        [1.0],
+        [2.0],
+        ValueError,
+        [3.0],
+    ]
+
+
 class FakeCache:
     """A cache that is always empty and answers PING in a given time."""
 

@@ -20,6 +20,7 @@ from service.lifecycle import (
     plan_load,
     plan_policy,
     plan_unload,
+    primary_version,
     read_record,
     split_in_effect,
     trusted,
@@ -222,3 +223,12 @@ def test_the_policy_keeps_what_a_change_leaves_out():
         plan_policy(plan, "iris", ["1", "2"], {"default": "7"})
     with pytest.raises(PlanError, match="weights must be an object"):
         plan_policy(plan, "iris", ["1", "2"], {"weights": None})
+
+
+def test_the_primary_version_speaks_for_the_model_whatever_a_split_draws():
+    served = ["1", "2", "10"]
+    assert primary_version("m", ModelPlan(), served) == "10"  # the latest
+    assert primary_version("m", ModelPlan(default="2"), served) == "2"  # the pinned default
+    assert primary_version("m", ModelPlan(weights={"1": 70, "2": 30}), served) == "1"  # the largest share
+    assert primary_version("m", ModelPlan(weights={"1": 50, "10": 50}), served) == "10"  # a tie: the later
+    assert primary_version("m", ModelPlan(), []) is None

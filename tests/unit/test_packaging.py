@@ -65,7 +65,12 @@ def test_a_regressor_on_a_frame_and_a_classifier_on_plain_rows():
     assert [c["name"] for c in meta["inputs"]["columns"]] == list(data.data.columns)
     x, y = load_iris(return_X_y=True)
     meta = describe(LogisticRegression(max_iter=500).fit(x, y))
-    assert meta["inputs"] == {"width": 4, "feature_names": ["x0", "x1", "x2", "x3"], "datatype": "FP64"}
+    assert meta["inputs"] == {
+        "width": 4,
+        "feature_names": ["x0", "x1", "x2", "x3"],
+        "datatype": "FP64",
+        "example": [0.0, 0.0, 0.0, 0.0],
+    }
     assert meta["outputs"]["classes"] == [0, 1, 2]
 
 
@@ -82,6 +87,27 @@ def test_what_is_not_a_servable_model_is_refused(estimator, message):
     with pytest.raises(PackagingError) as err:
         describe(estimator)
     assert message in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")
+def test_the_example_is_a_row_the_model_takes_and_the_replica_tries_it(tmp_path):
+    from sklearn.preprocessing import FunctionTransformer
+
+    from service.artifacts import load_model
+    from service.packaging import write_metadata
+
+    x, y = load_iris(return_X_y=True)
+    logs = Pipeline([("log", FunctionTransformer(np.log)), ("fit", LogisticRegression(max_iter=500))]).fit(x, y)
+    meta = describe(logs)  # log(0) is -inf, which the regression refuses: ones it is
+    assert meta["inputs"]["example"] == [1.0, 1.0, 1.0, 1.0]
+    folder = tmp_path / "logs" / "1"
+    folder.mkdir(parents=True)
+    import joblib
+
+    joblib.dump(logs, folder / "model.joblib")
+    write_metadata(folder, "logs", folder / "model.joblib", meta)
+    model = load_model(folder)
+    assert model.example(2).tolist() == [[1.0] * 4] * 2 and model.predict_ms > 0
 
 
 def test_declared_types_are_checked():
