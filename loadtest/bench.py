@@ -313,13 +313,20 @@ class Sweep:
         self.h2load_results.append(raw)
         return baseline.argv()
 
-    def h2load(self, kind: str, url: str, components: dict[str, int], connections: int = 32) -> dict[str, Any]:
-        """Raw throughput: h2load, one fixed iris row (all hits on the cluster)."""
-        body = self.out / "raw" / "h2load-body.json"
-        body.write_text(json.dumps({"instances": [pool_row("iris", 0)]}))
-        name = f"h2load-{kind}" + (f"-round{self.round + 1}" if self.plan.rounds > 1 else "")
+    def h2load(
+        self, kind: str, url: str, components: dict[str, int], connections: int = 32, fixed_reply: bool = False
+    ) -> dict[str, Any]:
+        """Raw throughput: h2load, one fixed iris row (all hits on the cluster); or, with
+        `fixed_reply`, GETs of `url` itself (nginx's stub_status: what nginx answers fastest)."""
+        body: Path | None = None
+        if not fixed_reply:
+            body = self.out / "raw" / "h2load-body.json"
+            body.write_text(json.dumps({"instances": [pool_row("iris", 0)]}))
+            url = f"{url}{predict_path('iris')}"
+        name = f"h2load-{kind}".replace(" ", "-").replace("'", "")
+        name += f"-round{self.round + 1}" if self.plan.rounds > 1 else ""
         log = self.out / "raw" / f"{name}.log"
-        argv = h2load_argv(f"{url}{predict_path('iris')}", body, connections, self.plan.seconds, log)
+        argv = h2load_argv(url, body, connections, self.plan.seconds, log)
         with self.watching(components) as disturbed:
             result = _run(argv, timeout=self.plan.seconds + 60)
         (self.out / "raw" / f"{name}.txt").write_text(result.stdout + result.stderr)
@@ -375,6 +382,9 @@ class Sweep:
             "command": " ".join(argv),
         }
 
+
+# h2load's GETs of the balancer's stub_status: nginx's fastest answer, the L1's ceiling.
+NGINX_FIXED_REPLY = "nginx's own reply (stub_status)"
 
 # The replica CPU target: 0.45 ms per iris request where a minimal Flask app took 0.69.
 CPU_VS_MINIMAL = 0.65
@@ -537,6 +547,14 @@ def evaluate_targets(
         1.0,
         False,
         lambda r: ratio(point(r, "cluster", "iris", 1.0), point(r, "baseline", "iris"), "p99_ms"),
+    )
+    # The L1's ceiling is nginx's: a hit reads the body, builds the key and reads the cache
+    # file, where stub_status only formats counters, on the same nginx and connections.
+    add(
+        "hot iris row through the L1 (h2load): req/s vs nginx's own fixed reply",
+        0.5,
+        True,
+        lambda r: ratio(find(h2load, r, kind="cluster"), find(h2load, r, kind=NGINX_FIXED_REPLY), "rps"),
     )
     add(
         "hot iris row through the L1 (h2load): req/s vs baseline",
@@ -804,7 +822,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_on_topology(sweep, topology)
             url = str(cluster.status().internal)
             sweep.progress("h2load: cluster, iris, all hits, c=32")
-            sweep.h2load_results.append(sweep.h2load("cluster", url, sweep.cluster_components()[1]))
+            _, pids, _, status_url = sweep.cluster_components()
+            sweep.h2load_results.append(sweep.h2load("cluster", url, pids))
+            sweep.progress("h2load: nginx's own fixed reply (stub_status), c=32")
+            sweep.h2load_results.append(sweep.h2load(NGINX_FIXED_REPLY, status_url, pids, fixed_reply=True))
             if args.targets:
                 run_without_batching(sweep, "digits", 0.0, plan.headline_concurrency, max(plan.replicas))
                 run_cpu_reference(sweep)

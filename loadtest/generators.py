@@ -68,9 +68,9 @@ def wrk_argv(url: str, connections: int, seconds: float, timeout_s: float = 10.0
     ]
 
 
-def h2load_argv(url: str, body: Path, connections: int, seconds: float, log_file: Path) -> list[str]:
-    """A time-bounded HTTP/1.1 h2load run with its per-request log."""
-    return [
+def h2load_argv(url: str, body: Path | None, connections: int, seconds: float, log_file: Path) -> list[str]:
+    """A time-bounded HTTP/1.1 h2load run with its per-request log: a POST of `body`, or a GET."""
+    argv = [
         "h2load",
         "--h1",
         "-c",
@@ -83,14 +83,12 @@ def h2load_argv(url: str, body: Path, connections: int, seconds: float, log_file
         "1",
         "-T",
         "10",
-        "-d",
-        str(body),
-        "-H",
-        "Content-Type: application/json",
         "--log-file",
         str(log_file),
-        url,
     ]
+    if body is not None:
+        argv += ["-d", str(body), "-H", "Content-Type: application/json"]
+    return [*argv, url]
 
 
 def h2load_count_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:

@@ -687,6 +687,15 @@ def blocks(results: Results, folder: Path) -> list[Block]:
             for h in results.raw["h2load"]
         ]
         out.append(("table", ["set-up", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "2xx", "failed"], rows))
+        if any(h["kind"].startswith("nginx's own reply") for h in results.raw["h2load"]):
+            out.append(
+                (
+                    "p",
+                    "nginx's own reply: GETs of the balancer's stub_status, on the same nginx and connections, "
+                    "right after the cluster's run: the fastest nginx answers at all, so the ceiling of what "
+                    "its L1 can serve. An L1 hit also reads the body, builds the key and reads the cached file.",
+                )
+            )
     out.extend(topologies(results))
     out.append(("h2", "Plots"))
     out.extend(plots(results, folder / "plots"))

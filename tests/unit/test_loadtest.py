@@ -166,9 +166,8 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     points = []
     for round_no, ours in enumerate((2100.0, 1500.0, 2400.0)):
         points += [point("cluster", "iris", 0.0, ours, round_no), point("baseline", "iris", 0.0, 1000.0, round_no)]
-    h2load = [
-        {"kind": k, "rps": rps, "round": r} for r in range(3) for k, rps in (("cluster", 30000.0), ("baseline", 1000.0))
-    ]
+    kinds = (("cluster", 30000.0), ("baseline", 1000.0), (bench.NGINX_FIXED_REPLY, 75000.0))
+    h2load = [{"kind": k, "rps": rps, "round": r} for r in range(3) for k, rps in kinds]
     cpu = [
         {"kind": kind, "cpu_ms": ms, "round": r, "disturbance": {"disturbed": False}}
         for r, (ours, minimal) in enumerate(((0.9, 2.0), (0.8, 2.0), (1.4, 2.0)))
@@ -179,6 +178,8 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     assert (misses["measured"], misses["min"], misses["max"], misses["runs"]) == (2.1, 1.5, 2.4, 3)
     assert misses["met"] and not misses["disturbed"]
     assert targets["hot iris row through the L1 (h2load): req/s vs baseline"]["measured"] == 30.0
+    ceiling = targets["hot iris row through the L1 (h2load): req/s vs nginx's own fixed reply"]
+    assert ceiling["measured"] == pytest.approx(0.4) and not ceiling["met"]
     share = targets["iris, all misses: replica worker CPU vs a minimal Flask app"]
     assert (share["measured"], share["min"], share["max"]) == pytest.approx((0.45, 0.4, 0.7)) and share["met"]
     points[0]["disturbance"]["disturbed"] = True
