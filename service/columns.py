@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.validation import InputError, NonFinite, check_rows_count, fail, type_name
 
 DATATYPES = ("BYTES", "INT64", "FP64", "BOOL")
 NUMERIC_DATATYPES = ("INT64", "FP64")
 _INT64 = (-(2**63), 2**63 - 1)
-_KIND = {"BYTES": "a string", "INT64": "an integer", "FP64": "a number", "BOOL": "true or false"}
 # How each column reaches the model: the dtype pandas gives it.
 _DTYPES = {"BYTES": object, "INT64": np.int64, "FP64": np.float64, "BOOL": np.bool_}
 
@@ -189,6 +189,4 @@ def frame(rows: np.ndarray, columns: tuple[Column, ...]) -> Any:
 def canonical_bytes(row: np.ndarray) -> bytes:
     """A typed row's bytes for its cache key: JSON of its values, so a string never shares a
     key with a number, nor an integer with a boolean."""
-    import orjson
-
     return orjson.dumps(row.tolist())
