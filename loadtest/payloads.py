@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 MODEL_WIDTHS = {"iris": 4, "digits": 64, "churn": 5}
-# Models fitted on named columns: a row is an object by column name (KServe's object
-# instances), its first key a number that a fresh row replaces.
-NAMED = {"churn"}
 FRESH = -1  # a choice that means "a row never sent before"
 Row = list[float] | dict[str, Any]
 
