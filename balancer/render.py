@@ -115,6 +115,11 @@ class BalancerSettings:
     pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
     error_log: str = _setting("stderr", "nginx error log.")
     access_log: str = _setting("/dev/stdout", "JSON access log.")
+    access_log_buffer: str = _setting(
+        "buffer=64k flush=100ms",
+        "How nginx buffers the access log: lines reach the file in blocks, at most the flush time late (a "
+        "reload or stop writes them out; a killed nginx loses the unwritten ones). Empty: one write per request.",
+    )
     temp_dir: str = _setting("/tmp/nginx", "Folder for nginx's temp files.")
 
     @classmethod
@@ -144,6 +149,17 @@ def size_bytes(size: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     size = size.strip().lower()
     return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+
+
+# A buffer always with a flush time: without one, lines would wait for the buffer to fill.
+ACCESS_LOG_BUFFER = re.compile(r"buffer=\d+[km]? flush=(\d+)(ms|s|m)?")
+_FLUSH_UNITS_S = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0}
+
+
+def access_log_flush_s(settings: BalancerSettings) -> float:
+    """The longest a request's access-log line waits in nginx's buffer (0: unbuffered)."""
+    match = ACCESS_LOG_BUFFER.fullmatch(settings.access_log_buffer)
+    return int(match.group(1)) * _FLUSH_UNITS_S[match.group(2) or ""] if match else 0.0
 
 
 L1_MAX_BODY_LIMIT = 12288  # the cache key holds the body and must fit in proxy_buffer_size (16k)
@@ -227,6 +243,10 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
         raise RenderError(f"BALANCER_L1_CACHE: {settings.l1_cache!r} is not on or off")
     if not settings.l1_max_body_bytes.isdigit() or int(settings.l1_max_body_bytes) > L1_MAX_BODY_LIMIT:
         raise RenderError(f"BALANCER_L1_MAX_BODY_BYTES: {settings.l1_max_body_bytes!r} is not 0..{L1_MAX_BODY_LIMIT}")
+    if settings.access_log_buffer and not ACCESS_LOG_BUFFER.fullmatch(settings.access_log_buffer):
+        raise RenderError(
+            f"BALANCER_ACCESS_LOG_BUFFER: {settings.access_log_buffer!r} is not like buffer=64k flush=100ms (or empty)"
+        )
     values["BALANCER_L1_ZONE"] = "l1" if settings.l1_cache == "on" else "off"
     values["BALANCER_L1_BODY_REGEX"] = at_most_regex(int(settings.l1_max_body_bytes))
     return values

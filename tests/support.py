@@ -19,6 +19,7 @@ from typing import TypeVar
 import requests
 from requests.adapters import HTTPAdapter
 
+from balancer.render import BalancerSettings, access_log_flush_s
 from localcluster import processes
 from localcluster.ports import free_port
 from localcluster.processes import ClusterError, which
@@ -355,8 +356,15 @@ class PacedLoad:
         return line
 
 
+# nginx writes its access log in blocks, each line at most the flush time of
+# BALANCER_ACCESS_LOG_BUFFER late: the log holds a request's line this long after its answer.
+ACCESS_LOG_SETTLE_S = access_log_flush_s(BalancerSettings.from_env()) + 0.15
+
+
 def access_log(path: Path) -> list[dict]:
-    """nginx's JSON access log, complete lines only: nginx may be writing the last one."""
+    """nginx's JSON access log once every request answered so far is in it; complete lines
+    only (nginx may be writing the last one)."""
+    time.sleep(ACCESS_LOG_SETTLE_S)
     text = path.read_text()
     lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
     return [json.loads(line) for line in lines]

@@ -28,7 +28,7 @@ from balancer.render import container_settings
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
 from tests.containers import ComposeEngine, ComposeStack
-from tests.support import ROOT, PacedLoad, dropped_by, free_port, upstream_attempts, wait_until
+from tests.support import ACCESS_LOG_SETTLE_S, ROOT, PacedLoad, dropped_by, free_port, upstream_attempts, wait_until
 
 pytestmark = [pytest.mark.compose]
 
@@ -105,7 +105,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def access_log(stack: ComposeStack) -> list[dict]:
-    """The balancer's JSON access log, whole (a file in its tmpfs, not the engine's log)."""
+    """The balancer's JSON access log, whole (a file in its tmpfs, not the engine's log), once
+    every request answered so far is in it (nginx buffers it)."""
+    time.sleep(ACCESS_LOG_SETTLE_S)
     text = stack.compose("exec", "-T", "balancer", "cat", ACCESS_LOG).stdout
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 

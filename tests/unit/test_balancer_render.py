@@ -7,7 +7,15 @@ import subprocess
 
 import pytest
 
-from balancer.render import PLACEHOLDER, TEMPLATE, BalancerSettings, RenderError, render, substitute
+from balancer.render import (
+    PLACEHOLDER,
+    TEMPLATE,
+    BalancerSettings,
+    RenderError,
+    access_log_flush_s,
+    render,
+    substitute,
+)
 from tests.support import system_tool
 
 NGINX = system_tool("nginx")
@@ -57,6 +65,8 @@ def test_resolve_variant_for_compose(tmp_path):
         ({"rate_limit_exempt": "10.0.0.0/33"}, "not an address"),
         ({"rate_limit": "fast"}, "not like 200r/s"),
         ({"upstream_resolve": "on"}, "needs BALANCER_RESOLVER"),
+        ({"access_log_buffer": "buffer=64k"}, "not like buffer=64k flush=100ms"),
+        ({"access_log_buffer": "64k"}, "not like buffer=64k flush=100ms"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, overrides, message):
@@ -80,6 +90,7 @@ VARIANTS = {
     "eight replicas": {"upstream_servers": " ".join(f"127.0.0.1:{8001 + i}" for i in range(8))},
     "loopback exempt": {"rate_limit_exempt": "127.0.0.0/8 ::1/128", "internal_networks": "127.0.0.1/32"},
     "tuned": {"rate_limit": "50r/m", "rate_limit_burst": "1", "max_body_size": "64k", "worker_processes": "1"},
+    "unbuffered access log": {"access_log_buffer": ""},
 }
 
 
@@ -129,3 +140,19 @@ def test_the_l1_can_be_turned_off_and_refuses_bodies_its_key_cannot_hold():
     assert "proxy_cache l1;" in render(BalancerSettings())
     with pytest.raises(RenderError, match="BALANCER_L1_MAX_BODY_BYTES"):
         render(BalancerSettings(l1_max_body_bytes="20000"))
+
+
+def test_the_access_log_is_buffered_with_a_bounded_delay_and_the_l1_keeps_its_files_open(tmp_path):
+    text = render(local(tmp_path))
+    # One write per block of lines, never more than the flush time late.
+    assert f"access_log {tmp_path / 'access.log'} json_lines buffer=64k flush=100ms;" in text
+    assert access_log_flush_s(local(tmp_path)) == 0.1
+    assert access_log_flush_s(local(tmp_path, access_log_buffer="buffer=32k flush=2s")) == 2.0
+    unbuffered = render(local(tmp_path, access_log_buffer=""))
+    assert re.search(r"access_log \S+ json_lines\s*;", unbuffered)
+    assert access_log_flush_s(local(tmp_path, access_log_buffer="")) == 0.0
+    # Only the L1's location reuses open cache files, bounded in count and idle time.
+    l1 = text[text.index("proxy_cache l1;") :]
+    l1 = l1[: l1.index("}")]
+    assert "open_file_cache max=256 inactive=5s;" in l1
+    assert text.count("open_file_cache ") == 1
