@@ -10,7 +10,8 @@ worker is no longer alive). During the drain delay before that, every response c
 its connection, so the balancer has none left pooled to race the close with; and
 before the listening socket closes, requests get a 503 until they stop coming (see
 _refuse_until_quiet). It also
-sends each response in one piece (see _OneSendPerResponse).
+sends each response in one piece (see _OneSendPerResponse), and makes two of gunicorn's
+per-request values once a second instead (see cache_per_second_values).
 """
 
 from __future__ import annotations
@@ -22,11 +23,54 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+import gunicorn.http.wsgi
+import gunicorn.util
 from gunicorn.workers.ggevent import GeventWorker
 
 # After the drain delay: how long no request may arrive before the worker stops accepting.
 CLOSING_QUIET_S = 0.2
 CLOSING_MAX_S = 1.5
+
+
+class _PerSecond:
+    """`build(second)` at most once per wall-clock second; its value for the rest of it."""
+
+    def __init__(self, build: Any) -> None:
+        self._build = build
+        self._second = -1
+        self._value: Any = None
+
+    def __call__(self) -> Any:
+        now = int(time.time())
+        if now != self._second:
+            self._value, self._second = self._build(now), now
+        return self._value
+
+
+_ORIGINAL_HTTP_DATE = gunicorn.util.http_date
+_ORIGINAL_BASE_ENVIRON = gunicorn.http.wsgi.base_environ
+
+
+def cache_per_second_values(cfg: Any) -> None:
+    """gunicorn formats the Date header (email.utils.formatdate) and builds the environ's
+    constant part (a new wsgi.errors wrapper, which looks up the error logger's handlers)
+    for every request: together about 6 % of a replica worker's CPU per iris request
+    (py-spy, docs/performance.md). Both change at most once a second (the Date's
+    resolution; a reopened error log's stream shows within a second), so this process
+    builds them once a second. Same values, same types."""
+    current_date = _PerSecond(_ORIGINAL_HTTP_DATE)
+    constant_environ = _PerSecond(lambda _: _ORIGINAL_BASE_ENVIRON(cfg))
+
+    def http_date(timestamp: float | None = None) -> str:
+        return current_date() if timestamp is None else _ORIGINAL_HTTP_DATE(timestamp)
+
+    def base_environ(config: Any) -> dict[str, Any]:
+        if config is not cfg:
+            return _ORIGINAL_BASE_ENVIRON(config)
+        return dict(constant_environ())  # gunicorn adds the request's keys to its copy
+
+    gunicorn.util.http_date = http_date
+    gunicorn.http.wsgi.base_environ = base_environ
 
 
 class _OneSendPerResponse:
@@ -68,6 +112,7 @@ class GracefulGeventWorker(GeventWorker):
         self._idle: set[Any] = set()
         self._keepalive_s = self.cfg.keepalive
         self._last_arrival = 0.0
+        cache_per_second_values(self.cfg)
         super().init_process()
 
     def handle(self, listener: Any, client: socket.socket, addr: Any) -> None:

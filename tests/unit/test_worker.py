@@ -37,3 +37,30 @@ def test_a_bodyless_response_is_flushed_and_100_continue_is_not_held():
     sock.flush()
     assert raw.sent[-1] == HEAD
     assert sock.fileno() == 42, "everything else is the real socket's"
+
+
+def test_the_date_and_the_constant_environ_are_made_once_a_second_with_the_same_values(monkeypatch):
+    import email.utils
+    import time
+
+    import gunicorn.http.wsgi
+    import gunicorn.util
+    from gunicorn.config import Config
+
+    from service import worker
+
+    monkeypatch.setattr(gunicorn.util, "http_date", gunicorn.util.http_date)
+    monkeypatch.setattr(gunicorn.http.wsgi, "base_environ", gunicorn.http.wsgi.base_environ)
+    cfg = Config()
+    worker.cache_per_second_values(cfg)
+    before = int(time.time())
+    date = gunicorn.util.http_date()
+    after = int(time.time())
+    assert date in {email.utils.formatdate(s, usegmt=True) for s in (before, after)}
+    assert gunicorn.util.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
+    first, second = gunicorn.http.wsgi.base_environ(cfg), gunicorn.http.wsgi.base_environ(cfg)
+    assert first == second and first is not second, "each request gets its own environ to add to"
+    assert first["wsgi.errors"] is second["wsgi.errors"], "one error stream wrapper within a second"
+    assert first.keys() == worker._ORIGINAL_BASE_ENVIRON(cfg).keys()
+    other = Config()
+    assert gunicorn.http.wsgi.base_environ(other)["wsgi.errors"] is not first["wsgi.errors"]
