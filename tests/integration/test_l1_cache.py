@@ -132,6 +132,17 @@ def test_answers_expire_after_the_ttl(cluster):
     assert refreshed
 
 
+def test_a_key_idle_long_past_its_ttl_is_answered_by_nginx_again(cluster):
+    # nginx's cache manager drops an entry unused for the TTL (`inactive`); the key's next
+    # requests store it anew. With open_file_cache in the L1's location, such a key was
+    # REVALIDATED upstream on every request instead, never a HIT again.
+    body = rows_body([5.9, 3.0, 4.2, 1.5])
+    assert [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
+    time.sleep(5 * TTL_S + 2)
+    states = [post(cluster, V1, body).headers["X-L1-Cache"] for _ in range(6)]
+    assert states[-3:] == ["HIT"] * 3, states
+
+
 def replica_304s(cluster) -> float:
     """304s the replicas answered (the L1's revalidations), summed from every replica's metrics."""
     total = 0.0
