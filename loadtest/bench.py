@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest import profile, report
+from balancer.render import BalancerSettings, access_log_flush_s
+from loadtest import peers, profile, report
 from loadtest.baseline import BASELINE_WORKERS, Baseline
 from loadtest.generators import (
     h2load_argv,
@@ -80,6 +81,9 @@ class Plan:
     # Redis topologies (localcluster.redis_topology) to compare the cache points on, each in
     # a cluster of its own, at the most replicas and the headline concurrency.
     redis_topologies: tuple[str, ...] = ()
+    # Dedicated model servers (loadtest.peers) measured beside the cluster in every round:
+    # iris, new rows, V2 bodies, at each concurrency, against the cluster at the most replicas.
+    peers: tuple[str, ...] = ()
 
     @property
     def headline_concurrency(self) -> int:
@@ -124,6 +128,7 @@ class Sweep:
         if plan.baseline:
             self.total += len(plan.concurrency) * len(plan.models)
         self.total += len(plan.redis_topologies) * len(plan.models) * len(plan.hit_ratios)
+        self.total += len(plan.concurrency) * (1 + len(plan.peers)) if plan.peers else 0
         self.total *= plan.rounds
         self.round = 0
         (out / "raw").mkdir(parents=True, exist_ok=True)
@@ -147,23 +152,25 @@ class Sweep:
         kind: str,
         url: str,
         components: dict[str, int],
-        access_log: Path,
+        access_log: Path | None,
         status_url: str | None,
         replicas: int,
         concurrency: int,
         hit_ratio: float,
         model: str,
+        protocol: str = "v1",
     ) -> dict[str, Any]:
-        """Run wrk for one point and collect everything the report shows about it."""
+        """Run wrk for one point and collect everything the report shows about it: with KServe
+        V1 bodies, or V2 ones (`protocol`); `access_log` None for a server that keeps none."""
         mix = Mix(pool_size=self.plan.pool_size, hit_ratio=hit_ratio, skew=self.plan.skew)
         if hit_ratio > 0:
             warm_caches(url, model, mix)
         nonce = random.SystemRandom().randint(10**5, 10**6 - 1)
         tag = f"{kind}-r{replicas}-c{concurrency}-h{int(hit_ratio * 100)}-{model}".replace(" ", "").replace(",", "-")
         tag += f"-round{self.round + 1}" if self.plan.rounds > 1 else ""
-        payloads = write_wrk_payloads(self.out / "raw" / f"{tag}.lua", model, mix, nonce)
+        payloads = write_wrk_payloads(self.out / "raw" / f"{tag}.lua", model, mix, nonce, protocol=protocol)
         argv = wrk_argv(url, concurrency, self.plan.seconds)
-        log_offset = access_log.stat().st_size if access_log.exists() else 0
+        log_offset = access_log.stat().st_size if access_log and access_log.exists() else 0
         stub_before = self._stub(status_url)
         cpu_before = snapshot(components)
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -181,9 +188,12 @@ class Sweep:
         cpu["load generator"] = (
             children_after.ru_utime + children_after.ru_stime - children_before.ru_utime - children_before.ru_stime
         ) / seconds
-        with access_log.open("rb") as log:
-            log.seek(log_offset)
-            access = summarize_access_log(line.decode(errors="replace") for line in log)
+        access = summarize_access_log([])
+        if access_log is not None:
+            time.sleep(ACCESS_LOG_SETTLE_S)  # nginx writes its access log in blocks
+            with access_log.open("rb") as log:
+                log.seek(log_offset)
+                access = summarize_access_log(line.decode(errors="replace") for line in log)
         stub = None
         if stub_before and stub_after:
             stub = {k: stub_after[k] - stub_before[k] for k in ("accepts", "handled", "requests")}
@@ -195,6 +205,7 @@ class Sweep:
             "concurrency": concurrency,
             "hit_ratio": hit_ratio,
             "model": model,
+            "protocol": protocol,
             **parsed,
             "access_log": access,
             "cpu_cores": cpu,
@@ -383,6 +394,13 @@ class Sweep:
         }
 
 
+# nginx buffers its access log (BALANCER_ACCESS_LOG_BUFFER): a point's lines are all in it
+# this long after its last answer.
+ACCESS_LOG_SETTLE_S = access_log_flush_s(BalancerSettings.from_env()) + 0.15
+
+# The model every peer serves (the cluster is measured on it too, in V2 bodies).
+PEER_MODEL = "iris"
+
 # h2load's GETs of the balancer's stub_status: nginx's fastest answer, the L1's ceiling.
 NGINX_FIXED_REPLY = "nginx's own reply (stub_status)"
 
@@ -451,6 +469,41 @@ def run_named_columns(sweep: Sweep) -> None:
     point = sweep.measure(report.NAMED_COLUMNS, url, pids, access_log, status_url, replicas, concurrency, 0.0, "churn")
     sweep.points.append(point)
     sweep.done += 1
+
+
+def start_peers(sweep: Sweep) -> dict[str, peers.MLServerPeer]:
+    """Every peer of the plan, installed if missing and started (the caller stops them)."""
+    started: dict[str, peers.MLServerPeer] = {}
+    try:
+        for name in sweep.plan.peers:
+            sweep.progress(f"starting {peers.KNOWN[name]} (loadtest/peers.py)")
+            artifact = ROOT / "models" / PEER_MODEL / "1" / "model.joblib"
+            peer = peers.MLServerPeer(sweep.out / f"{name}-run", PEER_MODEL, artifact, which("nginx") or "nginx")
+            started[name] = peer.start()
+    except BaseException:
+        for peer in started.values():
+            peer.stop()
+        raise
+    return started
+
+
+def run_peers(sweep: Sweep, started: dict[str, peers.MLServerPeer]) -> None:
+    """At each concurrency: the cluster as run_cluster left it (the most replicas), then each
+    peer, iris, new rows, the same V2 bodies: what a dedicated model server gives instead."""
+    replicas = sweep.plan.replicas[-1]
+    for concurrency in sweep.plan.concurrency:
+        sweep.progress(f"cluster, V2: {replicas} replica(s), c={concurrency}, new rows, {PEER_MODEL}")
+        url, pids, access_log, status_url = sweep.cluster_components()
+        point = sweep.measure(
+            report.CLUSTER_V2, url, pids, access_log, status_url, replicas, concurrency, 0.0, PEER_MODEL, "v2"
+        )
+        sweep.points.append(point)
+        sweep.done += 1
+        for name, peer in started.items():
+            sweep.progress(f"{peer.name}: c={concurrency}, new rows, {PEER_MODEL}")
+            point = sweep.measure(peer.name, peer.url, peer.pids(), None, None, 0, concurrency, 0.0, PEER_MODEL, "v2")
+            sweep.points.append({**point, "peer": name, "setup": peer.describe()})
+            sweep.done += 1
 
 
 def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
@@ -555,6 +608,13 @@ def evaluate_targets(
         0.5,
         True,
         lambda r: ratio(find(h2load, r, kind="cluster"), find(h2load, r, kind=NGINX_FIXED_REPLY), "rps"),
+    )
+    # The same V2 bodies, new rows, at the same concurrency, one after the other in a round.
+    add(
+        f"iris, new rows (V2): req/s vs {peers.MLSERVER}",
+        2.0,
+        True,
+        lambda r: ratio(point(r, report.CLUSTER_V2, "iris", 0.0), point(r, peers.MLSERVER, "iris", 0.0), "rps"),
     )
     add(
         "hot iris row through the L1 (h2load): req/s vs baseline",
@@ -741,6 +801,14 @@ def main(argv: list[str] | None = None) -> int:
         "against the first: e.g. --redis single,cluster",
     )
     parser.add_argument(
+        "--peers",
+        type=lambda s: tuple(p for p in s.split(",") if p and p != "none"),
+        metavar="PEERS",
+        help=f"also measure these dedicated model servers in every round, installed in .peers/ when missing "
+        f"({', '.join(peers.KNOWN)}; bench-targets: mlserver; none: no peer): iris, new rows, V2 bodies, beside "
+        "the cluster at the most replicas",
+    )
+    parser.add_argument(
         "--targets",
         action="store_true",
         help="only the performance targets' points, then one line per target (make bench-targets)",
@@ -781,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "rounds": args.rounds,
         "redis_topologies": args.redis,
+        "peers": args.peers if args.peers is not None else (("mlserver",) if args.targets else None),
     }
     overrides = {k: v for k, v in chosen.items() if v is not None}
     plan = Plan(
@@ -796,6 +865,9 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or ROOT / "reports" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    unknown_peers = set(plan.peers) - set(peers.KNOWN)
+    if unknown_peers:
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown_peers))}; known: {', '.join(peers.KNOWN)}")
     unknown = set(plan.redis_topologies) - set(TOPOLOGIES)
     if unknown:
         parser.error(f"--redis: unknown topology {', '.join(sorted(unknown))}; one of {', '.join(TOPOLOGIES)}")
@@ -810,12 +882,16 @@ def main(argv: list[str] | None = None) -> int:
         sweep.total += 2 * plan.rounds  # batching off, and the CPU reference
     baseline_argv = None
     locust = None
+    started: dict[str, peers.MLServerPeer] = {}
     try:
-        sweep.wait_until_quiet(sweep.cluster_components()[1])
+        started = start_peers(sweep)
+        peer_pids = {name: pid for peer in started.values() for name, pid in peer.pids().items()}
+        sweep.wait_until_quiet({**sweep.cluster_components()[1], **peer_pids})
         for round_no in range(plan.rounds):
             sweep.round = round_no
             sweep.run_cluster()
             run_named_columns(sweep)
+            run_peers(sweep, started)
             if round_no == 0:
                 ran = what_ran(cluster, out)
             for topology in plan.redis_topologies:
@@ -835,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep.progress("Locust: a realistic mix")
             locust = sweep.run_locust(url)
     finally:
+        for peer in started.values():
+            peer.stop()
         if reused and before:
             cluster.scale(before)
         elif not reused:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loadtest.payloads import Mix, around_first_value, pool_row
+from loadtest.payloads import Mix, around_first_value, model_width, pool_row
 
 LOADTEST = Path(__file__).resolve().parent
 WRK_SCRIPT = LOADTEST / "wrk_mix.lua"
@@ -21,15 +21,41 @@ def _lua_string(text: str) -> str:
     return f"[==[{text}]==]"
 
 
-def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: int = 50_000) -> Path:
-    """The Lua data file wrk_mix.lua loads: pool bodies, pre-drawn choices, fresh-row templates."""
-    pool = pool_bodies(model, mix)
-    tails = [around_first_value(pool_row(model, i))[1] + "]}" for i in range(min(mix.pool_size, 64))]
-    head = '{"instances":[' + around_first_value(pool_row(model, 0))[0]
+def v2_path(model: str) -> str:
+    """The Open Inference Protocol (V2) infer path of a model."""
+    return f"/v2/models/{model}/infer"
+
+
+# The V2 body around one row: one FP64 tensor of shape [1, width] and the `predict` output
+# only, a body MLServer and the cluster answer alike (the same labels, nothing else).
+_V2_HEAD = '{{"inputs":[{{"name":"input-0","shape":[1,{width}],"datatype":"FP64","data":'
+_V2_TAIL = '}],"outputs":[{"name":"predict"}]}'
+
+
+def _body_parts(model: str, protocol: str) -> tuple[str, str]:
+    """(head, tail) around a row's JSON in a single-row body of `protocol` (v1 or v2)."""
+    if protocol == "v1":
+        return '{"instances":[', "]}"
+    if protocol == "v2":
+        return _V2_HEAD.format(width=model_width(model)), _V2_TAIL
+    raise ValueError(f"unknown protocol {protocol!r}; v1 or v2")
+
+
+def write_wrk_payloads(
+    path: Path, model: str, mix: Mix, nonce: int, choices: int = 50_000, protocol: str = "v1"
+) -> Path:
+    """The Lua data file wrk_mix.lua loads: pool bodies, pre-drawn choices, fresh-row
+    templates, in KServe V1 (`instances`) or V2 (a tensor) bodies."""
+    body_head, body_tail = _body_parts(model, protocol)
+    if protocol == "v2" and isinstance(pool_row(model, 0), dict):
+        raise ValueError(f"{model}: V2 payloads here are one tensor of numbers, not named columns")
+    pool = pool_bodies(model, mix, protocol)
+    tails = [around_first_value(pool_row(model, i))[1] + body_tail for i in range(min(mix.pool_size, 64))]
+    head = body_head + around_first_value(pool_row(model, 0))[0]
     drawn = mix.choices(choices, seed=nonce)
     lua = [
         "return {",
-        f"  path = {_lua_string(predict_path(model))},",
+        f"  path = {_lua_string(predict_path(model) if protocol == 'v1' else v2_path(model))},",
         f"  fresh_head = {_lua_string(head + str(nonce))},",
         "  pool = {" + ",".join(_lua_string(body) for body in pool) + "},",
         "  tails = {" + ",".join(_lua_string(tail) for tail in tails) + "},",
@@ -40,9 +66,10 @@ def write_wrk_payloads(path: Path, model: str, mix: Mix, nonce: int, choices: in
     return path
 
 
-def pool_bodies(model: str, mix: Mix) -> list[str]:
+def pool_bodies(model: str, mix: Mix, protocol: str = "v1") -> list[str]:
     """Each pool row as the exact single-row body wrk sends for it (the L1 keys on the bytes)."""
-    return [json.dumps({"instances": [pool_row(model, i)]}, separators=(",", ":")) for i in range(mix.pool_size)]
+    head, tail = _body_parts(model, protocol)
+    return [head + json.dumps(pool_row(model, i), separators=(",", ":")) + tail for i in range(mix.pool_size)]
 
 
 def pool_batches(model: str, mix: Mix, batch_rows: int = 500) -> list[str]:

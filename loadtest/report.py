@@ -7,6 +7,7 @@ from the raw results of a sweep (so it can be rebuilt at any time).
 from __future__ import annotations
 
 import base64
+import collections
 import html
 import json
 import math
@@ -601,6 +602,60 @@ def named_columns(results: Results) -> list[Block]:
     ]
 
 
+# The kind of the cluster's points measured beside the peers (loadtest.bench.run_peers).
+CLUSTER_V2 = "cluster, V2"
+
+
+def peers(results: Results) -> list[Block]:
+    """Each peer's points against the cluster's at the same concurrency of the same round."""
+    peer_points = [p for p in results.points if p.get("peer")]
+    if not peer_points:
+        return []
+    out: list[Block] = [("h2", "Beside a dedicated model server")]
+    for kind in dict.fromkeys(p["kind"] for p in peer_points):
+        rows, ratios = [], collections.defaultdict(list)
+        for theirs in (p for p in peer_points if p["kind"] == kind):
+            ours = results.find(
+                CLUSTER_V2, concurrency=theirs["concurrency"], model=theirs["model"], round=theirs.get("round", 0)
+            )
+            if ours is None:
+                continue
+            ratio = ours["rps"] / theirs["rps"] if theirs["rps"] else math.nan
+            ratios[theirs["concurrency"]].append(ratio)
+            rows.append(
+                [str(theirs.get("round", 0) + 1), str(theirs["concurrency"]),
+                 _fmt(ours["rps"]) + _mark(ours), _fmt(ours["p50_ms"], 1), _fmt(ours["p99_ms"], 1),
+                 _fmt(theirs["rps"]) + _mark(theirs), _fmt(theirs["p50_ms"], 1), _fmt(theirs["p99_ms"], 1),
+                 f"{ratio:.2f}×"]
+            )  # fmt: skip
+        if not rows:
+            continue
+        spreads = []
+        for concurrency, values in sorted(ratios.items()):
+            finite = sorted(v for v in values if not math.isnan(v))
+            if finite:
+                spreads.append(f"c={concurrency}: {statistics.median(finite):.2f}× [{finite[0]:.2f}–{finite[-1]:.2f}]")
+        first = next(p for p in peer_points if p["kind"] == kind)
+        replicas = next(p["replicas"] for p in results.points if p["kind"] == CLUSTER_V2)
+        out += [
+            ("h3", kind),
+            (
+                "table",
+                ["round", "c", "cluster req/s", "p50 ms", "p99 ms", f"{kind} req/s", "p50 ms", "p99 ms", "ratio"],
+                rows,
+            ),
+            (
+                "p",
+                f"The same {first['model']} model file, the same V2 bodies (one FP64 row, the `predict` output), "
+                f"rows never sent before, wrk from the same machine, one after the other in each round: the "
+                f"cluster ({_count(replicas, 'replica')}, defaults) against {first.get('setup', kind)}. Cluster "
+                f"req/s over {kind}'s, median [min–max] over the rounds: {'; '.join(spreads)}. New rows are "
+                "the fair comparison: a peer has no cache, and the cluster answers a repeated row from its L1.",
+            ),
+        ]
+    return out
+
+
 def blocks(results: Results, folder: Path) -> list[Block]:
     """The report's content, rendered to Markdown and HTML alike."""
     env = results.env
@@ -669,6 +724,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
         )
     out.extend(cpu_reference(results))
     out.extend(named_columns(results))
+    out.extend(peers(results))
     for sentence in interpretation(results):
         out.append(("p", sentence))
     if results.raw.get("h2load"):
@@ -836,7 +892,7 @@ def to_markdown(content: list[Block], folder: Path) -> str:
     lines = []
     for block in content:
         kind = block[0]
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             lines.append(f"{'#' * int(kind[1])} {block[1]}\n")
         elif kind == "p":
             lines.append(f"{block[1]}\n")
@@ -858,7 +914,7 @@ def to_html(content: list[Block]) -> str:
     body = []
     for block in content:
         kind = block[0]
-        if kind in ("h1", "h2", "p"):
+        if kind in ("h1", "h2", "h3", "p"):
             body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
         elif kind == "pre":
             body.append(f"<pre>{html.escape(block[1])}</pre>")

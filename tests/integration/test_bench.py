@@ -28,12 +28,13 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     try:
         cluster.start(2, Ports.auto(DEFAULT_SLOTS))
         result = subprocess.run(
-            [sys.executable, "-m", "loadtest.bench", "--quick", "--out", str(out)],
+            # MLServer beside it: installed into .peers/ on first use (a few minutes, once).
+            [sys.executable, "-m", "loadtest.bench", "--quick", "--peers", "mlserver", "--out", str(out)],
             cwd=ROOT,
             env=bench_env,
             capture_output=True,
             text=True,
-            timeout=400,
+            timeout=900,
         )
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert cluster.status().replicas == 2, "a reused cluster is scaled back to where it was"
@@ -44,9 +45,21 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     expected = len(plan["replicas"]) * len(plan["concurrency"]) * len(plan["hit_ratios"]) * len(plan["models"])
     expected += len(plan["concurrency"]) * len(plan["models"])  # the baseline
     expected += 1  # the model of named columns (churn), beside iris's point
+    expected += 2 * len(plan["concurrency"])  # MLServer and the cluster with the same V2 bodies
     assert len(raw["points"]) == expected
     named = [p for p in raw["points"] if p["kind"] == "cluster, named columns"]
     assert [(p["model"], p["replicas"], p["concurrency"], p["hit_ratio"]) for p in named] == [("churn", 2, 32, 0.0)]
+    for kind in ("cluster, V2", "MLServer"):
+        side = [p for p in raw["points"] if p["kind"] == kind]
+        assert [(p["model"], p["concurrency"], p["protocol"]) for p in side] == [("iris", 8, "v2"), ("iris", 32, "v2")]
+    # MLServer's own processes (2 servers and its nginx) did the work, and were stopped after.
+    mlserver = [p for p in raw["points"] if p["kind"] == "MLServer"]
+    for point in mlserver:
+        servers = {name: cores for name, cores in point["cpu_cores"].items() if name.startswith("mlserver-")}
+        assert len(servers) == 2 and sum(servers.values()) > 0.3, point["cpu_cores"]
+    assert "MLServer 1.7.1" in mlserver[0]["setup"]
+    assert not [p for p in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+                if str(out / "mlserver-run") in p]  # fmt: skip
     with (out / "points.csv").open() as stream:
         assert len(list(csv.DictReader(stream))) == expected
     for point in raw["points"]:
@@ -63,6 +76,7 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
         assert run["s2xx"] == run["succeeded"] == run["done"], run
     assert raw["locust"]["exit_code"] == 0 and raw["locust"]["rows"]
     markdown = (out / "report.md").read_text()
+    assert "## Beside a dedicated model server" in markdown and "### MLServer" in markdown
     table = markdown.split("## Every point")[1].split("##")[0]
     assert table.count("\n| ") - 1 == expected
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))

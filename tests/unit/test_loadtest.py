@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from loadtest import bench, report
-from loadtest.generators import write_wrk_payloads
+from loadtest.generators import pool_bodies, write_wrk_payloads
 from loadtest.parsers import (
     parse_h2load,
     parse_h2load_log,
@@ -49,6 +50,61 @@ def test_wrk_payload_file_is_lua(tmp_path):
     text = path.read_text()
     assert text.startswith("return {") and "/v1/models/iris:predict" in text
     assert text.count("[==[") == 1 + 1 + 10 + 10
+
+
+def test_v2_payloads_are_the_same_rows_as_one_tensor_and_the_predict_output(tmp_path):
+    mix = Mix(pool_size=10, hit_ratio=0.0)
+    v1 = [json.loads(body) for body in pool_bodies("iris", mix)]
+    v2 = [json.loads(body) for body in pool_bodies("iris", mix, "v2")]
+    assert [b["inputs"][0]["data"] for b in v2] == [b["instances"][0] for b in v1]
+    assert v2[0]["inputs"][0]["shape"] == [1, 4] and v2[0]["outputs"] == [{"name": "predict"}]
+    text = write_wrk_payloads(tmp_path / "p.lua", "iris", mix, nonce=42, choices=10, protocol="v2").read_text()
+    assert "/v2/models/iris/infer" in text
+    # A fresh row: the head, a number, a tail make a whole V2 body.
+    head = text.split("fresh_head = [==[")[1].split("]==]")[0]
+    tail = text.split("tails = {[==[")[1].split("]==]")[0]
+    fresh = json.loads(head + "1.000000001" + tail)
+    assert fresh["inputs"][0]["data"][0] == 421.000000001 and len(fresh["inputs"][0]["data"]) == 4
+    with pytest.raises(ValueError, match="named columns"):
+        write_wrk_payloads(tmp_path / "c.lua", "churn", mix, nonce=42, choices=10, protocol="v2")
+
+
+def test_the_peer_venv_is_reused_only_for_the_same_requirements(tmp_path, monkeypatch):
+    from loadtest import peers
+
+    bin_dir = tmp_path / "mlserver" / "bin"
+    bin_dir.mkdir(parents=True)
+    (tmp_path / "mlserver" / "requirements.txt").write_text("a==1\nb==2\n")
+    assert peers.ensure_virtualenv("mlserver", ["a==1", "b==2"], root=tmp_path) == bin_dir
+    ran = []
+
+    def refused(argv, **kwargs):
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "no network")
+
+    monkeypatch.setattr(peers.subprocess, "run", refused)
+    with pytest.raises(peers.PeerError, match="could not install mlserver"):
+        peers.ensure_virtualenv("mlserver", ["a==1", "b==3"], root=tmp_path)
+    assert ran and not (tmp_path / "mlserver").exists(), "no half-made virtualenv is left"
+    pins = peers.mlserver_requirements()
+    assert "uvloop==0.21.0" in pins and any(p.startswith("scikit-learn==") for p in pins)
+    assert peers.mlserver_servers(2) == 2 and peers.mlserver_servers(8) == 8
+
+
+def test_the_report_puts_each_peer_beside_the_cluster_round_by_round(tmp_path):
+    raw = json.loads((FIXTURES / "results.json").read_text())
+    template = raw["points"][0]
+    for round_no, (ours, theirs) in enumerate(((2000.0, 900.0), (1800.0, 1000.0))):
+        raw["points"].append({**template, "kind": report.CLUSTER_V2, "rps": ours, "round": round_no, "concurrency": 32})
+        raw["points"].append(
+            {**template, "kind": "MLServer", "rps": theirs, "round": round_no, "concurrency": 32,
+             "peer": "mlserver", "setup": "2 × MLServer 1.7.1 behind nginx"}
+        )  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    markdown = report.build(tmp_path)["md"].read_text()
+    section = markdown.split("## Beside a dedicated model server")[1].split("\n## ")[0]
+    assert "### MLServer" in section and "2.22×" in section and "1.80×" in section
+    assert "c=32: 2.01× [1.80–2.22]" in section and "2 × MLServer 1.7.1 behind nginx" in section
 
 
 def test_parse_h2load_summary_and_log():
@@ -166,6 +222,11 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     points = []
     for round_no, ours in enumerate((2100.0, 1500.0, 2400.0)):
         points += [point("cluster", "iris", 0.0, ours, round_no), point("baseline", "iris", 0.0, 1000.0, round_no)]
+    for round_no, (ours, theirs) in enumerate(((2000.0, 900.0), (1800.0, 1000.0), (2100.0, 1000.0))):
+        points += [
+            point(report.CLUSTER_V2, "iris", 0.0, ours, round_no),
+            point("MLServer", "iris", 0.0, theirs, round_no),
+        ]
     kinds = (("cluster", 30000.0), ("baseline", 1000.0), (bench.NGINX_FIXED_REPLY, 75000.0))
     h2load = [{"kind": k, "rps": rps, "round": r} for r in range(3) for k, rps in kinds]
     cpu = [
@@ -180,6 +241,8 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     assert targets["hot iris row through the L1 (h2load): req/s vs baseline"]["measured"] == 30.0
     ceiling = targets["hot iris row through the L1 (h2load): req/s vs nginx's own fixed reply"]
     assert ceiling["measured"] == pytest.approx(0.4) and not ceiling["met"]
+    peer = targets["iris, new rows (V2): req/s vs MLServer"]
+    assert (peer["measured"], peer["min"], peer["max"]) == pytest.approx((2.1, 1.8, 20 / 9)) and peer["met"]
     share = targets["iris, all misses: replica worker CPU vs a minimal Flask app"]
     assert (share["measured"], share["min"], share["max"]) == pytest.approx((0.45, 0.4, 0.7)) and share["met"]
     points[0]["disturbance"]["disturbed"] = True
