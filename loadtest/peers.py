@@ -28,6 +28,7 @@ from types import TracebackType
 
 from loadtest.generators import pool_bodies, v2_path
 from loadtest.payloads import Mix
+from localcluster.balancer import default_worker_processes
 from localcluster.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def mlserver_servers(cores: int | None = None) -> int:
 
 def balancer_workers(cores: int | None = None) -> int:
     """nginx workers in front of a peer: as many as the local cluster's balancer runs."""
-    return max(1, (cores or os.cpu_count() or 1) // 4)
+    return default_worker_processes(cores)
 
 
 NGINX_CONF = """worker_processes {workers};

@@ -14,6 +14,16 @@ from localcluster.processes import ClusterError, children, wait_until
 from localcluster.state import State
 
 
+def default_worker_processes(cores: int | None = None) -> int:
+    """nginx workers of the local cluster: two (one per core below two), and a quarter of
+    the cores above eight. nginx needs a small share of what the replicas need for a
+    prediction (about 0.1 ms of CPU against 0.6), so more would only compete with them; but
+    one worker caps the L1 at one core while the replicas idle: on 2 cores a hot key ran at
+    0.35x nginx's own fixed reply with one worker, 0.52x with two (docs/performance.md)."""
+    cores = cores or os.cpu_count() or 1
+    return max(min(2, cores), cores // 4)
+
+
 class LocalBalancer:
     """Paths, rendering and reloads of the cluster's nginx under <run dir>/nginx."""
 
@@ -26,9 +36,7 @@ class LocalBalancer:
 
     def settings(self, state: State) -> BalancerSettings:
         """BALANCER_* settings from the environment; listeners, upstream and paths from the cluster."""
-        # nginx needs a small share of what the replicas need (about 0.1 ms of CPU per request
-        # against 0.6 ms): on a small machine one nginx worker leaves the cores to them.
-        environ = {"BALANCER_WORKER_PROCESSES": str(max(1, (os.cpu_count() or 1) // 4)), **self.environ}
+        environ = {"BALANCER_WORKER_PROCESSES": str(default_worker_processes()), **self.environ}
         slot_ports = [state.ports.replica_base + i for i in range(state.slots)]
         return BalancerSettings.from_env(
             environ,

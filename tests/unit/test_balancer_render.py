@@ -151,3 +151,10 @@ def test_the_access_log_is_buffered_with_a_bounded_delay(tmp_path):
     unbuffered = render(local(tmp_path, access_log_buffer=""))
     assert re.search(r"access_log \S+ json_lines\s*;", unbuffered)
     assert access_log_flush_s(local(tmp_path, access_log_buffer="")) == 0.0
+
+
+def test_the_local_cluster_runs_two_nginx_workers_and_a_quarter_of_many_cores():
+    from localcluster.balancer import default_worker_processes
+
+    # One worker would cap the L1 at one core while the replicas idle.
+    assert [default_worker_processes(c) for c in (1, 2, 4, 8, 12, 32)] == [1, 2, 2, 2, 3, 8]
