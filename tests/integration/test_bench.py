@@ -151,7 +151,9 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
         found = m["disturbance"]
         assert found["other_cores"] <= threshold and found["disturbed"] == (found["steal_cores"] > threshold), found
     assert all(m["disturbance"]["disturbed"] for m in measured["noisy"])
-    assert all(m["disturbance"]["other_cores"] > 0.5 for m in measured["noisy"]), "about one core: the burner"
+    # The burner's share of the 2 cores: about one core beside wrk and one replica; about a
+    # third beside h2load and nginx's two workers, which keep both cores busy (0.30 seen).
+    assert all(m["disturbance"]["other_cores"] > 0.2 for m in measured["noisy"]), "the burner's share of a core"
     assert "other processes keep" in noisy_run.stderr, "warned before measuring"
     assert "Do not trust this report" in (tmp_path / "noisy" / "report.md").read_text()
     quiet_report = (tmp_path / "quiet" / "report.md").read_text()
