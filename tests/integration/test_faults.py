@@ -76,6 +76,12 @@ def _access_log(cluster) -> list[dict]:
     return access_log(cluster.run_dir / "logs" / "access.log")
 
 
+def _not_ready_because(direct: str) -> str | None:
+    """Why a replica's /readyz says it is not ready; None while it says ready."""
+    readiness = requests.get(f"{direct}/readyz", timeout=5)
+    return readiness.json()["error"] if readiness.status_code == 503 else None
+
+
 def test_sigterm_drains_gracefully(restored):
     cluster = restored
     victim = cluster.status().component("replica-2")
@@ -84,9 +90,11 @@ def test_sigterm_drains_gracefully(restored):
     with PacedLoad(cluster.url, rate=150, clients=6, body=BATCH) as load:
         time.sleep(1)
         os.kill(victim.pid, signal.SIGTERM)
-        # /readyz turns 503 first, while the replica still answers predictions.
-        readiness = requests.get(f"{direct}/readyz", timeout=5)
-        assert readiness.status_code == 503 and "draining" in readiness.json()["error"]
+        # /readyz turns 503 first, while the replica still answers predictions. The signal
+        # reaches gunicorn's master and then its workers: a request sent at once can come
+        # before, so wait for it (well within the 2 s drain delay).
+        reason = wait_until(lambda: _not_ready_because(direct), 1.5, "/readyz to say not ready")
+        assert "draining" in reason
         assert requests.post(f"{direct}/predict", json={"features": [1, 2, 3, 4]}, timeout=5).status_code == 200
         wait_until(lambda: not cluster.status().component("replica-2").running, 40, "replica-2 to stop")
         time.sleep(1)
