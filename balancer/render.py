@@ -162,6 +162,13 @@ def access_log_flush_s(settings: BalancerSettings) -> float:
     return int(match.group(1)) * _FLUSH_UNITS_S[match.group(2) or ""] if match else 0.0
 
 
+def access_log_settle_s(environ: Mapping[str, str] | None = None) -> float:
+    """How long after an answer its access-log line is surely in the file, for a balancer
+    configured by `environ` (default: this process's environment): the flush time, and a
+    margin for nginx's timer and the write."""
+    return access_log_flush_s(BalancerSettings.from_env(os.environ if environ is None else environ)) + 0.15
+
+
 L1_MAX_BODY_LIMIT = 12288  # the cache key holds the body and must fit in proxy_buffer_size (16k)
 
 

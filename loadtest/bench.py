@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from balancer.render import BalancerSettings, access_log_flush_s
+from balancer.render import access_log_settle_s
 from loadtest import peers, profile, report
 from loadtest.baseline import BASELINE_WORKERS, Baseline
 from loadtest.generators import (
@@ -190,7 +190,7 @@ class Sweep:
         ) / seconds
         access = summarize_access_log([])
         if access_log is not None:
-            time.sleep(ACCESS_LOG_SETTLE_S)  # nginx writes its access log in blocks
+            time.sleep(access_log_settle_s(self.cluster.environ))  # nginx writes its log in blocks
             with access_log.open("rb") as log:
                 log.seek(log_offset)
                 access = summarize_access_log(line.decode(errors="replace") for line in log)
@@ -393,10 +393,6 @@ class Sweep:
             "command": " ".join(argv),
         }
 
-
-# nginx buffers its access log (BALANCER_ACCESS_LOG_BUFFER): a point's lines are all in it
-# this long after its last answer.
-ACCESS_LOG_SETTLE_S = access_log_flush_s(BalancerSettings.from_env()) + 0.15
 
 # The model every peer serves (the cluster is measured on it too, in V2 bodies).
 PEER_MODEL = "iris"

@@ -30,6 +30,7 @@ from loadtest.generators import pool_bodies, v2_path
 from loadtest.payloads import Mix
 from localcluster.balancer import default_worker_processes
 from localcluster.ports import free_port
+from localcluster.processes import ClusterError, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / ".peers"
@@ -87,11 +88,6 @@ def mlserver_servers(cores: int | None = None) -> int:
     return max(2, cores or os.cpu_count() or 2)
 
 
-def balancer_workers(cores: int | None = None) -> int:
-    """nginx workers in front of a peer: as many as the local cluster's balancer runs."""
-    return default_worker_processes(cores)
-
-
 NGINX_CONF = """worker_processes {workers};
 pid {run}/nginx.pid;
 error_log {run}/nginx-error.log warn;
@@ -144,7 +140,7 @@ class MLServerPeer:
         """The set-up, for the report."""
         return (
             f"{self.servers} × MLServer {MLSERVER_VERSION} (mlserver-sklearn, parallel_workers 0) behind nginx "
-            f"({balancer_workers()} worker(s), upstream keepalive 64)"
+            f"({default_worker_processes()} worker(s), upstream keepalive 64)"
         )
 
     def pids(self) -> dict[str, int]:
@@ -185,7 +181,7 @@ class MLServerPeer:
             self.port = free_port()
             nginx_dir = self.run_dir / "nginx"
             servers = "\n".join(f"        server 127.0.0.1:{port};" for port in ports)
-            conf = NGINX_CONF.format(workers=balancer_workers(), run=nginx_dir, servers=servers, port=self.port)
+            conf = NGINX_CONF.format(workers=default_worker_processes(), run=nginx_dir, servers=servers, port=self.port)
             (nginx_dir / "nginx.conf").write_text(conf)
             argv = [self.nginx, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"), "-e"]
             argv += [str(nginx_dir / "nginx-error.log"), "-g", "daemon off;"]
@@ -205,28 +201,28 @@ class MLServerPeer:
     def _wait_ready(self, ports: list[int]) -> None:
         """Every server ready for the model, then a real prediction through the nginx."""
         body = pool_bodies(self.model, Mix(pool_size=1, hit_ratio=0.0), "v2")[0].encode()
-        deadline = time.monotonic() + START_TIMEOUT_S
         pending = [f"http://127.0.0.1:{port}/v2/models/{self.model}/ready" for port in ports]
         pending.append(f"{self.url}{v2_path(self.model)}")
-        while pending:
+
+        def answered() -> bool:
             for name, process in self.processes.items():
                 if process.poll() is not None:
                     log = self.run_dir / (name if name.startswith("mlserver") else "nginx") / "log.txt"
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise PeerError(f"{name} exited with {process.returncode} while starting:\n{tail}")
-            url = pending[0]
-            try:
-                data = body if url.endswith("/infer") else None
-                headers = {"Content-Type": "application/json"}
-                with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=5) as response:
-                    if response.status == 200:
-                        pending.pop(0)
-                        continue
-            except (OSError, urllib.error.HTTPError):
-                pass
-            if time.monotonic() > deadline:
-                raise PeerError(f"MLServer did not answer {url} within {START_TIMEOUT_S:.0f} s (logs: {self.run_dir})")
-            time.sleep(0.5)
+            while pending:
+                data = body if pending[0].endswith("/infer") else None
+                request = urllib.request.Request(pending[0], data, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    if response.status != 200:
+                        return False
+                pending.pop(0)
+            return True
+
+        try:
+            wait_until(answered, START_TIMEOUT_S, "MLServer to answer", poll_s=0.5, tolerate=(OSError,))
+        except ClusterError as error:
+            raise PeerError(f"{error} (logs: {self.run_dir})") from error
 
     def stop(self) -> None:
         """SIGTERM each process group we started (by pid), SIGKILL what is left after 15 s."""

@@ -19,7 +19,7 @@ from typing import TypeVar
 import requests
 from requests.adapters import HTTPAdapter
 
-from balancer.render import BalancerSettings, access_log_flush_s
+from balancer.render import access_log_settle_s
 from localcluster import processes
 from localcluster.ports import free_port
 from localcluster.processes import ClusterError, which
@@ -356,9 +356,9 @@ class PacedLoad:
         return line
 
 
-# nginx writes its access log in blocks, each line at most the flush time of
-# BALANCER_ACCESS_LOG_BUFFER late: the log holds a request's line this long after its answer.
-ACCESS_LOG_SETTLE_S = access_log_flush_s(BalancerSettings.from_env()) + 0.15
+# nginx writes its access log in blocks (BALANCER_ACCESS_LOG_BUFFER): the log holds a
+# request's line this long after its answer.
+ACCESS_LOG_SETTLE_S = access_log_settle_s()
 
 
 def access_log(path: Path) -> list[dict]:
