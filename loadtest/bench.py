@@ -508,7 +508,11 @@ def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
     directly by wrk (all misses, the headline concurrency), one after the other. Absolute
     CPU per request moves between machines; the ratio of the two in one run does not."""
     args = argparse.Namespace(
-        model=model, hit_ratio=0.0, connections=sweep.plan.headline_concurrency, seconds=sweep.plan.seconds
+        model=model,
+        protocol="v1",
+        hit_ratio=0.0,
+        connections=sweep.plan.headline_concurrency,
+        seconds=sweep.plan.seconds,
     )
     sweep.progress(f"CPU per request: one replica worker vs a minimal Flask app, {model}")
     with profile.side_by_side(sweep.out / f"cpu-run-{sweep.round + 1}", model, sweep.cluster.environ) as workers:

@@ -59,6 +59,17 @@ def predict(name):
     proba = model.predict_proba(rows)
     labels = [classes[i] for i in proba.argmax(axis=1)]
     return jsonify(predictions=labels, probabilities=proba.tolist())
+
+
+@app.post("/v2/models/<name>/infer")
+def infer(name):
+    tensor = request.get_json()["inputs"][0]
+    rows = np.asarray(tensor["data"], dtype=float).reshape(tensor["shape"])
+    labels = [classes[i] for i in model.predict_proba(rows).argmax(axis=1)]
+    return jsonify(
+        model_name=name,
+        outputs=[{{"name": "predict", "datatype": "BYTES", "shape": [len(labels)], "data": labels}}],
+    )
 '''
 
 
@@ -73,17 +84,23 @@ def only_worker(master: int) -> int:
     return int(wait_until(lambda: [pid for pid, _ in children(master)], 30, "the gunicorn worker")[0])
 
 
+def py_spy() -> str:
+    """The py-spy command: on PATH, or beside this Python (the virtualenv's)."""
+    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+
 def measure(
     url: str, worker: int, args: argparse.Namespace, out: Path, tag: str, profile: bool = False
 ) -> dict[str, float]:
     """One wrk run against `url`: req/s and the worker's CPU ms per request."""
     mix = Mix(pool_size=1000, hit_ratio=args.hit_ratio, skew="zipf")
-    payloads = write_wrk_payloads(out / f"{tag}.lua", args.model, mix, random.SystemRandom().randint(10**5, 10**6))
+    nonce = random.SystemRandom().randint(10**5, 10**6)
+    payloads = write_wrk_payloads(out / f"{tag}.lua", args.model, mix, nonce, protocol=args.protocol)
     spy = None
     if profile:
         spy = subprocess.Popen(
             [
-                shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                py_spy(),
                 "record",
                 "-p",
                 str(worker),
@@ -200,9 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the replica's SERVICE_CACHE_POLICY (auto decides "
         "per worker whether Redis pays for this model; off: the compute path alone)",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=("v1", "v2"),
+        default="v1",
+        help="KServe V1 bodies, or V2 ones (one FP64 tensor, the predict output: the bodies of --peers)",
+    )
     parser.add_argument("--no-profile", action="store_true", help="only the CPU per request")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if not args.no_profile and not Path(py_spy()).exists():
+        parser.error("py-spy is not installed: `.venv/bin/pip install py-spy`, or pass --no-profile")
     out = (args.out or ROOT / "reports" / f"profile-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -213,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (url, worker) in targets.items():
                 runs[name].append(measure(url, worker, args, out, f"{name.split()[0]}-{round_no}"))
         print(
-            f"{args.model}, {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, c={args.connections}, "
+            f"{args.model} ({args.protocol}), {args.hit_ratio:.0%} hits, cache policy {args.cache_policy}, "
+            f"c={args.connections}, "
             "one gevent worker, "
             f"{args.rounds} round(s) of {args.seconds:g} s (median)"
         )

@@ -1,11 +1,21 @@
 """The worker's socket wrapper: a response leaves in one send, whatever gunicorn does."""
 
+import socket
+import threading
+
 from service.worker import _OneSendPerResponse
 
 
 class RecordingSocket:
-    def __init__(self) -> None:
+    """Records each system call's bytes; `send` takes at most `max_send` of them."""
+
+    def __init__(self, max_send: int = 1 << 30) -> None:
         self.sent: list[bytes] = []
+        self.max_send = max_send
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data[: self.max_send]))
+        return len(self.sent[-1])
 
     def sendall(self, data: bytes) -> None:
         self.sent.append(bytes(data))
@@ -26,6 +36,38 @@ def test_head_and_body_leave_together():
     assert raw.sent == [HEAD + b"{}"]
     sock.flush()
     assert raw.sent == [HEAD + b"{}"], "nothing left to flush"
+
+
+def test_what_one_send_leaves_behind_goes_with_sendall():
+    raw = RecordingSocket(max_send=10)
+    sock = _OneSendPerResponse(raw)
+    sock.sendall(HEAD)
+    sock.sendall(b"{}")
+    assert raw.sent == [HEAD[:10], HEAD[10:] + b"{}"]
+
+
+def test_a_large_response_arrives_whole_over_a_real_socket():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        body = bytes(range(256)) * 8192  # 2 MiB: far more than one send takes
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+        received = bytearray()
+        reader = threading.Thread(target=lambda: _read(theirs, len(head) + len(body), received))
+        reader.start()
+        sock = _OneSendPerResponse(ours)
+        sock.sendall(head)
+        sock.sendall(body)
+        reader.join(timeout=30)
+        assert bytes(received) == head + body
+
+
+def _read(sock: socket.socket, size: int, into: bytearray) -> None:
+    while len(into) < size:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        into += chunk
 
 
 def test_a_bodyless_response_is_flushed_and_100_continue_is_not_held():
