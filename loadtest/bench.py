@@ -50,6 +50,7 @@ from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import busy_cores, memory, snapshot, watching
 from loadtest.warmup import warm_caches
 from localcluster import Cluster, Ports, free_port
+from localcluster.balancer import worker_processes
 from localcluster.cluster import DEFAULT_SLOTS, setting
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
@@ -474,7 +475,10 @@ def start_peers(sweep: Sweep) -> dict[str, peers.MLServerPeer]:
         for name in sweep.plan.peers:
             sweep.progress(f"starting {peers.KNOWN[name]} (loadtest/peers.py)")
             artifact = ROOT / "models" / PEER_MODEL / "1" / "model.joblib"
-            peer = peers.MLServerPeer(sweep.out / f"{name}-run", PEER_MODEL, artifact, which("nginx") or "nginx")
+            # In front of it, as many nginx workers as the cluster's balancer runs.
+            workers = worker_processes(sweep.cluster.environ)
+            nginx = which("nginx") or "nginx"
+            peer = peers.MLServerPeer(sweep.out / f"{name}-run", PEER_MODEL, artifact, nginx, nginx_workers=workers)
             started[name] = peer.start()
     except BaseException:
         for peer in started.values():

@@ -122,8 +122,18 @@ class MLServerPeer:
 
     name = MLSERVER
 
-    def __init__(self, run_dir: Path, model: str, artifact: Path, nginx: str, servers: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        model: str,
+        artifact: Path,
+        nginx: str,
+        servers: int | None = None,
+        nginx_workers: str | None = None,
+    ) -> None:
+        """`nginx_workers`: as many as the cluster's balancer runs (default: its default)."""
         self.run_dir = run_dir
+        self.nginx_workers = nginx_workers or str(default_worker_processes())
         self.model = model
         self.artifact = artifact
         self.nginx = nginx
@@ -140,7 +150,7 @@ class MLServerPeer:
         """The set-up, for the report."""
         return (
             f"{self.servers} × MLServer {MLSERVER_VERSION} (mlserver-sklearn, parallel_workers 0) behind nginx "
-            f"({default_worker_processes()} worker(s), upstream keepalive 64)"
+            f"({self.nginx_workers} worker(s), upstream keepalive 64)"
         )
 
     def pids(self) -> dict[str, int]:
@@ -181,7 +191,7 @@ class MLServerPeer:
             self.port = free_port()
             nginx_dir = self.run_dir / "nginx"
             servers = "\n".join(f"        server 127.0.0.1:{port};" for port in ports)
-            conf = NGINX_CONF.format(workers=default_worker_processes(), run=nginx_dir, servers=servers, port=self.port)
+            conf = NGINX_CONF.format(workers=self.nginx_workers, run=nginx_dir, servers=servers, port=self.port)
             (nginx_dir / "nginx.conf").write_text(conf)
             argv = [self.nginx, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"), "-e"]
             argv += [str(nginx_dir / "nginx-error.log"), "-g", "daemon off;"]

@@ -24,6 +24,12 @@ def default_worker_processes(cores: int | None = None) -> int:
     return max(min(2, cores), cores // 4)
 
 
+def worker_processes(environ: Mapping[str, str]) -> str:
+    """The nginx workers a local cluster started with `environ` runs: its
+    BALANCER_WORKER_PROCESSES, else default_worker_processes()."""
+    return environ.get("BALANCER_WORKER_PROCESSES") or str(default_worker_processes())
+
+
 class LocalBalancer:
     """Paths, rendering and reloads of the cluster's nginx under <run dir>/nginx."""
 
@@ -36,7 +42,7 @@ class LocalBalancer:
 
     def settings(self, state: State) -> BalancerSettings:
         """BALANCER_* settings from the environment; listeners, upstream and paths from the cluster."""
-        environ = {"BALANCER_WORKER_PROCESSES": str(default_worker_processes()), **self.environ}
+        environ = {**self.environ, "BALANCER_WORKER_PROCESSES": worker_processes(self.environ)}
         slot_ports = [state.ports.replica_base + i for i in range(state.slots)]
         return BalancerSettings.from_env(
             environ,
