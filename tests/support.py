@@ -127,6 +127,17 @@ def repository_status(cluster) -> dict:
     return requests.get(cluster.internal_url + "/v2/repository/status", headers=operator(cluster), timeout=5).json()
 
 
+def wait_converged(cluster, generation: int) -> None:
+    """Until every worker of every replica (at least two) serves `generation`, as the
+    model repository's status says (at most 30 s)."""
+
+    def done() -> bool:
+        status = repository_status(cluster)
+        return status["converged"] and status["generation"] == generation and len(status["workers"]) >= 2
+
+    wait_until(done, 30, f"every worker to converge on generation {generation}")
+
+
 def start_redis(tmp: Path, port: int | None = None, extra: Sequence[str] = ()) -> tuple[Server, int]:
     """A throwaway redis-server on loopback, no persistence, ready when returned."""
     port = port or free_port()

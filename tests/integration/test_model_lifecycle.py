@@ -19,7 +19,7 @@ from tests.support import (
     copy_model_version,
     repository_call,
     repository_status,
-    wait_until,
+    wait_converged,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -42,12 +42,7 @@ def cluster(start_cluster, models):
 
 def _converged(cluster, generation: int, started: float) -> float:
     """Seconds from `started` until every worker of every replica serves `generation`."""
-
-    def done() -> bool:
-        status = repository_status(cluster)
-        return status["converged"] and status["generation"] == generation and len(status["workers"]) >= 2
-
-    wait_until(done, 30, f"every worker to converge on generation {generation}")
+    wait_converged(cluster, generation)
     return time.monotonic() - started
 
 

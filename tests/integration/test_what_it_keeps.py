@@ -24,7 +24,14 @@ from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
 from service.artifacts import sha256_of
-from tests.support import PacedLoad, copy_model_version, repository_call, repository_status, wait_until
+from tests.support import (
+    PacedLoad,
+    copy_model_version,
+    repository_call,
+    repository_status,
+    wait_converged,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -79,16 +86,8 @@ def _version_call(cluster, action: str, name: str, version: str) -> int:
     answer = repository_call(cluster, f"/v2/repository/models/{name}/{action}", {"parameters": {"version": version}})
     assert answer.status_code == 200, answer.text
     generation = int(answer.json()["generation"])
-    _converged(cluster, generation)
+    wait_converged(cluster, generation)
     return generation
-
-
-def _converged(cluster, generation: int) -> None:
-    def done() -> bool:
-        status = _status(cluster)
-        return status.get("converged") and status["generation"] == generation and len(status["workers"]) >= 2
-
-    wait_until(done, 30, f"every worker to converge on generation {generation}")
 
 
 def _served_versions(cluster, name: str) -> list[list[str]]:
@@ -144,7 +143,7 @@ def test_an_unloaded_version_stays_unloaded_when_redis_loses_the_record(cluster,
     # Every replica restarting (Redis keeps the record): they read it before serving.
     cluster.restart()
     assert _served_versions(cluster, "iris") == [["1"], ["1"]]
-    _converged(cluster, generation)
+    wait_converged(cluster, generation)
 
 
 def test_a_malformed_record_is_refused_and_convergence_goes_on(cluster):
@@ -165,7 +164,7 @@ def test_a_malformed_record_is_refused_and_convergence_goes_on(cluster):
     changed = repository_call(cluster, "/v2/repository/models/iris/policy", {"default": "1"})
     assert changed.status_code == 200, changed.text
     assert changed.json()["generation"] > generation
-    _converged(cluster, changed.json()["generation"])
+    wait_converged(cluster, changed.json()["generation"])
     restored = repository_call(cluster, "/v2/repository/models/iris/policy", {"default": "latest"})
     assert restored.status_code == 200, restored.text
 
