@@ -93,19 +93,22 @@ class _OneSendPerResponse:
             data, self._head = self._head + bytes(data), b""
         if args:
             self._sock.sendall(data, *args)
-            return
+        else:
+            self._send(data)
+
+    def flush(self) -> None:
+        """Send a held head whose response had no body."""
+        if self._head:
+            head, self._head = self._head, b""
+            self._send(head)
+
+    def _send(self, data: bytes) -> None:
         # gevent's sendall asks the kernel for the socket's send buffer size (a getsockopt
         # system call, about 4 % of a worker's CPU per iris request) before its first send;
         # a response of a few hundred bytes leaves whole in one send, the rest via sendall.
         sent = self._sock.send(data)
         if sent < len(data):
             self._sock.sendall(memoryview(data)[sent:])
-
-    def flush(self) -> None:
-        """Send a held head whose response had no body."""
-        if self._head:
-            head, self._head = self._head, b""
-            self._sock.sendall(head)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
