@@ -252,3 +252,22 @@ def test_every_service_is_hardened_and_locusts_ui_stays_on_loopback(compose):
     ]
     published = [port for service in compose["services"].values() for port in service.get("ports", [])]
     assert published == ["${BALANCER_HOST_PORT:-8080}:8080", compose["services"]["locust-master"]["ports"][0]]
+
+
+def test_fixed_addresses_lie_outside_the_range_the_engine_hands_out(compose):
+    """A container given an address by the engine must never take one a service names:
+    that one is reserved only while its container runs."""
+    import ipaddress
+
+    fixed = [
+        (network, ipaddress.ip_address(options["ipv4_address"]))
+        for service in compose["services"].values()
+        if isinstance(service.get("networks"), dict)
+        for network, options in service["networks"].items()
+        if options and "ipv4_address" in options
+    ]
+    assert fixed, "the redis-cluster nodes have fixed addresses"
+    for network, address in fixed:
+        (config,) = compose["networks"][network]["ipam"]["config"]
+        assert address in ipaddress.ip_network(config["subnet"]), (network, str(address))
+        assert address not in ipaddress.ip_network(config["ip_range"]), (network, str(address))
