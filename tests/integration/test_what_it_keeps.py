@@ -72,10 +72,6 @@ def _redis(cluster) -> redis.Redis:
     return redis.Redis(port=cluster.status().component("redis").port, password=cluster.redis_password or None)
 
 
-def _status(cluster) -> dict:
-    return repository_status(cluster)
-
-
 def _replicas(cluster) -> list[str]:
     return [f"http://127.0.0.1:{c.port}" for c in cluster.status().components if c.kind == "replica"]
 
@@ -110,7 +106,7 @@ def _watch_unloaded(cluster, generation: int, what: str, seconds: float = 6.0) -
         assert time.monotonic() - started < 30, f"{what}: the record never held generation {generation} again"
         served = _served_versions(cluster, "iris")
         assert all(versions == ["1"] for versions in served), f"{what}: an unloaded version came back: {served}"
-        status = _status(cluster)
+        status = repository_status(cluster)
         said.add(f"generation {status.get('generation')}, record {status.get('record', {}).get('state')}")
         if restored_s is None and status.get("record", {}).get("generation") == generation:
             restored_s = round(time.monotonic() - started, 2)
@@ -147,11 +143,11 @@ def test_an_unloaded_version_stays_unloaded_when_redis_loses_the_record(cluster,
 
 
 def test_a_malformed_record_is_refused_and_convergence_goes_on(cluster):
-    generation = _status(cluster)["generation"]
+    generation = repository_status(cluster)["generation"]
     store = _redis(cluster)
     for poison in (b"{}", b"not json", json.dumps({"generation": "x", "models": []}).encode()):
         store.set(REPOSITORY_KEY, poison)
-        said = _status(cluster)
+        said = repository_status(cluster)
         assert said["generation"] == generation, said
         wait_until(
             lambda: json.loads(store.get(REPOSITORY_KEY) or b"{}").get("generation") == generation,
