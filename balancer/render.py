@@ -107,6 +107,11 @@ class BalancerSettings:
         "answer (a file write each, even for requests never repeated).",
     )
     l1_size: str = _setting("64m", "Most disk (tmpfs in containers) the L1's answers take.")
+    l1_keys: str = _setting(
+        "16m",
+        "Shared memory for the L1's keys, about 8,000 a megabyte. Every request the L1 looks up holds a key for "
+        "BALANCER_L1_TTL_S, stored or not: new requests a second times the TTL must fit (16m: 25,000/s at 5 s).",
+    )
     l1_lock_timeout_ms: str = _setting(
         "50",
         "Identical concurrent misses wait this long for the first one's answer (nginx looks once, at the end) "

@@ -227,6 +227,48 @@ def test_a_model_whose_caching_is_declared_off_is_never_micro_cached(start_clust
     assert "X-Accel-Expires" not in answers[0].headers, "nginx keeps the replica's instruction to itself"
 
 
+def test_requests_the_l1_has_no_room_to_count_are_answered_by_a_replica(start_cluster):
+    """The L1 holds a key for every request it looks up, stored or not, for the TTL. When
+    its keys' memory is full and nginx cannot free a key in time (a full zone, two nginx
+    workers competing for what one frees), nginx fails the lookup with a 500 of its own: a
+    stream of new rows faster than its cache manager expires keys once gave a few 500s a
+    benchmark point. Such a request goes to a replica instead, uncached. Here: a zone of a
+    few dozen keys, more requests in flight than it holds."""
+    small = start_cluster(
+        2,
+        BALANCER_L1_CACHE="on",
+        BALANCER_L1_KEYS="12k",
+        BALANCER_WORKER_PROCESSES="2",
+        BALANCER_L1_TTL_S="60",
+        BALANCER_RATE_LIMIT_EXEMPT="127.0.0.1/32",
+    )
+    bodies = [rows_body([4.0 + i / 1000, 3.0, 1.0 + (i % 50) / 10, 0.5]) for i in range(800)]
+    statuses: list[int] = []
+    states: set[str] = set()
+    lock = threading.Lock()
+
+    def send(part: list[bytes]) -> None:
+        with requests.Session() as session:
+            for body in part:
+                answer = post(small, V1, body, session=session)
+                with lock:
+                    statuses.append(answer.status_code)
+                    states.add(answer.headers.get("X-L1-Cache", ""))
+                if answer.status_code != 200:
+                    assert answer.headers["Content-Type"] == "application/json", answer.text
+
+    threads = [threading.Thread(target=send, args=(bodies[i::48],)) for i in range(48)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(statuses) == len(bodies)
+    assert {s: statuses.count(s) for s in set(statuses)} == {200: len(bodies)}
+    errors = (small.run_dir / "logs" / "nginx-error.log").read_text()
+    assert "could not allocate node" in errors, "the zone was not full: the test proved nothing"
+    assert "BYPASS" in states, states
+
+
 def test_the_benchmark_warms_its_pool_into_the_l1_with_the_bytes_wrk_sends(cluster):
     """A 100 % hits point must be hits in the L1 too, not a replica's answer for every row's
     first BALANCER_L1_MIN_USES requests (which once made the report's tails those of Python)."""

@@ -158,3 +158,21 @@ def test_the_local_cluster_runs_two_nginx_workers_and_a_quarter_of_many_cores():
 
     # One worker would cap the L1 at one core while the replicas idle.
     assert [default_worker_processes(c) for c in (1, 2, 4, 8, 12, 32)] == [1, 2, 2, 2, 3, 8]
+
+
+def test_a_location_with_error_pages_of_its_own_answers_every_status_the_server_does(tmp_path):
+    """error_page in a location replaces the server's whole list: a status added to the
+    server's and forgotten in such a location would be nginx's HTML page there."""
+    text = render(local(tmp_path))
+    server = text.split("\n    server {", 1)[1].split("\n    server {", 1)[0]
+
+    def statuses(block: str) -> set[str]:
+        return {s for line in re.findall(r"^\s*error_page ([^;]+);", block, re.M) for s in line.split() if s.isdigit()}
+
+    top_level = statuses("\n".join(line for line in server.splitlines() if re.match(r"^ {8}error_page", line)))
+    assert {"400", "429", "500", "502", "504"} <= top_level
+    locations = re.findall(r"^ {8}location [^@{][^{]*\{(.*?)^ {8}\}", server, re.M | re.S)
+    own = [block for block in locations if "error_page" in block]  # not the named ones: last resorts
+    assert len(own) >= 2, "the model repository's and the L1's"
+    for block in own:
+        assert statuses(block).issuperset(top_level), block
