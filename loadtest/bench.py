@@ -584,6 +584,7 @@ def evaluate_targets(
                 "at_least": at_least,
                 "met": median >= goal if at_least else median <= goal,
                 "disturbed": any(p.get("disturbance", {}).get("disturbed") for p in used),
+                "failed_requests": sum(report.failed_requests(p) for p in used),
             }
         )
 
@@ -664,6 +665,8 @@ def print_targets(targets: list[dict[str, Any]]) -> str:
         measured = f"{t['measured']:.2f}" if t["measured"] is not None else "n/a"
         spread = f"  [{t['min']:.2f}–{t['max']:.2f}, {t['runs']} runs]" if t.get("runs", 1) > 1 else ""
         why = "  (disturbed: other processes used the CPU meanwhile)" if t.get("disturbed") else ""
+        if t.get("failed_requests"):
+            why += f"  ({t['failed_requests']} requests in its points got no 2xx answer)"
         lines.append(
             f"{report.verdict(t):<6}  {t['target']:<56} {measured:>7}  (target {sign} {t['goal']:g}){spread}{why}"
         )

@@ -36,8 +36,19 @@ def _ratio(a: float, b: float) -> str:
 
 
 def verdict(target: dict[str, Any]) -> str:
-    """MET, MISS, or UNSURE when a point it was judged from was disturbed."""
+    """ERRORS when a point it was judged from had failed requests (its numbers count them
+    as served), UNSURE when one was disturbed, else MET or MISS."""
+    if target.get("failed_requests"):
+        return "ERRORS"
     return "UNSURE" if target.get("disturbed") else "MET" if target["met"] else "MISS"
+
+
+def failed_requests(point: dict[str, Any]) -> int:
+    """Requests of a point (wrk's or h2load's) that got no 2xx answer: statuses, socket
+    errors, timeouts."""
+    statuses = point.get("statuses") or {}
+    bad = sum(count for status, count in statuses.items() if not str(status).startswith("2"))
+    return bad + sum(int(point.get(field) or 0) for field in ("socket_errors", "errored", "timeout"))
 
 
 def disturbed(point: dict[str, Any] | None) -> bool:
@@ -719,7 +730,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                 "p",
                 "Each target's value is measured within one round (cluster and baseline interleaved); "
                 "the verdict goes by the median over the rounds. UNSURE: a point behind it was "
-                "disturbed.",
+                "disturbed. ERRORS: requests in a point behind it got no 2xx answer (see Every point).",
             )
         )
     out.extend(cpu_reference(results))

@@ -249,6 +249,17 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     shaken = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
     assert report.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
     assert "[1.50–2.40, 3 runs]" in bench.print_targets(list(targets.values()))
+    # A point with requests that got no 2xx (nginx's 500s once hid in a new-rows point's
+    # req/s) makes its targets ERRORS, whatever their ratio; h2load's failures count too.
+    points[0]["disturbance"]["disturbed"] = False
+    points[2]["statuses"] = {"200": 47210, "500": 4}
+    h2load[0].update({"statuses": {"200": 9}, "errored": 2})
+    failing = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
+    assert failing["iris, all misses: req/s vs baseline"]["failed_requests"] == 4
+    assert report.verdict(failing["iris, all misses: req/s vs baseline"]) == "ERRORS"
+    assert report.verdict(failing["hot iris row through the L1 (h2load): req/s vs baseline"]) == "ERRORS"
+    assert report.verdict(failing["iris, new rows (V2): req/s vs MLServer"]) == "MET"
+    assert "(4 requests in its points got no 2xx answer)" in bench.print_targets(list(failing.values()))
 
 
 def test_the_report_never_shows_a_redis_password_whatever_the_topology():
