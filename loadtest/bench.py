@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from balancer.render import access_log_settle_s
+from balancer.render import BalancerSettings, access_log_settle_s
 from loadtest import peers, profile, report
 from loadtest.baseline import BASELINE_WORKERS, Baseline
 from loadtest.generators import (
@@ -475,10 +475,19 @@ def start_peers(sweep: Sweep) -> dict[str, peers.MLServerPeer]:
         for name in sweep.plan.peers:
             sweep.progress(f"starting {peers.KNOWN[name]} (loadtest/peers.py)")
             artifact = ROOT / "models" / PEER_MODEL / "1" / "model.joblib"
-            # In front of it, as many nginx workers as the cluster's balancer runs.
+            # In front of it, an nginx run as the cluster's balancer runs: as many workers,
+            # the same scheduling policy (measured: batch neither helps nor hurts MLServer).
             workers = worker_processes(sweep.cluster.environ)
+            scheduling = BalancerSettings.from_env(sweep.cluster.environ).scheduling
             nginx = which("nginx") or "nginx"
-            peer = peers.MLServerPeer(sweep.out / f"{name}-run", PEER_MODEL, artifact, nginx, nginx_workers=workers)
+            peer = peers.MLServerPeer(
+                sweep.out / f"{name}-run",
+                PEER_MODEL,
+                artifact,
+                nginx,
+                nginx_workers=workers,
+                nginx_scheduling=scheduling,
+            )
             started[name] = peer.start()
     except BaseException:
         for peer in started.values():

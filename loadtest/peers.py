@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from balancer.render import BalancerSettings, scheduling_argv
 from loadtest.generators import pool_bodies, v2_path
 from loadtest.payloads import Mix
 from localcluster.balancer import default_worker_processes
@@ -130,10 +131,13 @@ class MLServerPeer:
         nginx: str,
         servers: int | None = None,
         nginx_workers: str | None = None,
+        nginx_scheduling: str | None = None,
     ) -> None:
-        """`nginx_workers`: as many as the cluster's balancer runs (default: its default)."""
+        """`nginx_workers`, `nginx_scheduling`: as the cluster's balancer runs (default: its
+        defaults)."""
         self.run_dir = run_dir
         self.nginx_workers = nginx_workers or str(default_worker_processes())
+        self.nginx_scheduling = nginx_scheduling or BalancerSettings().scheduling
         self.model = model
         self.artifact = artifact
         self.nginx = nginx
@@ -150,7 +154,7 @@ class MLServerPeer:
         """The set-up, for the report."""
         return (
             f"{self.servers} × MLServer {MLSERVER_VERSION} (mlserver-sklearn, parallel_workers 0) behind nginx "
-            f"({self.nginx_workers} worker(s), upstream keepalive 64)"
+            f"({self.nginx_workers} worker(s), {self.nginx_scheduling} scheduling, upstream keepalive 64)"
         )
 
     def pids(self) -> dict[str, int]:
@@ -193,7 +197,8 @@ class MLServerPeer:
             servers = "\n".join(f"        server 127.0.0.1:{port};" for port in ports)
             conf = NGINX_CONF.format(workers=self.nginx_workers, run=nginx_dir, servers=servers, port=self.port)
             (nginx_dir / "nginx.conf").write_text(conf)
-            argv = [self.nginx, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"), "-e"]
+            prefix = scheduling_argv(BalancerSettings(scheduling=self.nginx_scheduling))
+            argv = [*prefix, self.nginx, "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"), "-e"]
             argv += [str(nginx_dir / "nginx-error.log"), "-g", "daemon off;"]
             self._spawn("nginx (MLServer's)", argv, nginx_dir / "log.txt")
             self._wait_ready(ports)

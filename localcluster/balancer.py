@@ -4,12 +4,13 @@ checked with `nginx -t` before it replaces the running configuration."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from balancer.render import BalancerSettings, RenderError, render
+from balancer.render import BalancerSettings, RenderError, render, scheduling_argv
 from localcluster.processes import ClusterError, children, wait_until
 from localcluster.state import State
 
@@ -85,8 +86,19 @@ class LocalBalancer:
         return self.logs / "nginx-error.log"
 
     def argv(self) -> list[str]:
-        """nginx in the foreground on the rendered configuration."""
+        """nginx in the foreground on the rendered configuration, under BALANCER_SCHEDULING's
+        policy (chrt execs nginx: the pid is nginx's)."""
+        try:
+            prefix = scheduling_argv(BalancerSettings.from_env(self.environ))
+        except RenderError as exc:
+            raise ClusterError(f"balancer configuration: {exc}") from None
+        if prefix and shutil.which(prefix[0]) is None:
+            raise ClusterError(
+                f"BALANCER_SCHEDULING=batch needs {prefix[0]} (util-linux): install it, "
+                "or set BALANCER_SCHEDULING=normal"
+            )
         return [
+            *prefix,
             self.nginx,
             "-p",
             str(self.prefix),

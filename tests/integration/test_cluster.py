@@ -329,6 +329,10 @@ def test_the_cli_starts_scales_changes_restarts_and_stops_a_cluster_leaving_noth
         assert "replica-1" in up.stdout and "healthy" in up.stdout
         status = json.loads(cli("status", "--json").stdout)
         assert {c["name"] for c in status["components"]} == {"nginx", "redis", "replica-1"}
+        # nginx, its workers and cache processes under SCHED_BATCH (BALANCER_SCHEDULING's default).
+        nginx = next(c["pid"] for c in status["components"] if c["name"] == "nginx")
+        for pid in [nginx, *(child for child, _ in children(nginx))]:
+            assert os.sched_getscheduler(pid) == os.SCHED_BATCH, Path(f"/proc/{pid}/cmdline").read_text()
         # The other commands, as a user types them.
         scaled = cli("scale", "2")
         assert scaled.returncode == 0 and "scaled to 2" in scaled.stdout, scaled.stderr

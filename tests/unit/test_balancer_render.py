@@ -16,6 +16,7 @@ from balancer.render import (
     render,
     substitute,
 )
+from localcluster.processes import ClusterError
 from tests.support import system_tool
 
 NGINX = system_tool("nginx")
@@ -67,6 +68,7 @@ def test_resolve_variant_for_compose(tmp_path):
         ({"upstream_resolve": "on"}, "needs BALANCER_RESOLVER"),
         ({"access_log_buffer": "buffer=64k"}, "not like buffer=64k flush=100ms"),
         ({"access_log_buffer": "64k"}, "not like buffer=64k flush=100ms"),
+        ({"scheduling": "fifo"}, "not batch or normal"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, overrides, message):
@@ -176,3 +178,15 @@ def test_a_location_with_error_pages_of_its_own_answers_every_status_the_server_
     assert len(own) >= 2, "the model repository's and the L1's"
     for block in own:
         assert statuses(block).issuperset(top_level), block
+
+
+def test_nginx_starts_under_the_scheduling_policy_it_is_given(tmp_path):
+    from localcluster.balancer import LocalBalancer
+
+    def argv(**environ: str) -> list[str]:
+        return LocalBalancer(tmp_path, environ, "/usr/sbin/nginx").argv()
+
+    assert argv()[:4] == ["chrt", "--batch", "0", "/usr/sbin/nginx"], "batch by default"
+    assert argv(BALANCER_SCHEDULING="normal")[0] == "/usr/sbin/nginx"
+    with pytest.raises(ClusterError, match="not batch or normal"):
+        argv(BALANCER_SCHEDULING="rr")

