@@ -718,9 +718,20 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
         "service_non_default": {k: v for k, v in common.items() if defaults.get(k) != v},
         "per_replica": {name: {k: v for k, v in r.items() if k not in common} for name, r in replicas.items()},
         "nginx_conf": "raw/nginx.conf",
-        "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)],
+        "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)]
+        + [f"# scheduling policy of nginx's processes: {nginx_scheduling(cluster)}"],
         "redis_topology": cluster.status().redis_topology,
     }
+
+
+def nginx_scheduling(cluster: Cluster) -> str:
+    """The Linux scheduling policy the cluster's nginx master runs under (BALANCER_SCHEDULING)."""
+    names = {os.SCHED_OTHER: "SCHED_OTHER (normal)", os.SCHED_BATCH: "SCHED_BATCH"}
+    try:
+        policy = os.sched_getscheduler(cluster.status().component("nginx").pid)
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+    return names.get(policy, str(policy))
 
 
 def environment(plan: Plan, baseline_argv: dict[str, list[str]] | None, ran: dict[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,7 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     assert environment["service_non_default"]["cache.policy"] == "*=on"
     assert set(environment["per_replica"]) == {"replica-1", "replica-2"}
     assert "gzip_min_length 2048;" in environment["nginx_directives"]
+    assert "# scheduling policy of nginx's processes: SCHED_BATCH" in environment["nginx_directives"]
     assert "gzip_min_length 2048;" in (out / "raw" / "nginx.conf").read_text()
     assert "batching.max_wait_ms=2.5" in markdown and "gzip_min_length 2048;" in markdown
     # The words match the numbers: the replicas' times come from a point they answered, the

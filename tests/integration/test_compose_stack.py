@@ -589,6 +589,11 @@ def test_the_l1_micro_cache_answers_repeats_in_the_container(stack):
     assert len({a.content for a in answers}) == 1
     listed = stack.compose("exec", "-T", "balancer", "find", "/tmp/nginx/l1", "-type", "f").stdout.split()
     assert listed, "the answers are kept in the tmpfs (the root filesystem is read-only)"
+    # The image's entrypoint started nginx under SCHED_BATCH (policy 3 in /proc/<pid>/stat),
+    # and its workers inherited it (BALANCER_SCHEDULING's default).
+    stats = stack.compose("exec", "-T", "balancer", "sh", "-c", "cat /proc/[0-9]*/stat").stdout.splitlines()
+    policies = {int(line.split()[0]): int(line.rsplit(")", 1)[1].split()[38]) for line in stats if "(nginx)" in line}
+    assert len(policies) >= 2 and set(policies.values()) == {3}, policies
 
 
 def test_down_leaves_nothing_behind(stack):

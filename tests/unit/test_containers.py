@@ -204,7 +204,7 @@ def test_the_image_execs_nginx_under_the_scheduling_policy(tmp_path, scheduling,
     """The envsh runs in a subshell of the entrypoint's pipeline; the policy must reach the
     process the entrypoint execs, which is nginx (here a stand-in that reports its own)."""
     reporter = tmp_path / "report-policy"
-    reporter.write_text('#!/bin/sh\nchrt -p $$\n')
+    reporter.write_text("#!/bin/sh\nchrt -p $$\n")
     reporter.chmod(0o755)
     settings = {**SETTINGS["static"], "BALANCER_TEMP_DIR": str(tmp_path / "nginx-tmp")}
     settings["BALANCER_PID_FILE"] = str(tmp_path / "run" / "nginx.pid")
