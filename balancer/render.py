@@ -47,7 +47,8 @@ class BalancerSettings:
         "batch",
         "Linux scheduling policy of nginx's processes. batch (SCHED_BATCH): nginx does not preempt a replica on "
         "the cores they share at each request it wakes for, and takes up its ready connections at the next tick "
-        "(iris new rows +11-16 % with 2 replicas on 2 cores, no change at c=1); normal: the kernel's default.",
+        "(iris new rows +11-16 % with 2 replicas on 2 cores, no change at c=1); normal: as started (the kernel's "
+        "default).",
     )
     upstream_keepalive: str = _setting("64", "Idle connections per nginx worker kept to the replicas.")
     upstream_keepalive_timeout_s: str = _setting(
