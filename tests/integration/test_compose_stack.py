@@ -27,6 +27,7 @@ import requests
 from balancer.render import container_settings
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
+from localcluster.processes import ClusterError
 from tests.containers import ComposeEngine, ComposeStack
 from tests.support import ACCESS_LOG_SETTLE_S, ROOT, PacedLoad, dropped_by, free_port, upstream_attempts, wait_until
 
@@ -307,19 +308,15 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
         added = set(six) - before
         assert len(added) == 2 and len(six) == 6, six
 
-        def first_served() -> dict[str, float]:
+        def served_first() -> dict[str, float]:
             seen: dict[str, float] = {}
             for r in load.since(started):
                 if r.served_by in added and r.served_by not in seen:
                     seen[r.served_by] = r.started
-            return seen if len(seen) == len(added) else {}
+            return seen
 
-        firsts = wait_until(first_served, RESOLVER_VALID_S + 30, "the added replicas to receive traffic")
-        # nginx re-resolves `api` every RESOLVER_VALID_S. A replica it tried while still
-        # starting (refused, or 503 while loading) is out for FAIL_TIMEOUT_S, and is tried
-        # again after it; 1 s more for the load's pacing.
-        bound = RESOLVER_VALID_S + FAIL_TIMEOUT_S + 1
-        if max(firsts.values()) - healthy > bound:
+        def evidence(why: str) -> AssertionError:
+            """What nginx sent the added replicas, where they are, and its log."""
             addresses = {a for cid in added for a in stack.addresses(six[cid])}
             fields = ("time", "status", "upstream_addr", "upstream_status", "upstream_connect_time")
             tried = [
@@ -327,12 +324,30 @@ def test_scale_4_to_6_to_2_under_load_fails_no_request(stack):
                 for line in access_log(stack)[log_mark:]
                 if any(a.split(":")[0] in addresses for a, _, _ in upstream_attempts(line))
             ]
+            served = load.counts(load.since(started))
             errors = stack.compose("logs", "--no-color", "--tail", "80", "balancer", check=False).stdout
-            raise AssertionError(
-                f"added replicas served {max(firsts.values()) - healthy:.1f} s after healthy "
-                f"(bound {bound} s): {firsts}\nrequests sent to them: {tried[:40]}\n"
-                f"balancer log:\n{errors[-6000:]}"
+            return AssertionError(
+                f"{why}: first served, s after healthy: "
+                f"{ {cid: round(t - healthy, 1) for cid, t in served_first().items()} }; added {sorted(added)} "
+                f"at {sorted(addresses)}; load since the scale-up {served}\nrequests sent to them: "
+                f"{tried[:40]}\nbalancer log:\n{errors[-6000:]}"
             )
+
+        try:
+            firsts = wait_until(
+                lambda: (seen := served_first()) and len(seen) == len(added) and seen,
+                RESOLVER_VALID_S + 30,
+                "the added replicas to receive traffic",
+            )
+        except ClusterError as exc:
+            raise evidence(str(exc)) from None
+        # nginx re-resolves `api` every RESOLVER_VALID_S. A replica it tried while still
+        # starting (refused, or 503 while loading) is out for FAIL_TIMEOUT_S, and is tried
+        # again after it; 1 s more for the load's pacing.
+        bound = RESOLVER_VALID_S + FAIL_TIMEOUT_S + 1
+        if max(firsts.values()) - healthy > bound:
+            late_s = max(firsts.values()) - healthy
+            raise evidence(f"added replicas served {late_s:.1f} s after healthy (bound {bound} s)")
         phases["4->6"] = {
             "up_to_healthy_s": round(healthy - started, 1),
             # <= 0: nginx sent them requests before compose saw them healthy.
