@@ -51,7 +51,7 @@ from loadtest.procstat import busy_cores, memory, snapshot, watching
 from loadtest.warmup import warm_caches
 from localcluster import Cluster, Ports, free_port
 from localcluster.balancer import worker_processes
-from localcluster.cluster import DEFAULT_SLOTS, setting
+from localcluster.cluster import DEFAULT_SLOTS, Status, setting
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
 from service.redis_url import RedisUrlError, parse_redis_url, redact_url
@@ -694,6 +694,7 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
     """The cluster's settings as it ran, read from it: each replica's effective settings
     (from the environment its process started with) and the nginx.conf nginx runs."""
     conf = cluster.nginx_conf.read_text()
+    status = cluster.status()
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "raw" / "nginx.conf").write_text(conf)
     replicas = {
@@ -719,16 +720,16 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
         "per_replica": {name: {k: v for k, v in r.items() if k not in common} for name, r in replicas.items()},
         "nginx_conf": "raw/nginx.conf",
         "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)]
-        + [f"# scheduling policy of nginx's processes: {nginx_scheduling(cluster)}"],
-        "redis_topology": cluster.status().redis_topology,
+        + [f"# scheduling policy of nginx's processes: {nginx_scheduling(status)}"],
+        "redis_topology": status.redis_topology,
     }
 
 
-def nginx_scheduling(cluster: Cluster) -> str:
+def nginx_scheduling(status: Status) -> str:
     """The Linux scheduling policy the cluster's nginx master runs under (BALANCER_SCHEDULING)."""
     names = {os.SCHED_OTHER: "SCHED_OTHER (normal)", os.SCHED_BATCH: "SCHED_BATCH"}
     try:
-        policy = os.sched_getscheduler(cluster.status().component("nginx").pid)
+        policy = os.sched_getscheduler(status.component("nginx").pid)
     except (OSError, KeyError, ValueError):
         return "unknown"
     return names.get(policy, str(policy))

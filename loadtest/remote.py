@@ -232,7 +232,7 @@ def _order(item: tuple[tuple, Any]) -> tuple:
 
 def blocks(results: dict[str, Any], folder: Path) -> list[tuple[Any, ...]]:
     """The report of a remote run, in report.py's blocks (so the same writers render it)."""
-    from loadtest.report import _figure, _fmt
+    from loadtest.report import _figure, _fmt, failed_requests
 
     plan, points = results["plan"], results["points"]
     plots = folder / "plots"
@@ -268,7 +268,7 @@ def blocks(results: dict[str, Any], folder: Path) -> list[tuple[Any, ...]]:
                 _fmt(_median([p["p50_ms"] for p in group]), 2),
                 _fmt(_median([p["p99_ms"] for p in group]), 2),
                 _shares(cache),
-                str(sum(p["non_2xx"] + p["socket_errors"] for p in group)),
+                str(sum(failed_requests(p) for p in group)),
             ]
         )
     out += [

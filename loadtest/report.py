@@ -46,8 +46,10 @@ def verdict(target: dict[str, Any]) -> str:
 def failed_requests(point: dict[str, Any]) -> int:
     """Requests of a point (wrk's or h2load's) that got no 2xx answer: statuses, socket
     errors, timeouts."""
-    statuses = point.get("statuses") or {}
-    bad = sum(count for status, count in statuses.items() if not str(status).startswith("2"))
+    if "non_2xx" in point:  # wrk's, counted by the parser
+        bad = int(point["non_2xx"])
+    else:
+        bad = sum(count for status, count in (point.get("statuses") or {}).items() if not str(status).startswith("2"))
     return bad + sum(int(point.get(field) or 0) for field in ("socket_errors", "errored", "timeout"))
 
 
@@ -424,7 +426,7 @@ def interpretation(results: Results) -> list[str]:
                 f"The cache, {model}: {high:.0%} hits give {_fmt(hits['rps'])} req/s against "
                 f"{_fmt(miss['rps'])} at {low:.0%} ({gain:.2f}×): {meaning}."
             )
-    failures = sum(p["non_2xx"] + p["socket_errors"] for p in results.points)
+    failures = sum(failed_requests(p) for p in results.points)
     sentences.append(
         "Errors: none in any point."
         if not failures
@@ -804,7 +806,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                 _fmt(p["p90_ms"], 1),
                 _fmt(p["p99_ms"], 1),
                 _fmt(p["max_ms"], 1),
-                str(p["non_2xx"] + p["socket_errors"]),
+                str(failed_requests(p)),
                 " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
                 _l1_share(p),
                 " ".join(str(v) for _, v in sorted(p["served_by"].items())),
