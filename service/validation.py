@@ -7,6 +7,7 @@ Pure functions with no Flask: the REST layer maps InputError to a JSON error res
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NoReturn
 
 import numpy as np
@@ -59,8 +60,10 @@ class NonFinite:
 
 
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8 only, bounded nesting; a NaN or Infinity becomes a NonFinite
-    marker, which no validator accepts as a number."""
+    """Strict JSON: UTF-8 only, bounded nesting, numbers a 64-bit float holds, strings UTF-8
+    can carry; a NaN or Infinity becomes a NonFinite marker, which no validator accepts as a
+    number. Every value that comes back is one orjson gives: the rest of the service never
+    meets an integer of 400 digits or a lone surrogate, whichever parser read the body."""
     if not body:
         fail("request body is empty; send a JSON object")
     try:
@@ -72,13 +75,60 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         fail(f"request body is not valid UTF-8 (byte {exc.start})")
     try:
-        return json.loads(text, parse_constant=NonFinite)
+        parsed = json.loads(text, parse_constant=NonFinite, parse_int=_json_int, parse_float=_json_float)
     except RecursionError:
         fail("JSON nested too deeply")
     except json.JSONDecodeError as exc:
         fail(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
-    except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
-        fail("a number in the body has too many digits; send 64-bit floats")
+    _refuse_lone_surrogates(parsed)
+    return parsed
+
+
+# Integers orjson keeps as integers; beyond them it gives a float, as _json_int does.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+# More digits than any finite float64 has (the largest is 309 digits long).
+_MAX_NUMBER_CHARS = 400
+
+
+def _json_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, as orjson reads it: a finite float64."""
+    if len(text) > _MAX_NUMBER_CHARS:
+        fail(f"a number in the body is too large (over {_MAX_NUMBER_CHARS} characters); send 64-bit floats")
+    value = float(text)
+    if not math.isfinite(value):
+        fail(f"a number in the body is too large for a 64-bit float ({text[:20]}...)")
+    return value
+
+
+def _json_int(text: str) -> int | float:
+    """A JSON integer as orjson reads it: an int within 64 bits, else a finite float64."""
+    if len(text) > _MAX_NUMBER_CHARS:
+        fail(f"a number in the body is too large (over {_MAX_NUMBER_CHARS} characters); send 64-bit floats")
+    value = int(text)
+    if _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+        return value
+    return _json_float(text)
+
+
+def _refuse_lone_surrogates(parsed: Any) -> None:
+    """A 400 if a string (or an object's key) holds a UTF-16 surrogate escape without its
+    pair ("\\ud800"): JSON's escapes allow one, UTF-8 cannot carry it, so nothing that
+    writes it out again (a response, a log, a cache key) could."""
+    stack = [parsed]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    fail(f"a string in the body holds a lone UTF-16 surrogate (\\u{ord(item[exc.start]):04x})")
+        elif kind is list:
+            stack.extend(item)
+        elif kind is dict:
+            stack.extend(item)
+            stack.extend(item.values())
 
 
 def type_name(value: Any) -> str:

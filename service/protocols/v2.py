@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,8 +300,7 @@ def decode(
     inputs = payload.get("inputs")
     if type(inputs) is not list or not inputs:
         fail("'inputs' must be a non-empty array of tensors")
-    names = {c.name for c in columns or ()}
-    if columns is not None and (len(inputs) > 1 or type(inputs[0]) is not dict or inputs[0].get("name") in names):
+    if columns is not None and (len(inputs) > 1 or _names_a_column(inputs[0], columns)):
         rows, used = _by_column(inputs, columns, max_rows, binary)
     else:
         if len(inputs) != 1:
@@ -315,6 +315,14 @@ def decode(
     return V2Request(rows, request_id, selected, binary_outputs)
 
 
+def _names_a_column(tensor: Any, columns: tuple[Column, ...]) -> bool:
+    """Whether a lone input tensor is one of the named columns (else: all columns in one matrix)."""
+    if type(tensor) is not dict:
+        return True  # _by_column says what is wrong with it
+    name = tensor.get("name")
+    return type(name) is not str or any(c.name == name for c in columns)
+
+
 def _outputs(outputs: Any, output_names: tuple[str, ...], all_binary: bool) -> tuple[tuple[str, ...] | None, frozenset]:
     if outputs is None:
         return None, frozenset(output_names if all_binary else ())
@@ -324,6 +332,11 @@ def _outputs(outputs: Any, output_names: tuple[str, ...], all_binary: bool) -> t
     unknown = [n for n in names if n not in output_names]
     if unknown:
         fail(f"unknown output {unknown[0]!r}; this model has {list(output_names)}")
+    # Each output once: the answer is then bounded by the rows and the model's outputs,
+    # never multiplied by the request (50 copies of a 1,024-row answer are 3 MB).
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        fail(f"output {repeated[0]!r} is asked for more than once; name each output once")
     binary = set()
     for i, output in enumerate(outputs):
         wanted = _flag(output.get("parameters"), "binary_data", f"outputs[{i}]")
