@@ -9,6 +9,8 @@ is the route table's (service.routes); the operator's routes are service.reposit
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, Response, g, request
 
 from service import __version__
@@ -71,15 +73,19 @@ def healthz() -> Response:
 def readyz() -> Response:
     """Models loaded and not draining."""
     current = state()
+    unavailable = current.registry.unavailable()
     if current.is_ready():
-        return json_response({"status": "ready", "models": current.registry.names()})
+        answer: dict[str, Any] = {"status": "ready", "models": current.registry.names()}
+        if unavailable:  # versions whose folder failed to load: served by no worker here
+            answer["unavailable"] = unavailable
+        return json_response(answer)
     if current.draining:
         reason = "draining (shutting down)"
     elif current.registry.ready:
         reason = "another worker of this replica is still loading its models"
     else:
         reason = "; ".join(current.registry.errors)
-    return json_response({"error": f"not ready: {reason}"}, 503)
+    return json_response({"error": f"not ready: {reason}", "unavailable": unavailable}, 503)
 
 
 def metrics() -> Response:

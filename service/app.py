@@ -75,7 +75,12 @@ def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings, m
     """Load the models (the versions the desired state lists), leave a mark that this
     worker is ready (see _workers_ready), then converge on the desired state for ever."""
     connect = _repository(settings)
-    registry.load_until_ready(functools.partial(_desired_now, connect))
+    # A loader that died would leave /readyz saying "still loading" for ever.
+    supervise(
+        functools.partial(registry.load_until_ready, functools.partial(_desired_now, connect)),
+        functools.partial(_thread_failed, metrics, "loader"),
+        once=True,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"ready-{os.getpid()}").touch()
     if connect is not None:
@@ -90,12 +95,12 @@ def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings, m
             on_record=metrics.repository_record_read,
             on_restore=metrics.repository_restores.inc,
         )
-        supervise(converger.run_forever, functools.partial(_converger_failed, metrics))
+        supervise(converger.run_forever, functools.partial(_thread_failed, metrics, "converger"))
 
 
-def _converger_failed(metrics: Metrics, exc: BaseException) -> None:
-    metrics.repository_converger_failures.inc()
-    log.error("model repository: the converger failed (%s: %s); restarting it", type(exc).__name__, exc, exc_info=exc)
+def _thread_failed(metrics: Metrics, which: str, exc: BaseException) -> None:
+    metrics.repository_converger_failures.labels(which).inc()
+    log.error("models: the %s failed (%s: %s); restarting it", which, type(exc).__name__, exc, exc_info=exc)
 
 
 def _workers_ready(folder: Path) -> bool:

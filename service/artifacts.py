@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from service.columns import Column, columns_from_json, example_row, frame, typed_rows
 from service.serving import ServingError, ServingOptions
-from service.validation import InputError
+from service.validation import InputError, type_name
 
 TASKS = ("classification", "regression")
 
@@ -47,9 +48,10 @@ def sha256_of(path: Path) -> str:
 def declared_sha256(folder: Path) -> str | None:
     """The sha256 a model folder's model.json declares (None: unreadable), without loading it."""
     try:
-        return str(json.loads((folder / "model.json").read_text(encoding="utf-8"))["sha256"]).lower()
-    except (OSError, ValueError, KeyError, TypeError):
+        declared = _read_meta(folder / "model.json", "model.json").raw.get("sha256")
+    except ModelError:
         return None
+    return declared.lower() if type(declared) is str else None
 
 
 @dataclass(frozen=True)
@@ -105,47 +107,118 @@ class LoadedModel:
         return typed_rows([list(self.example_row or example_row(self.columns))] * count)
 
 
+SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+_KIND_NAMES = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
+
+
+class _Meta:
+    """model.json read field by field, each checked against its type: a field that is
+    missing or of another type is a ModelError naming it, never a TypeError further on.
+    model.json is input like a request body: a copied, hand-edited or half-written file
+    must not stop the registry, only its own version."""
+
+    def __init__(self, raw: Any, where: str) -> None:
+        self.where = where
+        self.raw = self._object(raw, "model.json")
+
+    def fail(self, message: str) -> NoReturn:
+        raise ModelError(f"{self.where}: {message}")
+
+    def _object(self, value: Any, field: str) -> dict[str, Any]:
+        if type(value) is not dict:
+            self.fail(f"{field} must be an object, got {type_name(value)}")
+        return value
+
+    def get(self, block: dict[str, Any], key: str, kinds: tuple[type, ...], field: str, default: Any = ...) -> Any:
+        """block[key] if it is of one of `kinds` (bool is never an int here)."""
+        if key not in block:
+            if default is ...:
+                self.fail(f"{field} is missing")
+            return default
+        value = block[key]
+        if type(value) not in kinds:
+            names = " or ".join(_KIND_NAMES[kind] for kind in kinds)
+            self.fail(f"{field} must be {names}, got {type_name(value)}")
+        return value
+
+    def text(self, block: dict[str, Any], key: str, field: str, default: Any = ...) -> str:
+        value = self.get(block, key, (str,), field, default)
+        if value is not default and not value:
+            self.fail(f"{field} must not be empty")
+        return value
+
+    def block(self, key: str) -> dict[str, Any]:
+        return self._object(self.get(self.raw, key, (dict,), key), key)
+
+
+def _read_meta(meta_path: Path, where: str) -> _Meta:
+    """model.json as a checked _Meta; ModelError if unreadable or not an object."""
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{where}: unreadable ({type(exc).__name__})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{where}: not valid JSON ({str(exc)[:120]})") from None
+    return _Meta(raw, where)
+
+
 def load_model(folder: Path) -> LoadedModel:
-    """Verify and load one `models/<name>/<version>/` folder, or raise ModelError."""
-    meta_path = folder / "model.json"
+    """Verify and load one `models/<name>/<version>/` folder, or raise ModelError. Messages
+    name the folder as `<name>/<version>`, never an absolute path: they reach /readyz."""
+    label = f"{folder.parent.name}/{folder.name}"
+    where = f"{label}/model.json"
+    meta = _read_meta(folder / "model.json", where)
+    raw = meta.raw
+    version_value = meta.get(raw, "version", (str, int), "version")
+    name, version = meta.text(raw, "name", "name"), str(version_value)
+    artifact_name = meta.text(raw, "artifact", "artifact")
+    expected_sha = meta.text(raw, "sha256", "sha256")
+    if not SHA256_HEX.match(expected_sha):
+        meta.fail("sha256 must be 64 hexadecimal digits")
+    expected_sha = expected_sha.lower()
+    inputs, outputs = meta.block("inputs"), meta.block("outputs")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: unreadable metadata ({exc})") from None
-    try:
-        name, version = str(meta["name"]), str(meta["version"])
-        artifact = folder / str(meta["artifact"])
-        expected_sha = str(meta["sha256"]).lower()
-        inputs, outputs = meta["inputs"], meta["outputs"]
         columns = columns_from_json(inputs["columns"], "inputs.columns") if "columns" in inputs else None
-        width = int(inputs["width"]) if columns is None else len(columns)
-        feature_names = [str(n) for n in inputs["feature_names"]] if columns is None else [c.name for c in columns]
-        classes = list(outputs.get("classes", []))
-        task = meta.get("task", "classification" if classes else "regression")
-        example = _example(inputs.get("example"), width, columns)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: missing or bad field {exc}") from None
-    if task not in TASKS:
-        raise ModelError(f"{meta_path}: task must be one of {', '.join(TASKS)}, not {task!r}")
-    if task == "classification" and not classes:
-        raise ModelError(f"{meta_path}: a classifier needs outputs.classes")
-    if name != folder.parent.name or version != folder.name:
-        raise ModelError(f"{meta_path}: says {name}/{version} but lives in {folder.parent.name}/{folder.name}")
-    if artifact.resolve().parent != folder.resolve():
-        raise ModelError(f"{meta_path}: artifact must be a file inside {folder}")
-    if len(feature_names) != width or width <= 0:
-        raise ModelError(f"{meta_path}: width {width} but {len(feature_names)} feature names")
+    except ValueError as exc:
+        meta.fail(str(exc))
+    if columns is None:
+        width = meta.get(inputs, "width", (int,), "inputs.width")
+        feature_names = meta.get(inputs, "feature_names", (list,), "inputs.feature_names")
+        if not all(type(n) is str for n in feature_names):
+            meta.fail("inputs.feature_names must be strings")
+    else:
+        width, feature_names = len(columns), [c.name for c in columns]
+    classes = meta.get(outputs, "classes", (list,), "outputs.classes", [])
+    if not all(type(c) in (str, int) for c in classes):
+        meta.fail("outputs.classes must be strings or integers")
+    task = meta.get(raw, "task", (str,), "task", "classification" if classes else "regression")
     try:
-        serving = ServingOptions.from_json(meta.get("serving", {}))
+        example = _example(inputs.get("example"), width, columns)
+    except ValueError as exc:
+        meta.fail(str(exc))
+    if task not in TASKS:
+        meta.fail(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task == "classification" and not classes:
+        meta.fail("a classifier needs outputs.classes")
+    if name != folder.parent.name or version != folder.name:
+        meta.fail(f"says {name}/{version} but lives in {label}")
+    artifact = folder / artifact_name
+    if artifact.resolve().parent != folder.resolve():
+        meta.fail(f"artifact must be a file inside {label}")
+    if len(feature_names) != width or width <= 0:
+        meta.fail(f"width {width} but {len(feature_names)} feature names")
+    try:
+        serving = ServingOptions.from_json(raw.get("serving", {}))
     except ServingError as exc:
-        raise ModelError(f"{meta_path}: {exc}") from None
+        meta.fail(str(exc))
+    shown = f"{label}/{artifact_name}"
     try:
         actual_sha = sha256_of(artifact)
     except OSError as exc:
-        raise ModelError(f"{artifact}: unreadable artifact ({exc})") from None
+        raise ModelError(f"{shown}: unreadable artifact ({type(exc).__name__})") from None
     if actual_sha != expected_sha:
         raise ModelError(
-            f"{artifact}: sha256 {actual_sha} does not match model.json ({expected_sha}); "
+            f"{shown}: sha256 {actual_sha} does not match model.json ({expected_sha}); "
             "refusing to load a file that may have been tampered with"
         )
     import joblib  # deferred: importing joblib is slow and unneeded when nothing loads
@@ -153,20 +226,20 @@ def load_model(folder: Path) -> LoadedModel:
     try:
         estimator = joblib.load(artifact)
     except Exception as exc:  # noqa: BLE001 - a verified artifact can still be corrupt or incompatible
-        raise ModelError(f"{artifact}: failed to load ({type(exc).__name__}: {exc})") from None
+        raise ModelError(f"{shown}: failed to load ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not callable(getattr(estimator, "predict", None)):
-        raise ModelError(f"{artifact}: a {type(estimator).__name__} has no predict(); not a model")
+        raise ModelError(f"{shown}: a {type(estimator).__name__} has no predict(); not a model")
     if getattr(estimator, "n_features_in_", width) != width:
-        raise ModelError(f"{artifact}: model expects {estimator.n_features_in_} features, not {width}")
+        raise ModelError(f"{shown}: model expects {estimator.n_features_in_} features, not {width}")
     fitted_names = getattr(estimator, "feature_names_in_", None)
     if fitted_names is not None and list(fitted_names) != feature_names:
-        raise ModelError(f"{meta_path}: inputs {feature_names} differ from the columns the model was fitted on")
+        meta.fail(f"inputs {feature_names} differ from the columns the model was fitted on")
     if fitted_names is not None and columns is None:
-        raise ModelError(f"{meta_path}: the model was fitted on named columns; list them in inputs.columns")
+        meta.fail("the model was fitted on named columns; list them in inputs.columns")
     fitted_classes = getattr(estimator, "classes_", None)
     if task == "classification" and fitted_classes is not None:
         if list(np.asarray(fitted_classes).tolist()) != classes:
-            raise ModelError(f"{meta_path}: classes {classes} differ from the model's {fitted_classes}")
+            meta.fail(f"classes {classes} differ from the model's {fitted_classes}")
     if hasattr(estimator, "n_jobs"):
         # Threads inside predict fight gevent's monkey-patched threading; one core each.
         estimator.n_jobs = 1
@@ -186,7 +259,8 @@ def load_model(folder: Path) -> LoadedModel:
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
-        raise ModelError(f"{artifact}: predict on an example row failed ({type(exc).__name__}: {exc})") from None
+        failure = f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise ModelError(f"{shown}: predict on an example row failed ({failure})") from None
 
 
 def _example(raw: Any, width: int, columns: tuple[Column, ...] | None) -> tuple[Any, ...] | None:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from service.lifecycle import (
     RECORD_MALFORMED,
@@ -33,12 +36,24 @@ log = logging.getLogger(__name__)
 SEEN_STALE_S = 10.0  # a worker not heard from for longer (plus 3 polls) has gone
 
 
+WRONG_TYPE = "WRONGTYPE"  # what Redis answers a command on a key that holds another type
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return str(exc).startswith(WRONG_TYPE)
+
+
 class RepositoryStore:
     """The desired state and the workers' reports in Redis (any topology: single keys,
-    compare-and-set in a script)."""
+    compare-and-set in a script). Whatever the two keys hold is input: a value of another
+    type or shape is a malformed record, or a report no worker wrote, never an error."""
 
+    # GET of a key that holds another type is an error: pcall makes it "", which a malformed
+    # record compares equal to (its raw is b""), so the SET replaces it.
     CAS = (
-        "if (redis.call('GET', KEYS[1]) or '') == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end "
+        "local v = redis.pcall('GET', KEYS[1]) "
+        "if type(v) ~= 'string' then v = '' end "
+        "if v == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end "
         "return 0"
     )
 
@@ -49,8 +64,19 @@ class RepositoryStore:
 
     def read(self) -> Record:
         """The record as it is now in Redis (missing, malformed or a state)."""
-        raw = self._client.get(self.key)
+        from redis.exceptions import ResponseError
+
+        try:
+            raw = self._client.get(self.key)
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            return Record(RECORD_MALFORMED, None, b"", f"the key holds a {self._type_of(self.key)}, not a string")
         return read_record(raw if raw is None else bytes(raw))
+
+    def _type_of(self, key: str) -> str:
+        kind = self._client.type(key)
+        return kind.decode(errors="replace") if isinstance(kind, bytes) else str(kind)
 
     def replace(self, found: Record, desired: Desired) -> bool:
         """Write `desired` over the record `found` read, unless it changed since."""
@@ -79,27 +105,54 @@ class RepositoryStore:
         raise PlanError("the model repository kept changing under this request; try again")
 
     def report(self, worker: str, generation: int, errors: list[str], record: Record) -> None:
+        """This worker's report; a reports key of another type (no worker wrote it) is replaced."""
+        from redis.exceptions import ResponseError
+
         report = {"generation": generation, "at": time.time(), "errors": errors, "record": record.describe()}
-        self._client.hset(self.seen_key, worker, json.dumps(report))
+        try:
+            self._client.hset(self.seen_key, worker, json.dumps(report))
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            log.warning("model repository: %s held a %s; replaced it", self.seen_key, self._type_of(self.seen_key))
+            self._client.delete(self.seen_key)
+            self._client.hset(self.seen_key, worker, json.dumps(report))
 
     def reports(self, stale_after_s: float) -> dict[str, dict[str, Any]]:
         """Each live worker's last report; reports older than `stale_after_s`, and values
-        no worker wrote, are dropped."""
+        no worker wrote (another type of key, fields of other types), are dropped."""
+        from redis.exceptions import ResponseError
+
+        try:
+            found = self._client.hgetall(self.seen_key) or {}
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            return {}  # the next report replaces the key
         now, live = time.time(), {}
-        for worker, raw in (self._client.hgetall(self.seen_key) or {}).items():
-            name = worker.decode(errors="replace") if isinstance(worker, bytes) else str(worker)
-            try:
-                report = json.loads(raw)
-                age_s = now - float(report["at"])
-                generation = int(report["generation"])
-            except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        for worker, raw in found.items():
+            report = _report(raw, now)
+            if report is None or report["age_s"] > stale_after_s:
                 self._client.hdel(self.seen_key, worker)
                 continue
-            if age_s > stale_after_s:
-                self._client.hdel(self.seen_key, worker)
-                continue
-            live[name] = {**report, "generation": generation, "age_s": round(age_s, 2)}
+            live[worker.decode(errors="backslashreplace") if isinstance(worker, bytes) else str(worker)] = report
         return live
+
+
+def _report(raw: Any, now: float) -> dict[str, Any] | None:
+    """A worker's report as `report` wrote it, or None for anything else."""
+    try:
+        report = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    if type(report) is not dict:
+        return None
+    generation, at, errors, record = (report.get(k) for k in ("generation", "at", "errors", "record"))
+    if type(generation) is not int or isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    if type(errors) is not list or not all(type(e) is str for e in errors) or type(record) is not dict:
+        return None
+    return {"generation": generation, "at": at, "errors": errors, "record": record, "age_s": round(now - at, 2)}
 
 
 class Converger:
@@ -191,12 +244,17 @@ class Converger:
             time.sleep(self.poll_s)
 
 
-def supervise(loop: Callable[[], None], on_failure: Callable[[BaseException], None], backoff_s: float = 1.0) -> None:
-    """Run `loop` for ever: whatever ends it (an error, a thread-killing exception) is
-    reported to `on_failure` and the loop starts again after `backoff_s`."""
+def supervise(
+    loop: Callable[[], None], on_failure: Callable[[BaseException], None], backoff_s: float = 1.0, *, once: bool = False
+) -> None:
+    """Run `loop` for ever (`once`: until it returns): whatever ends it by an exception (an
+    error, a thread-killing exception) is reported to `on_failure` and the loop starts again
+    after `backoff_s`."""
     while True:
         try:
             loop()
-        except BaseException as exc:  # noqa: BLE001 - the converger must outlive anything
+            if once:
+                return
+        except BaseException as exc:  # noqa: BLE001 - the loader and the converger must outlive anything
             on_failure(exc)
         time.sleep(backoff_s)

@@ -56,7 +56,7 @@ def _decode(value: bytes, model: LoadedModel) -> tuple[Any, list[float] | None] 
     if model.regression:
         if type(label) is not float and type(label) is not int:
             return None
-    elif label not in model.classes:
+    elif type(label) not in (str, int) or label not in model.classes:  # `True in [1]`, `1.0 in [1]`
         return None
     if model.has_proba:
         if type(proba) is not list or len(proba) != len(model.classes):

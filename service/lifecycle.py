@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
+
 LATEST = "latest"
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What a worker found under the record's key: a state to obey, or why it did not obey it.
@@ -122,8 +124,8 @@ class Desired:
     def from_json(cls, text: str | bytes) -> Desired:
         """The state a replica wrote, or RecordError naming what is wrong with `text`."""
         try:
-            raw = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
+            raw = orjson.loads(text)  # strict: no NaN, no lone surrogates, no 400-digit numbers
+        except orjson.JSONDecodeError as exc:
             raise RecordError(f"not JSON ({exc})") from None
         _require(type(raw) is dict, "not a JSON object")
         generation = raw.get("generation")

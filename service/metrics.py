@@ -204,7 +204,8 @@ class Metrics:
         )
         self.repository_converger_failures = Counter(
             "prediction_repository_converger_failures",
-            "Times a worker's converger loop failed unexpectedly and was restarted.",
+            "Times a worker's model loader or converger loop failed unexpectedly and was restarted.",
+            ["loop"],
             registry=registry,
         )
         # What a benchmark from outside reads per replica (loadtest.remote): its CPU.

@@ -32,6 +32,18 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
 
+def _load_guarded(folder: Path) -> LoadedModel:
+    """load_model, with any error it did not foresee made that version's ModelError: one
+    folder never stops the loader, the converger or another model."""
+    try:
+        return load_model(folder)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug meeting one odd folder must stay with that folder
+        log.error("loading %s/%s failed unexpectedly", folder.parent.name, folder.name, exc_info=exc)
+        raise ModelError(f"{folder.parent.name}/{folder.name}: cannot be loaded ({type(exc).__name__})") from None
+
+
 class ModelRegistry:
     """Every model version found under one folder, or the versions the desired state
     (service.lifecycle) lists; not ready until every one of those loaded at start.
@@ -60,7 +72,7 @@ class ModelRegistry:
         for meta_path in folders:
             folder = meta_path.parent
             if not (NAME_PATTERN.match(folder.parent.name) and NAME_PATTERN.match(folder.name)):
-                errors.append(f"{folder}: model names and versions are [A-Za-z0-9_.-]")
+                errors.append(f"{folder.parent.name!r}/{folder.name!r}: model names and versions are [A-Za-z0-9_.-]")
                 continue
             found.setdefault(folder.parent.name, {})[folder.name] = folder
         return found, errors
@@ -84,12 +96,22 @@ class ModelRegistry:
                     log.error("model version not served: %s", exc)
                     continue
                 except ModelError as exc:
-                    errors.append(str(exc))
+                    # Only what this worker must serve keeps it unready: the default model
+                    # (below) and the versions the operator listed. A bad folder of another
+                    # model is that version's error, shown in /readyz, the index and status.
+                    if plan.versions is not None:
+                        errors.append(str(exc))
+                    elif self.version_errors.get((name, version)) != str(exc):
+                        self.version_errors[(name, version)] = str(exc)
+                        log.error("model version not served: %s", exc)
                     continue
+                self.version_errors.pop((name, version), None)
                 models.setdefault(model.name, {})[model.version] = model
         if not disk:
-            errors.append(f"no models found under {self.models_dir} (expected <name>/<version>/model.json)")
+            errors.append("no models found in the models folder (expected <name>/<version>/model.json)")
         elif self.default_model not in models and self.desired.plan(self.default_model).versions != ():
+            failed = [e for (name, _), e in sorted(self.version_errors.items()) if name == self.default_model]
+            errors.extend(failed)
             errors.append(f"default model {self.default_model!r} is not among the loaded models")
         for message in errors:
             if message not in self.errors:  # the background rescans repeat only what changed
@@ -112,10 +134,10 @@ class ModelRegistry:
         elif expected is not None and declared != expected:
             model = None
         else:
-            model = load_model(folder)
+            model = _load_guarded(folder)
         if model is None or (expected is not None and model.sha256 != expected):
             raise ArtifactMismatch(
-                f"{folder}: holds artifact {declared or 'unreadable'} but the model repository "
+                f"{name}/{version}: holds artifact {declared or 'unreadable'} but the model repository "
                 f"serves {name} version {version} as {expected}; load it again to serve "
                 "the folder's"
             )
@@ -171,7 +193,7 @@ class ModelRegistry:
                 current.pop(version, None)
                 try:
                     if folder is None:
-                        raise ModelError(f"{self.models_dir / name / version}: no such model folder")
+                        raise ModelError(f"{name}/{version}: no such model folder")
                     current[version] = self._from_disk(name, version, folder, plan.artifacts.get(version))
                     self.version_errors.pop((name, version), None)
                 except ModelError as exc:
@@ -187,7 +209,7 @@ class ModelRegistry:
         cannot be, UnknownModel if there is no such folder."""
         folder = self.models_dir / name / version
         if not (NAME_PATTERN.match(name) and NAME_PATTERN.match(version)) or not (folder / "model.json").is_file():
-            raise UnknownModel(f"no model folder {name}/{version} under {self.models_dir}")
+            raise UnknownModel(f"no model folder {name}/{version} in the models folder")
         return self._from_disk(name, version, folder)
 
     def add(self, model: LoadedModel) -> None:
@@ -196,6 +218,10 @@ class ModelRegistry:
         models.setdefault(model.name, {})[model.version] = model
         self.version_errors.pop((model.name, model.version), None)
         self._swap(models)
+
+    def unavailable(self) -> dict[str, str]:
+        """{"<name>/<version>": why} of every version that failed to load and is not served."""
+        return {f"{name}/{version}": why for (name, version), why in sorted(self.version_errors.items())}
 
     @property
     def ready(self) -> bool:

@@ -162,7 +162,7 @@ def repository_load(name: str) -> Response:
     disk, _ = registry.on_disk()
     versions = [version] if version is not None else sorted(disk.get(name, {}))
     if not versions:
-        raise InputError(f"no model folder {name}/<version> under {registry.models_dir}", 404)
+        raise InputError(f"no model folder {name}/<version> in the models folder", 404)
     try:  # verify (sha256) and load here first: a version that fails changes nothing anywhere
         loaded = _off_loop(lambda: [registry.load_version(name, v) for v in versions])
     except UnknownModel as exc:

@@ -64,3 +64,71 @@ def test_versions_and_unknown_names(model_copy):
         registry.get("iris", "3")
     with pytest.raises(UnknownModel, match="'nope' not found"):
         registry.get("nope")
+
+
+BAD_FIELDS = [
+    ("outputs", None, "outputs must be an object, got null"),
+    ("outputs", {"classes": "setosa"}, "outputs.classes must be an array, got string"),
+    ("outputs", {"classes": [[1]]}, "outputs.classes must be strings or integers"),
+    ("inputs", [], "inputs must be an object, got array"),
+    ("inputs", {"width": "4", "feature_names": ["a", "b", "c", "d"]}, "inputs.width must be an integer, got string"),
+    ("inputs", {"width": 4, "feature_names": "abcd"}, "inputs.feature_names must be an array"),
+    ("inputs", {"width": 4, "feature_names": [1, 2, 3, 4]}, "inputs.feature_names must be strings"),
+    ("inputs", {"columns": [{"name": ["x"], "datatype": "FP64"}]}, "inputs.columns[0] needs a non-empty string"),
+    ("name", ["iris"], "name must be a string, got array"),
+    ("version", 1.5, "version must be a string or an integer"),
+    ("artifact", None, "artifact must be a string, got null"),
+    ("sha256", 12, "sha256 must be a string, got int"),
+    ("sha256", "not-hex", "sha256 must be 64 hexadecimal digits"),
+    ("task", {"x": 1}, "task must be a string, got object"),
+    ("serving", [], "serving must be an object"),
+    ("serving", {"cache_policy": {}}, "serving.cache_policy = {} is not allowed"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_FIELDS)
+def test_a_wrong_field_in_model_json_is_that_versions_error_naming_the_field(model_copy, field, value, message):
+    """model.json is input: a field of the wrong type fails its own version, with the field's
+    name, and no absolute path; the other models load, and a later apply() goes on."""
+    shutil.copytree(model_copy / "iris" / "1", model_copy / "iris" / "2")
+    meta_path = model_copy / "iris" / "2" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["version"] = "2"
+    meta[field] = value
+    meta_path.write_text(json.dumps(meta))
+    registry = ModelRegistry(model_copy, "iris")
+    registry.load()
+    assert registry.names() == ["iris"] and registry.versions("iris") == ["1"]
+    assert registry.ready, "a bad folder of a version nobody listed keeps no replica unready"
+    why = registry.unavailable()["iris/2"]
+    assert why.startswith("iris/2/model.json: ") and message in why and str(model_copy) not in why
+    errors = registry.apply(registry.desired)  # what the converger does after start
+    assert registry.versions("iris") == ["1"] and any(message in e for e in errors)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '"model"', "null", "[" * 100000, '{"name": "\\ud800"}'])
+def test_a_model_json_that_is_not_an_object_is_that_versions_error(model_copy, text):
+    shutil.copytree(model_copy / "iris" / "1", model_copy / "iris" / "2")
+    (model_copy / "iris" / "2" / "model.json").write_text(text, encoding="utf-8", errors="surrogatepass")
+    registry = ModelRegistry(model_copy, "iris")
+    registry.load()
+    assert registry.ready and registry.versions("iris") == ["1"]
+    assert registry.unavailable()["iris/2"].startswith("iris/2/model.json: ")
+
+
+def test_an_unforeseen_error_loading_one_folder_stays_with_that_folder(model_copy, monkeypatch):
+    import service.models
+
+    real = service.models.load_model
+
+    def load(folder):
+        if folder.name == "2":
+            raise AttributeError("'NoneType' object has no attribute 'get'")
+        return real(folder)
+
+    monkeypatch.setattr(service.models, "load_model", load)
+    shutil.copytree(model_copy / "iris" / "1", model_copy / "iris" / "2")
+    registry = ModelRegistry(model_copy, "iris")
+    registry.load()
+    assert registry.versions("iris") == ["1"]
+    assert registry.unavailable() == {"iris/2": "iris/2: cannot be loaded (AttributeError)"}
