@@ -23,116 +23,184 @@ ENVSH = Path(__file__).resolve().parent / "docker-entrypoint.d" / "15-balancer-s
 PLACEHOLDER = re.compile(r"\$\{(BALANCER_[A-Z0-9_]+)\}")
 
 
+# A buffer always with a flush time: without one, lines would wait for the buffer to fill.
+ACCESS_LOG_BUFFER_PATTERN = r"buffer=\d+[km]? flush=(\d+)(ms|s|m)?"
+
+
 class RenderError(ValueError):
     """The settings cannot make a valid configuration."""
 
 
-def _setting(default: str, doc: str) -> str:
-    return field(default=default, metadata={"doc": doc})  # type: ignore[return-value]
+@dataclass(frozen=True)
+class Kind:
+    """What a setting's value may be: `pattern` (a full match) in Python, and the characters
+    the image's shell script allows (`chars`, a sh bracket-expression body; `choices`
+    instead, for an enumeration). Each kind refuses `;`, `{`, `}`, `#`, quotes, `$` and
+    whitespace but the spaces of a list: no value can add an nginx directive."""
+
+    description: str
+    pattern: str
+    chars: str = ""
+    choices: tuple[str, ...] = ()
+    empty: bool = False  # the empty value is allowed
+
+
+KINDS: dict[str, Kind] = {
+    "listen": Kind(
+        "a port or address:port", r"((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):)?[0-9]{1,5}", "]0-9A-Za-z.:[-"
+    ),
+    "processes": Kind("auto or a number of processes", r"auto|[1-9][0-9]{0,3}", "0-9auto"),
+    "count": Kind("a whole number", r"[0-9]{1,9}", "0-9"),
+    "duration": Kind("a whole number (of the unit its name ends in)", r"[0-9]{1,9}", "0-9"),
+    "size": Kind("a size in bytes, or with k, m or g", r"[0-9]{1,9}[kKmMgG]?", "0-9kKmMgG"),
+    "rate": Kind("a rate like 200r/s or 600r/m", r"[0-9]{1,9}r/[sm]", "0-9r/sm"),
+    "switch": Kind("on or off", r"on|off", choices=("on", "off")),
+    "scheduling": Kind("batch or normal", r"batch|normal", choices=("batch", "normal")),
+    "networks": Kind(
+        "space-separated addresses or networks (CIDR)",
+        r"[0-9A-Fa-f.:/]+( [0-9A-Fa-f.:/]+)*",
+        "0-9A-Fa-f.:/ ",
+        empty=True,
+    ),
+    "servers": Kind(
+        "space-separated host:port", r"[A-Za-z0-9_.\[\]:-]+:[0-9]+( [A-Za-z0-9_.\[\]:-]+:[0-9]+)*", "]A-Za-z0-9_.:[ -"
+    ),
+    "hosts": Kind(
+        "space-separated addresses or names",
+        r"[A-Za-z0-9_.\[\]:-]+( [A-Za-z0-9_.\[\]:-]+)*",
+        "]A-Za-z0-9_.:[ -",
+        empty=True,
+    ),
+    "path": Kind("a file path (or stderr)", r"[A-Za-z0-9_./:-]+", "A-Za-z0-9_./:-"),
+    "log_buffer": Kind("like buffer=64k flush=100ms, or empty", ACCESS_LOG_BUFFER_PATTERN, "a-z0-9= ", empty=True),
+}
+
+
+def _setting(default: str, kind: str, doc: str) -> str:
+    return field(default=default, metadata={"doc": doc, "kind": kind})  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
 class BalancerSettings:
     """Every BALANCER_* setting; the field name upper-cased with the prefix is its variable."""
 
-    listen: str = _setting("8080", "Public listener (port or address:port): rate limited, no /metrics.")
+    listen: str = _setting("8080", "listen", "Public listener (port or address:port): rate limited, no /metrics.")
     internal_listen: str = _setting(
         "8082",
+        "listen",
         "Internal listener for load generators and scrapers: not rate limited, serves /metrics. Never publish it.",
     )
-    status_listen: str = _setting("127.0.0.1:8081", "stub_status listener; keep it on loopback.")
-    worker_processes: str = _setting("auto", "nginx worker processes (one per core).")
-    worker_connections: str = _setting("4096", "Connections per nginx worker (client + upstream).")
+    status_listen: str = _setting("127.0.0.1:8081", "listen", "stub_status listener; keep it on loopback.")
+    worker_processes: str = _setting("auto", "processes", "nginx worker processes (one per core).")
+    worker_connections: str = _setting("4096", "count", "Connections per nginx worker (client + upstream).")
     scheduling: str = _setting(
         "batch",
+        "scheduling",
         "Linux scheduling policy of nginx's processes. batch (SCHED_BATCH): nginx does not preempt a replica on "
         "the cores they share at each request it wakes for, and takes up its ready connections at the next tick "
         "(iris new rows +11-16 % with 2 replicas on 2 cores, no change at c=1); normal: as started (the kernel's "
         "default).",
     )
-    upstream_keepalive: str = _setting("64", "Idle connections per nginx worker kept to the replicas.")
+    upstream_keepalive: str = _setting("64", "count", "Idle connections per nginx worker kept to the replicas.")
     upstream_keepalive_timeout_s: str = _setting(
-        "60", "Idle upstream connection lifetime; below gunicorn's SERVICE_KEEPALIVE_S (75)."
+        "60", "duration", "Idle upstream connection lifetime; below gunicorn's SERVICE_KEEPALIVE_S (75)."
     )
-    max_fails: str = _setting("2", "Failures within fail_timeout that take a replica out of rotation.")
-    fail_timeout_s: str = _setting("5", "How long a failed replica stays out before nginx tries it again.")
+    max_fails: str = _setting("2", "count", "Failures within fail_timeout that take a replica out of rotation.")
+    fail_timeout_s: str = _setting("5", "duration", "How long a failed replica stays out before nginx tries it again.")
     next_upstream_tries: str = _setting(
         "0",
+        "count",
         "Most replicas one request is tried on; 0: as many as answer within BALANCER_NEXT_UPSTREAM_TIMEOUT_S "
         "(several replicas stopping at once each refuse with a 503 while they drain).",
     )
-    next_upstream_timeout_s: str = _setting("15", "Most time spent trying replicas for one request.")
-    proxy_connect_timeout_ms: str = _setting("500", "Connecting to a replica (loopback/LAN: fast or dead).")
-    proxy_read_timeout_s: str = _setting("10", "Longest wait for a replica's answer before trying the next.")
+    next_upstream_timeout_s: str = _setting("15", "duration", "Most time spent trying replicas for one request.")
+    proxy_connect_timeout_ms: str = _setting("500", "duration", "Connecting to a replica (loopback/LAN: fast or dead).")
+    proxy_read_timeout_s: str = _setting(
+        "10", "duration", "Longest wait for a replica's answer before trying the next."
+    )
     operator_timeout_s: str = _setting(
         "120",
+        "duration",
         "Longest wait for a replica's answer to an operator route (a model load); never retried on another replica.",
     )
-    client_keepalive_timeout_s: str = _setting("75", "Idle client keep-alive.")
-    client_timeout_s: str = _setting("10", "Client header/body/send timeouts (cuts off slow clients).")
-    max_body_size: str = _setting("1m", "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.")
-    gzip_min_length: str = _setting("1024", "Smallest JSON response that is gzipped.")
-    rate_limit: str = _setting("200r/s", "Requests per second per client address (nginx rate syntax).")
-    rate_limit_burst: str = _setting("400", "Requests above the rate a client may burst before 429s.")
+    client_keepalive_timeout_s: str = _setting("75", "duration", "Idle client keep-alive.")
+    client_timeout_s: str = _setting("10", "duration", "Client header/body/send timeouts (cuts off slow clients).")
+    max_body_size: str = _setting("1m", "size", "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.")
+    gzip_min_length: str = _setting("1024", "count", "Smallest JSON response that is gzipped.")
+    rate_limit: str = _setting("200r/s", "rate", "Requests per second per client address (nginx rate syntax).")
+    rate_limit_burst: str = _setting("400", "count", "Requests above the rate a client may burst before 429s.")
     conn_per_client: str = _setting(
         "32",
+        "count",
         "Requests in progress at once per client address on the public listener (429 beyond): bounds what "
         "one address holds open, slow uploads included.",
     )
     rate_limit_exempt: str = _setting(
         "",
+        "networks",
         "Source networks not rate limited on the public listener; empty (the default, in every mode): limit "
         "every client alike.",
     )
     internal_networks: str = _setting(
         "",
+        "networks",
         "Source networks that may read /metrics on the public listener, and only that (never the model "
         "repository, which the internal listener alone serves); empty (the default): nobody.",
     )
     upstream_servers: str = _setting(
-        "127.0.0.1:8001", "Space-separated replica addresses (host:port); or a DNS name with resolve."
+        "127.0.0.1:8001", "servers", "Space-separated replica addresses (host:port); or a DNS name with resolve."
     )
-    upstream_resolve: str = _setting("off", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
-    resolver: str = _setting("", "DNS server for resolve (Docker: 127.0.0.11); empty: none.")
-    resolver_valid_s: str = _setting("5", "How long a resolved address list is trusted; scaling shows within it.")
+    upstream_resolve: str = _setting("off", "switch", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
+    resolver: str = _setting("", "hosts", "DNS server for resolve (Docker: 127.0.0.11); empty: none.")
+    resolver_valid_s: str = _setting(
+        "5", "duration", "How long a resolved address list is trusted; scaling shows within it."
+    )
     l1_cache: str = _setting(
         "on",
+        "switch",
         "L1 micro-cache: nginx answers a repeated prediction (same route, headers, body) "
         "itself for BALANCER_L1_TTL_S; off: every request reaches a replica.",
     )
     l1_ttl_s: str = _setting(
         "5",
+        "duration",
         "How long the L1 keeps a 200 answer fresh (an expired one is served while one request refreshes it): a "
         "new model version under an unversioned path shows within it.",
     )
     l1_max_body_bytes: str = _setting(
-        "4096", "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through."
+        "4096",
+        "count",
+        "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through.",
     )
     l1_min_uses: str = _setting(
         "2",
+        "count",
         "Requests for the same key before the L1 stores the answer: 1 stores every "
         "answer (a file write each, even for requests never repeated).",
     )
-    l1_size: str = _setting("64m", "Most disk (tmpfs in containers) the L1's answers take.")
+    l1_size: str = _setting("64m", "size", "Most disk (tmpfs in containers) the L1's answers take.")
     l1_keys: str = _setting(
         "16m",
+        "size",
         "Shared memory for the L1's keys, about 8,000 a megabyte. Every request the L1 looks up holds a key for "
         "BALANCER_L1_TTL_S, stored or not: new requests a second times the TTL must fit (16m: 25,000/s at 5 s).",
     )
     l1_lock_timeout_ms: str = _setting(
         "50",
+        "duration",
         "Identical concurrent misses wait this long for the first one's answer (nginx looks once, at the end) "
         "before going to a replica themselves.",
     )
-    pid_file: str = _setting("/run/nginx.pid", "nginx pid file.")
-    error_log: str = _setting("stderr", "nginx error log.")
-    access_log: str = _setting("/dev/stdout", "JSON access log.")
+    pid_file: str = _setting("/run/nginx.pid", "path", "nginx pid file.")
+    error_log: str = _setting("stderr", "path", "nginx error log.")
+    access_log: str = _setting("/dev/stdout", "path", "JSON access log.")
     access_log_buffer: str = _setting(
         "buffer=64k flush=100ms",
+        "log_buffer",
         "How nginx buffers the access log: lines reach the file in blocks, at most the flush time late (a "
         "reload or stop writes them out; a killed nginx loses the unwritten ones). Empty: one write per request.",
     )
-    temp_dir: str = _setting("/tmp/nginx", "Folder for nginx's temp files.")
+    temp_dir: str = _setting("/tmp/nginx", "path", "Folder for nginx's temp files.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: str) -> BalancerSettings:
@@ -174,8 +242,7 @@ def size_bytes(size: str) -> int:
     return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
 
 
-# A buffer always with a flush time: without one, lines would wait for the buffer to fill.
-ACCESS_LOG_BUFFER = re.compile(r"buffer=\d+[km]? flush=(\d+)(ms|s|m)?")
+ACCESS_LOG_BUFFER = re.compile(ACCESS_LOG_BUFFER_PATTERN)
 _FLUSH_UNITS_S = {"ms": 0.001, "s": 1.0, "": 1.0, "m": 60.0}
 
 
@@ -208,6 +275,16 @@ def at_most_regex(limit: int) -> str:
         if below:
             parts.append(digits[:i] + below + (f"[0-9]{{{rest}}}" if rest else ""))
     return "^(" + "|".join([*parts, digits]) + ")$"
+
+
+def check_kinds(settings: BalancerSettings) -> None:
+    """RenderError unless every setting's value is of its kind (before it reaches nginx.conf)."""
+    for f in fields(settings):
+        kind, value = KINDS[f.metadata["kind"]], getattr(settings, f.name)
+        if value == "" and kind.empty:
+            continue
+        if not re.fullmatch(kind.pattern, value):
+            raise RenderError(f"{env_name(f.name)} must be {kind.description}, got {value[:60]!r}")
 
 
 def env_name(field_name: str) -> str:
@@ -280,6 +357,7 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
         )
     values["BALANCER_L1_ZONE"] = "l1" if settings.l1_cache == "on" else "off"
     values["BALANCER_L1_BODY_REGEX"] = at_most_regex(int(settings.l1_max_body_bytes))
+    check_kinds(settings)  # after the checks above, which say more about their settings
     return values
 
 
@@ -311,6 +389,35 @@ _ENVSH_HEAD = """\
 # render.py derives are computed the same way. tests/unit/test_containers.py runs the
 # image's real entrypoint chain over this file and compares the result with render.py's.
 
+"""
+
+# Each setting checked against its kind's characters (render.py's KINDS), before any is used.
+_ENVSH_CHECKS = """
+balancer_fail() {
+    echo "15-balancer-settings.envsh: $1 must be $2, got '$3'" >&2
+    exit 1
+}
+# balancer_kind NAME ALLOWED-CHARACTERS EMPTY-ALLOWED(0|1) DESCRIPTION
+balancer_kind() {
+    eval "value=\\$$1"
+    if [ -z "$value" ]; then
+        [ "$3" = 1 ] || balancer_fail "$1" "$4" "$value"
+        return 0
+    fi
+    case "$value" in
+        *[!$2]*) balancer_fail "$1" "$4" "$value" ;;
+    esac
+}
+# balancer_choice NAME DESCRIPTION CHOICE...
+balancer_choice() {
+    name=$1 description=$2
+    eval "value=\\$$1"
+    shift 2
+    for choice in "$@"; do
+        [ "$value" = "$choice" ] && return 0
+    done
+    balancer_fail "$name" "$description" "$value"
+}
 """
 
 # The shell twin of template_values(); render.py validates more, nginx -t the rest.
@@ -410,17 +517,26 @@ def envsh() -> str:
         if re.search(r'["$`\\}]', str(default)):
             raise RenderError(f"{env_name(name)}: default {default!r} cannot be written in sh")
         lines.append(f'export {env_name(name)}="${{{env_name(name)}-{default}}}"')
+    checks = []
+    for f in fields(BalancerSettings):
+        kind, name = KINDS[f.metadata["kind"]], env_name(f.name)
+        if kind.choices:
+            checks.append(f'balancer_choice {name} "{kind.description}" {" ".join(kind.choices)}')
+        else:
+            checks.append(f'balancer_kind {name} "{kind.chars}" {int(kind.empty)} "{kind.description}"')
     path = ENVSH.relative_to(ENVSH.parent.parent.parent)
     derived = _ENVSH_DERIVED.replace("{L1_MAX_BODY_LIMIT}", str(L1_MAX_BODY_LIMIT))
-    return _ENVSH_HEAD.format(path=path) + "\n".join(lines) + "\n" + derived
+    return _ENVSH_HEAD.format(path=path) + "\n".join(lines) + "\n" + _ENVSH_CHECKS + "\n".join(checks) + "\n" + derived
 
 
 def settings_table() -> str:
     """Markdown table of every BALANCER_* setting, for docs/settings.md."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows = ["| variable | default | kind | meaning |", "|---|---|---|---|"]
     for f in fields(BalancerSettings):
         default = f"`{f.default}`" if f.default else "(empty)"
-        rows.append(f"| `{env_name(f.name)}` | {default} | {f.metadata['doc']} |")
+        rows.append(
+            f"| `{env_name(f.name)}` | {default} | {KINDS[f.metadata['kind']].description} | {f.metadata['doc']} |"
+        )
     return "\n".join(rows)
 
 

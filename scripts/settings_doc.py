@@ -53,7 +53,10 @@ from `.env` (see `.env.example`).
 
 `make up`/`scripts/cluster up` render the template with these and set the listeners, the
 upstream and the file paths itself. The balancer image renders it with the same defaults
-except {container}.
+except {container}. Every value is checked against its kind before it reaches nginx.conf, by
+`render.py` and by the image's `15-balancer-settings.envsh` (generated from it): a value with
+`;`, `{{`, `}}`, `#`, quotes, `$` or other whitespace than a list's spaces is refused with the
+variable's name, so no setting can add a directive.
 
 {balancer_table()}
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import fields
 
 import pytest
 
 from balancer.render import (
+    KINDS,
     PLACEHOLDER,
     TEMPLATE,
     BalancerSettings,
     RenderError,
     access_log_flush_s,
+    env_name,
     render,
     substitute,
 )
@@ -190,3 +193,17 @@ def test_nginx_starts_under_the_scheduling_policy_it_is_given(tmp_path):
     assert argv(BALANCER_SCHEDULING="normal")[0] == "/usr/sbin/nginx"
     with pytest.raises(ClusterError, match="not batch or normal"):
         argv(BALANCER_SCHEDULING="rr")
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(BalancerSettings)])
+def test_every_setting_has_a_kind_and_a_value_carrying_directives_is_refused(name):
+    """BALANCER_GZIP_MIN_LENGTH='1024; server { listen 9099; ... }' rendered a second server."""
+    assert fields_by_name()[name].metadata["kind"] in KINDS
+    default = getattr(BalancerSettings(), name)
+    for injected in ("; server { listen 9099; }", "}", "# comment", "'x'", "$host", "\nerror_log x;"):
+        with pytest.raises(RenderError, match=env_name(name)):
+            render(BalancerSettings(**{name: (default or "1") + injected}))
+
+
+def fields_by_name() -> dict:
+    return {f.name: f for f in fields(BalancerSettings)}

@@ -116,10 +116,11 @@ def installed_mode(dockerfile: Path, source: Path, target: str) -> int:
 
 
 def run_image_entrypoint(
-    tmp_path: Path, settings: dict[str, str], envsh_mode: int, nginx: Path | None = None
+    tmp_path: Path, settings: dict[str, str], envsh_mode: int, nginx: Path | None = None, succeeds: bool = True
 ) -> tuple[str, str]:
     """The nginx image's real entrypoint chain over the balancer's files, as the Dockerfile
-    installs them; returns (rendered nginx.conf, the entrypoint's output).
+    installs them; returns (rendered nginx.conf, the entrypoint's output). `succeeds=False`:
+    the chain must fail, and the rendered config is "" if it wrote none.
 
     Outside a container the chain's two fixed paths move under tmp_path: /docker-entrypoint.d
     (rewritten in a copy of docker-entrypoint.sh) and /etc/nginx/templates (the image's own
@@ -159,8 +160,11 @@ def run_image_entrypoint(
         ["sh", str(entrypoint), "nginx", "-v"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output
     rendered = output_dir / "nginx.conf"
+    if not succeeds:
+        assert result.returncode != 0, output
+        return (rendered.read_text() if rendered.exists() else ""), output
+    assert result.returncode == 0, output
     assert image["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx/rendered" and rendered.exists(), output
     return rendered.read_text(), output
 
@@ -289,3 +293,20 @@ def test_fixed_addresses_lie_outside_the_range_the_engine_hands_out(compose):
         (config,) = compose["networks"][network]["ipam"]["config"]
         assert address in ipaddress.ip_network(config["subnet"]), (network, str(address))
         assert address not in ipaddress.ip_network(config["ip_range"]), (network, str(address))
+
+
+INJECTED = "; } server { listen 9099; location / { return 200; } } http {"
+
+
+@pytest.mark.parametrize(
+    "setting", ["BALANCER_GZIP_MIN_LENGTH", "BALANCER_ERROR_LOG", "BALANCER_RESOLVER", "BALANCER_LISTEN"]
+)
+def test_the_image_refuses_a_setting_that_carries_directives(tmp_path, setting):
+    """The envsh checks every BALANCER_* value against its kind before the template is
+    rendered: a value with `;` or `}` never reaches nginx.conf (it ran a second server)."""
+    settings = {**SETTINGS["static"], "BALANCER_TEMP_DIR": str(tmp_path / "nginx-tmp")}
+    settings["BALANCER_PID_FILE"] = str(tmp_path / "run" / "nginx.pid")
+    settings[setting] = "1024" + INJECTED
+    by_image, output = run_image_entrypoint(tmp_path, settings, 0o755, succeeds=False)
+    assert f"{setting} must be" in output, output
+    assert "9099" not in by_image
