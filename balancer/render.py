@@ -56,6 +56,11 @@ KINDS: dict[str, Kind] = {
     "rate": Kind("a rate like 200r/s or 600r/m", r"[0-9]{1,9}r/[sm]", "0-9r/sm"),
     "switch": Kind("on or off", r"on|off", choices=("on", "off")),
     "scheduling": Kind("batch or normal", r"batch|normal", choices=("batch", "normal")),
+    "real_ip_header": Kind(
+        "X-Forwarded-For, X-Real-IP or proxy_protocol",
+        r"X-Forwarded-For|X-Real-IP|proxy_protocol",
+        choices=("X-Forwarded-For", "X-Real-IP", "proxy_protocol"),
+    ),
     "networks": Kind(
         "space-separated addresses or networks (CIDR)",
         r"[0-9A-Fa-f.:/]+( [0-9A-Fa-f.:/]+)*",
@@ -146,6 +151,19 @@ class BalancerSettings:
         "networks",
         "Source networks that may read /metrics on the public listener, and only that (never the model "
         "repository, which the internal listener alone serves); empty (the default): nobody.",
+    )
+    real_ip_from: str = _setting(
+        "",
+        "networks",
+        "Trusted proxies or load balancers (addresses or CIDRs) in front of the balancer: the client address "
+        "they give in BALANCER_REAL_IP_HEADER is the one rate limited and logged. Empty (the default): the TCP "
+        "peer. Set it wherever clients arrive through a proxy (docs/balancer.md says which deployment needs it).",
+    )
+    real_ip_header: str = _setting(
+        "X-Forwarded-For",
+        "real_ip_header",
+        "Where the trusted proxies put the client's address: X-Forwarded-For (the rightmost untrusted entry), "
+        "X-Real-IP, or proxy_protocol (the public listener then expects the PROXY protocol).",
     )
     upstream_servers: str = _setting(
         "127.0.0.1:8001", "servers", "Space-separated replica addresses (host:port); or a DNS name with resolve."
@@ -339,6 +357,15 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     values["BALANCER_RATE_LIMIT_EXEMPT_GEO"] = " ".join(f"{n} 1;" for n in exempt)
     values["BALANCER_INTERNAL_GEO"] = " ".join(f"{n} 1;" for n in internal)
     values["BALANCER_UPSTREAM_SERVERS"] = _upstream_lines(settings)
+    trusted = _networks(settings.real_ip_from, "BALANCER_REAL_IP_FROM")
+    values["BALANCER_REAL_IP"] = (
+        " ".join(f"set_real_ip_from {n};" for n in trusted)
+        + f" real_ip_header {settings.real_ip_header}; real_ip_recursive on;"
+        if trusted
+        else ""
+    )
+    proxy_protocol = trusted and settings.real_ip_header == "proxy_protocol"
+    values["BALANCER_PUBLIC_LISTEN_OPTIONS"] = " proxy_protocol" if proxy_protocol else ""
     values["BALANCER_RESOLVER"] = (
         f"resolver {settings.resolver} valid={settings.resolver_valid_s}s ipv6=off;" if settings.resolver else ""
     )
@@ -489,11 +516,19 @@ BALANCER_L1_BODY_REGEX="$(balancer_at_most "$BALANCER_L1_MAX_BODY_BYTES")"
 BALANCER_RATE_LIMIT_EXEMPT_GEO="$(balancer_geo "$BALANCER_RATE_LIMIT_EXEMPT")"
 BALANCER_INTERNAL_GEO="$(balancer_geo "$BALANCER_INTERNAL_NETWORKS")"
 BALANCER_UPSTREAM_SERVERS="$(balancer_upstream)"
+BALANCER_REAL_IP="" BALANCER_PUBLIC_LISTEN_OPTIONS=""
+if [ -n "$BALANCER_REAL_IP_FROM" ]; then
+    for network in $BALANCER_REAL_IP_FROM; do
+        BALANCER_REAL_IP="${BALANCER_REAL_IP:+$BALANCER_REAL_IP }set_real_ip_from $network;"
+    done
+    BALANCER_REAL_IP="$BALANCER_REAL_IP real_ip_header $BALANCER_REAL_IP_HEADER; real_ip_recursive on;"
+    [ "$BALANCER_REAL_IP_HEADER" = "proxy_protocol" ] && BALANCER_PUBLIC_LISTEN_OPTIONS=" proxy_protocol"
+fi
 if [ -n "$BALANCER_RESOLVER" ]; then
     BALANCER_RESOLVER="resolver $BALANCER_RESOLVER valid=${BALANCER_RESOLVER_VALID_S}s ipv6=off;"
 fi
 export BALANCER_INTERNAL_PORT BALANCER_RATE_LIMIT_EXEMPT_GEO BALANCER_INTERNAL_GEO BALANCER_UPSTREAM_SERVERS \\
-    BALANCER_RESOLVER BALANCER_L1_ZONE BALANCER_L1_BODY_REGEX
+    BALANCER_RESOLVER BALANCER_L1_ZONE BALANCER_L1_BODY_REGEX BALANCER_REAL_IP BALANCER_PUBLIC_LISTEN_OPTIONS
 mkdir -p "$BALANCER_TEMP_DIR" "$(dirname "$BALANCER_PID_FILE")"
 # The entrypoint sources this in a subshell of its pipeline, where $$ is still the shell
 # that then execs nginx: the policy set on it passes to nginx's master and its workers.

@@ -5,6 +5,7 @@ The numbers are issue #38's: each test failed on the main it was written against
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
@@ -12,7 +13,14 @@ import pytest
 import redis
 import requests
 
-from tests.support import repository_call, repository_status, wait_converged, wait_until
+from tests.support import (
+    SourceAddressAdapter,
+    access_log,
+    repository_call,
+    repository_status,
+    wait_converged,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +145,33 @@ def test_a_value_of_another_type_under_the_clusters_own_redis_keys_breaks_nothin
     if generation > 0:
         wait_until(lambda: store.type(f"{prefix}:repository") == b"string", 20, "the record to be written back")
     assert _infer(cluster, "iris", _iris_body()).status_code == 200
+
+
+PROXY = "127.0.0.3"  # a trusted proxy in front of the balancer; 127.0.0.2 is anyone else
+
+
+def _healthz_statuses(cluster, source: str, forwarded_for: str, count: int) -> collections.Counter:
+    session = requests.Session()
+    session.mount("http://", SourceAddressAdapter(source))
+    headers = {"X-Forwarded-For": forwarded_for}
+    return collections.Counter(
+        session.get(f"{cluster.url}/healthz", headers=headers, timeout=10).status_code for _ in range(count)
+    )
+
+
+def test_behind_named_proxies_each_client_has_its_own_rate_limit_and_nobody_else_is_believed(start_cluster):
+    cluster = start_cluster(
+        1, BALANCER_REAL_IP_FROM=f"{PROXY}/32", BALANCER_RATE_LIMIT="5r/s", BALANCER_RATE_LIMIT_BURST="5"
+    )
+    # One busy client behind the proxy is limited; another one behind the same proxy is not.
+    busy = _healthz_statuses(cluster, PROXY, "203.0.113.7", 30)
+    assert busy[429] >= 15, busy
+    other = _healthz_statuses(cluster, PROXY, "203.0.113.8", 5)
+    assert other == {200: 5}, other
+    # A client that is not a trusted proxy cannot choose its bucket with the header.
+    spoofing = _healthz_statuses(cluster, "127.0.0.2", "198.51.100.9", 30)
+    assert spoofing[429] >= 15, spoofing
+    again = _healthz_statuses(cluster, "127.0.0.2", "198.51.100.10", 5)
+    assert again[429] >= 4, again
+    clients = collections.Counter(line["client"] for line in access_log(cluster.run_dir / "logs" / "access.log"))
+    assert clients["203.0.113.7"] == 30 and clients["203.0.113.8"] == 5 and clients["127.0.0.2"] == 35, clients

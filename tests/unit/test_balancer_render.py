@@ -96,6 +96,8 @@ VARIANTS = {
     "loopback exempt": {"rate_limit_exempt": "127.0.0.0/8 ::1/128", "internal_networks": "127.0.0.1/32"},
     "tuned": {"rate_limit": "50r/m", "rate_limit_burst": "1", "max_body_size": "64k", "worker_processes": "1"},
     "unbuffered access log": {"access_log_buffer": ""},
+    "behind proxies": {"real_ip_from": "10.0.0.0/8 192.168.1.1", "real_ip_header": "X-Real-IP"},
+    "behind a PROXY-protocol balancer": {"real_ip_from": "10.0.0.0/8", "real_ip_header": "proxy_protocol"},
 }
 
 

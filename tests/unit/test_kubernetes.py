@@ -283,3 +283,12 @@ def test_prod_uses_no_password_or_token_written_in_the_repository(overlay):
     token = next(e for e in api["env"] if e["name"] == "SERVICE_OPERATOR_TOKEN")
     assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
     assert token["valueFrom"]["secretKeyRef"]["name"].startswith("operator-token")
+
+
+def test_a_public_balancer_service_keeps_the_clients_addresses(overlay):
+    """The rate limit keys on the client: a LoadBalancer with the Cluster policy would make
+    every client arrive from a node address, one bucket for all (issue #38)."""
+    _, _, objects = overlay
+    service = _one(objects, "Service", "balancer")["spec"]
+    if service.get("type") == "LoadBalancer":
+        assert service.get("externalTrafficPolicy") == "Local", service
