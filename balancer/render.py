@@ -50,8 +50,8 @@ KINDS: dict[str, Kind] = {
         "a port or address:port", r"((\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):)?[0-9]{1,5}", "]0-9A-Za-z.:[-"
     ),
     "processes": Kind("auto or a number of processes", r"auto|[1-9][0-9]{0,3}", "0-9auto"),
-    "count": Kind("a whole number", r"[0-9]{1,9}", "0-9"),
-    "duration": Kind("a whole number (of the unit its name ends in)", r"[0-9]{1,9}", "0-9"),
+    "count": Kind("a whole number", r"0|[1-9][0-9]{0,8}", "0-9"),
+    "duration": Kind("a whole number (of the unit its name ends in)", r"0|[1-9][0-9]{0,8}", "0-9"),
     "size": Kind("a size in bytes, or with k, m or g", r"[0-9]{1,9}[kKmMgG]?", "0-9kKmMgG"),
     "rate": Kind("a rate like 200r/s or 600r/m", r"[0-9]{1,9}r/[sm]", "0-9r/sm"),
     "switch": Kind("on or off", r"on|off", choices=("on", "off")),
@@ -305,6 +305,11 @@ def check_kinds(settings: BalancerSettings) -> None:
             raise RenderError(f"{env_name(f.name)} must be {kind.description}, got {value[:60]!r}")
 
 
+def worker_rlimit_nofile(settings: BalancerSettings) -> int:
+    """Open files each nginx worker may hold: two per connection, and 1024 for the rest."""
+    return 2 * int(settings.worker_connections) + 1024
+
+
 def env_name(field_name: str) -> str:
     """BALANCER_<FIELD>."""
     return f"BALANCER_{field_name.upper()}"
@@ -385,6 +390,7 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     values["BALANCER_L1_ZONE"] = "l1" if settings.l1_cache == "on" else "off"
     values["BALANCER_L1_BODY_REGEX"] = at_most_regex(int(settings.l1_max_body_bytes))
     check_kinds(settings)  # after the checks above, which say more about their settings
+    values["BALANCER_WORKER_RLIMIT_NOFILE"] = str(worker_rlimit_nofile(settings))
     return values
 
 
@@ -513,6 +519,7 @@ if [ "$BALANCER_L1_MAX_BODY_BYTES" -gt {L1_MAX_BODY_LIMIT} ]; then
     exit 1
 fi
 BALANCER_L1_BODY_REGEX="$(balancer_at_most "$BALANCER_L1_MAX_BODY_BYTES")"
+BALANCER_WORKER_RLIMIT_NOFILE=$((2 * BALANCER_WORKER_CONNECTIONS + 1024))
 BALANCER_RATE_LIMIT_EXEMPT_GEO="$(balancer_geo "$BALANCER_RATE_LIMIT_EXEMPT")"
 BALANCER_INTERNAL_GEO="$(balancer_geo "$BALANCER_INTERNAL_NETWORKS")"
 BALANCER_UPSTREAM_SERVERS="$(balancer_upstream)"
@@ -528,7 +535,8 @@ if [ -n "$BALANCER_RESOLVER" ]; then
     BALANCER_RESOLVER="resolver $BALANCER_RESOLVER valid=${BALANCER_RESOLVER_VALID_S}s ipv6=off;"
 fi
 export BALANCER_INTERNAL_PORT BALANCER_RATE_LIMIT_EXEMPT_GEO BALANCER_INTERNAL_GEO BALANCER_UPSTREAM_SERVERS \\
-    BALANCER_RESOLVER BALANCER_L1_ZONE BALANCER_L1_BODY_REGEX BALANCER_REAL_IP BALANCER_PUBLIC_LISTEN_OPTIONS
+    BALANCER_RESOLVER BALANCER_L1_ZONE BALANCER_L1_BODY_REGEX BALANCER_REAL_IP BALANCER_PUBLIC_LISTEN_OPTIONS \\
+    BALANCER_WORKER_RLIMIT_NOFILE
 mkdir -p "$BALANCER_TEMP_DIR" "$(dirname "$BALANCER_PID_FILE")"
 # The entrypoint sources this in a subshell of its pipeline, where $$ is still the shell
 # that then execs nginx: the policy set on it passes to nginx's master and its workers.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,8 @@ import numpy as np
 from service.columns import Column, columns_from_json, example_row, frame, typed_rows
 from service.serving import ServingError, ServingOptions
 from service.validation import InputError, type_name
+
+log = logging.getLogger(__name__)
 
 TASKS = ("classification", "regression")
 
@@ -226,7 +229,9 @@ def load_model(folder: Path) -> LoadedModel:
     try:
         estimator = joblib.load(artifact)
     except Exception as exc:  # noqa: BLE001 - a verified artifact can still be corrupt or incompatible
-        raise ModelError(f"{shown}: failed to load ({type(exc).__name__}: {str(exc)[:200]})") from None
+        # The exception's text (paths of this host, library internals) goes to the log only.
+        log.error("%s: failed to load", shown, exc_info=exc)
+        raise ModelError(f"{shown}: failed to load ({type(exc).__name__}; the replica's log has the details)") from None
     if not callable(getattr(estimator, "predict", None)):
         raise ModelError(f"{shown}: a {type(estimator).__name__} has no predict(); not a model")
     if getattr(estimator, "n_features_in_", width) != width:
@@ -259,8 +264,10 @@ def load_model(folder: Path) -> LoadedModel:
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
-        failure = f"{type(exc).__name__}: {str(exc)[:200]}"
-        raise ModelError(f"{shown}: predict on an example row failed ({failure})") from None
+        log.error("%s: predict on an example row failed", shown, exc_info=exc)
+        raise ModelError(
+            f"{shown}: predict on an example row failed ({type(exc).__name__}; the replica's log has the details)"
+        ) from None
 
 
 def _example(raw: Any, width: int, columns: tuple[Column, ...] | None) -> tuple[Any, ...] | None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import collections
 import json
+import resource
 import shutil
+from pathlib import Path
 
 import pytest
 import redis
 import requests
 
+from localcluster.processes import children
 from tests.support import (
     SourceAddressAdapter,
     access_log,
@@ -103,6 +106,7 @@ def test_a_malformed_model_json_stops_no_other_model_and_no_replica(cluster, mod
     assert ready.status_code == 200, ready.text
     assert set(ready.json()["models"]) == {"iris", "digits", "churn"}
     assert "outputs must be an object" in ready.json()["unavailable"]["broken/1"]
+    assert str(models) not in ready.text, "no path of the host in a public answer"
 
     # Fixed on disk, it loads.
     (bad / "model.json").write_text(json.dumps({**meta, "name": "broken"}))
@@ -175,3 +179,25 @@ def test_behind_named_proxies_each_client_has_its_own_rate_limit_and_nobody_else
     assert again[429] >= 4, again
     clients = collections.Counter(line["client"] for line in access_log(cluster.run_dir / "logs" / "access.log"))
     assert clients["203.0.113.7"] == 30 and clients["203.0.113.8"] == 5 and clients["127.0.0.2"] == 35, clients
+
+
+def _open_files_limit(pid: int) -> int:
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def test_nginx_workers_may_open_two_files_per_connection_whatever_limit_they_were_started_with(start_cluster):
+    """worker_rlimit_nofile: gixy flagged its absence; a worker of 4096 connections started
+    under the common soft limit of 1024 ran out of descriptors at a quarter of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * 4096 + 1024:
+        pytest.skip(f"the hard limit of open files here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        cluster = start_cluster(1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    master = cluster.status().component("nginx").pid
+    workers = [pid for pid, command in children(master) if "worker process" in command]
+    assert workers and _open_files_limit(master) == 1024
+    assert all(_open_files_limit(pid) >= 2 * 4096 for pid in workers), [_open_files_limit(p) for p in workers]
