@@ -46,7 +46,7 @@ def _repository(settings: Settings) -> Callable[[], RepositoryStore] | None:
     if not settings.cache.redis_url or settings.models.repository_poll_s <= 0:
         return None
     timeout_s = max(settings.cache.timeout_ms / 1000, 0.5)  # off the request path: no hurry
-    url, prefix = settings.cache.redis_url, settings.cache.key_prefix
+    url, prefix = settings.cache.connection_url(), settings.cache.key_prefix
     return lambda: RepositoryStore(redis_client(url, timeout_s), prefix)
 
 
@@ -143,7 +143,7 @@ def create_app(
                 _native_thread(registry.retry_until_ready)
     if cache is None and settings.cache.redis_url:
         cache = open_result_cache(
-            settings.cache.redis_url,
+            settings.cache.connection_url(),
             ttl_s=settings.cache.ttl_s,
             timeout_ms=settings.cache.timeout_ms,
             max_connections=settings.redis_pool_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 SCHEMES = {
     "redis": "single", "rediss": "single", "unix": "single",
@@ -120,3 +121,32 @@ def parse_redis_url(url: str) -> RedisTarget:
         urllib.parse.unquote(password) or None,
         tls,
     )
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` in its userinfo (percent-encoded, after the user if it names
+    one); a URL that holds a password of its own keeps it. RedisUrlError for a URL that
+    cannot take one."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() == "unix":
+        shown = redact_url(url)
+        raise RedisUrlError(f"REDIS_URL {shown!r} cannot take a password from a file; the forms are {URL_FORMS}")
+    userinfo, at, location = rest.rpartition("@")
+    user, _, existing = userinfo.partition(":")
+    if existing:
+        return url
+    return f"{scheme}://{user}:{urllib.parse.quote(password, safe='')}@{location if at else rest}"
+
+
+def with_password_file(url: str, path: str) -> str:
+    """`url` with the password the file at `path` holds (a secret: one line); `url` as it is
+    without a file or a URL. RedisUrlError naming REDIS_PASSWORD_FILE if it cannot be read."""
+    if not path or not url:
+        return url
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RedisUrlError(f"REDIS_PASSWORD_FILE {path!r} cannot be read ({type(exc).__name__})") from None
+    if not password:
+        raise RedisUrlError(f"REDIS_PASSWORD_FILE {path!r} is empty")
+    return with_password(url, password)

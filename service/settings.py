@@ -16,7 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service.redis_url import RedisUrlError, parse_redis_url
+from service.redis_url import RedisUrlError, parse_redis_url, with_password_file
 
 CACHE_POLICIES = ("on", "off", "auto")
 SWITCH = ("on", "off")
@@ -245,6 +245,11 @@ class CacheSettings(_Group):
         "redis+sentinel://[[user]:password@]host:port,host:port,.../service-name/db (the password is the primary's); "
         "Redis Cluster: redis+cluster://[[user]:password@]host:port,host:port,... (any reachable nodes).",
     )
+    redis_password_file: str = setting(
+        "REDIS_PASSWORD_FILE",
+        "",
+        "A file holding the Redis password (a secret), for a REDIS_URL that names none: on no command line.",
+    )
     timeout_ms: int = setting(
         "SERVICE_REDIS_TIMEOUT_MS",
         100,
@@ -285,11 +290,16 @@ class CacheSettings(_Group):
     def check(self) -> None:
         if self.redis_url:
             try:
-                parse_redis_url(self.redis_url)
+                parse_redis_url(self.connection_url())
             except RedisUrlError as exc:
                 raise SettingsError(str(exc)) from None
         if self.breaker_max_backoff_s < self.breaker_backoff_s:
             raise SettingsError("SERVICE_BREAKER_BACKOFF_S must be <= SERVICE_BREAKER_MAX_BACKOFF_S")
+
+    def connection_url(self) -> str:
+        """REDIS_URL with the password of REDIS_PASSWORD_FILE, if one is set (read now;
+        check() reads it once at start, so a file that cannot be read stops the start)."""
+        return with_password_file(self.redis_url, self.redis_password_file)
 
 
 @dataclass(frozen=True)
@@ -344,17 +354,13 @@ class Settings:
         return self.cache.max_connections or self.server.worker_connections
 
     def flat(self) -> dict[str, str]:
-        """Every setting as `group.field` → its value as text (reports, logs)."""
-        return {
-            f"{name}.{f.name}": _shown(f, getattr(getattr(self, name), f.name))
-            for name in GROUPS
-            for f in fields(getattr(self, name))
-        }
-
-
-def _shown(f: Any, value: Any) -> str:
-    """A setting's value as reports and logs may show it: a secret never."""
-    return "***" if f.metadata.get("secret") and value else str(value)
+        """Every setting as `group.field` → its value as text (reports, logs); a secret never."""
+        shown = {}
+        for name in GROUPS:
+            for f in fields(getattr(self, name)):
+                value = getattr(getattr(self, name), f.name)
+                shown[f"{name}.{f.name}"] = "***" if f.metadata.get("secret") and value else str(value)
+        return shown
 
 
 def _parse(f: Any, raw: str) -> Any:

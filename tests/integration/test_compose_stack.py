@@ -222,6 +222,20 @@ def test_only_the_balancers_public_listener_is_published(stack):
     assert "prediction_http_request_duration_seconds" in inside.stdout
 
 
+def test_the_redis_password_is_in_no_containers_arguments_or_environment(stack):
+    """It was on redis-server's command line and in REDIS_URL, both shown by `inspect`.
+    The stack runs with the demo secret file, whose password is `change-me`."""
+    password = (ROOT / "deploy" / "compose" / "redis-password.demo").read_text().strip()
+    for row in stack.containers("redis") + stack.containers("api"):
+        inspected = stack.cli("inspect", row["Name"]).stdout
+        assert password not in inspected, f"{row['Name']}: the password shows in inspect"
+    # Yet Redis requires it and the replicas have it: they cache.
+    refused = stack.compose("exec", "-T", "redis", "redis-cli", "get", "x", check=False)
+    assert "NOAUTH" in refused.stdout + refused.stderr
+    statuses = [post(stack, "/v1/models/iris:predict", {"instances": [[6.1, 2.8, 4.7, 1.2]]}) for _ in range(2)]
+    assert [r.headers["X-Cache"] for r in statuses] in (["MISS", "HIT"], ["HIT", "HIT"])
+
+
 def test_the_published_listener_rate_limits_every_client(stack):
     # h2load (C, 16 connections) drives the one host client well past 200 r/s + burst 400,
     # however slow this machine is today; meanwhile a probe reads a 429 as a client sees it.
@@ -550,7 +564,7 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
     nodes = ["redis-cluster-1", "redis-cluster-2", "redis-cluster-3"]
     # As docs/containers.md says: the profile on, API_REDIS_URL set; compose starts the
     # nodes, runs the init once they are healthy and recreates the replicas after it.
-    stack.env["API_REDIS_URL"] = "redis+cluster://:change-me@" + ",".join(f"{n}:6379" for n in nodes)
+    stack.env["API_REDIS_URL"] = "redis+cluster://" + ",".join(f"{n}:6379" for n in nodes)
     stack.compose(
         "--profile", "redis-cluster", "up", "-d", "--scale", "api=4", "--wait", "--wait-timeout", "300", timeout=600
     )
@@ -570,10 +584,9 @@ def test_the_redis_cluster_profile_caches_over_three_primaries(stack):
                 "exec",
                 "-T",
                 n,
-                "redis-cli",  # REDISCLI_AUTH is in the service's environment
-                "--scan",
-                "--pattern",
-                "pred:iris:*",
+                "sh",
+                "-c",
+                'REDISCLI_AUTH="$(cat /run/secrets/redis_password)" exec redis-cli --scan --pattern "pred:iris:*"',
             ).stdout.split()
         )
         for n in nodes

@@ -152,6 +152,21 @@ def test_the_converger_is_restarted_whatever_ends_it():
     assert [type(f) for f in failures] == [RuntimeError, KeyError, SystemExit]
 
 
+def test_the_loader_is_restarted_whatever_kills_it_and_stops_once_it_has_loaded():
+    """The loader thread (supervise(..., once=True)): an exception that killed it left /readyz
+    saying "still loading" for ever."""
+    failures: list[BaseException] = []
+    calls = []
+
+    def load() -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise (AttributeError("'NoneType' object has no attribute 'get'") if len(calls) == 1 else SystemExit(1))
+
+    supervise(load, failures.append, backoff_s=0, once=True)
+    assert len(calls) == 3 and [type(f) for f in failures] == [AttributeError, SystemExit]
+
+
 def test_weights_split_unversioned_requests_and_a_routing_key_sticks():
     plan = ModelPlan(weights={"1": 90, "2": 10})
     drawn = collections.Counter(choose_version("iris", plan, ["1", "2"], None) for _ in range(20000))

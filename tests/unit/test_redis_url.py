@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.redis_url import RedisUrlError, parse_redis_url, redact_url
+from service.redis_url import RedisUrlError, parse_redis_url, redact_url, with_password
 from service.settings import Settings, SettingsError
 
 
@@ -107,3 +107,24 @@ def test_redaction_keeps_what_an_operator_needs_to_read():
     )
     assert redact_url("redis://h:6379/0?password=pw&db=1") == "redis://h:6379/0?password=***&db=1"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://redis:6379/0", "redis://:p%40ss%3Aw%2Fd@redis:6379/0"),
+        ("redis://app@redis:6379/0", "redis://app:p%40ss%3Aw%2Fd@redis:6379/0"),
+        ("redis+cluster://a:6379,b:6379", "redis+cluster://:p%40ss%3Aw%2Fd@a:6379,b:6379"),
+        ("rediss+sentinel://s1:26379,s2:26379/main/0", "rediss+sentinel://:p%40ss%3Aw%2Fd@s1:26379,s2:26379/main/0"),
+    ],
+)
+def test_a_password_from_a_file_goes_into_the_url_every_topology_reads(url, expected):
+    assert with_password(url, "p@ss:w/d") == expected
+    target = parse_redis_url(expected)
+    assert target.topology == "single" or target.password == "p@ss:w/d"
+
+
+def test_a_url_that_holds_a_password_keeps_it_and_a_unix_socket_takes_none_from_a_file():
+    assert with_password("redis://:inline@redis:6379/0", "from-file") == "redis://:inline@redis:6379/0"
+    with pytest.raises(RedisUrlError, match="cannot take a password from a file"):
+        with_password("unix:///run/redis.sock", "from-file")

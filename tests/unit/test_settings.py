@@ -110,3 +110,17 @@ def test_the_check_fails_on_a_stale_page(tmp_path, monkeypatch):
     stale.write_text(module.document().replace("SERVICE_MODELS_DIR", "SERVICE_MODEL_DIR"))
     monkeypatch.setattr(module, "DOC", stale)
     assert module.main(["--check"]) == 1
+
+
+def test_the_redis_password_comes_from_a_file_read_at_start(tmp_path):
+    secret = tmp_path / "redis_password"
+    secret.write_text("s3cret\n")
+    settings = Settings.from_env({"REDIS_URL": "redis://redis:6379/0", "REDIS_PASSWORD_FILE": str(secret)})
+    assert settings.cache.redis_url == "redis://redis:6379/0"
+    assert settings.cache.connection_url() == "redis://:s3cret@redis:6379/0"
+    for problem, content in (("cannot be read", None), ("is empty", "\n")):
+        missing = tmp_path / f"other-{problem}"
+        if content is not None:
+            missing.write_text(content)
+        with pytest.raises(SettingsError, match=f"REDIS_PASSWORD_FILE .* {problem}"):
+            Settings.from_env({"REDIS_URL": "redis://redis:6379/0", "REDIS_PASSWORD_FILE": str(missing)})
