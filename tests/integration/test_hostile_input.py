@@ -9,6 +9,7 @@ import collections
 import json
 import resource
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,31 @@ def test_nginx_workers_may_open_two_files_per_connection_whatever_limit_they_wer
     workers = [pid for pid, command in children(master) if "worker process" in command]
     assert workers and _open_files_limit(master) == 1024
     assert all(_open_files_limit(pid) >= 2 * 4096 for pid in workers), [_open_files_limit(p) for p in workers]
+
+
+def test_connections_one_address_opens_and_never_uses_cannot_lock_others_out(start_cluster):
+    """Idle and not-yet-sent connections are not counted per address (limit_conn counts
+    requests): nginx marks them reusable and closes the oldest when its connections run
+    out, so 600 of them from one address against 2 x 128 connections leave room for others.
+    (A request's header sent slowly is not reusable: client_header_timeout bounds those.)"""
+    cluster = start_cluster(1, BALANCER_WORKER_CONNECTIONS="128")
+    port = int(cluster.url.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for _ in range(600):
+            connection = socket.socket()
+            connection.bind(("127.0.0.2", 0))
+            connection.connect(("127.0.0.1", port))
+            idle.append(connection)
+        session = requests.Session()
+        session.mount("http://", SourceAddressAdapter("127.0.0.3"))
+        statuses = collections.Counter(
+            session.get(f"{cluster.url}/healthz", timeout=10, headers={"Connection": "close"}).status_code
+            for _ in range(20)
+        )
+        assert statuses == {200: 20}, statuses
+    finally:
+        for connection in idle:
+            connection.close()
+    errors = (cluster.run_dir / "logs" / "nginx-error.log").read_text()
+    assert "reusing connections" in errors, "the idle connections did fill nginx's connections"
