@@ -105,6 +105,10 @@ http {{
 {servers}
         keepalive 64;
         keepalive_requests 1000000;
+        # Below uvicorn's keep-alive (5 s, which MLServer keeps): nginx must drop an idle
+        # connection before the server does, or it reuses one the server is closing (a
+        # reset, and a 502: nginx does not retry a POST) after a pause between points.
+        keepalive_timeout 4s;
     }}
     server {{
         listen 127.0.0.1:{port};

@@ -102,6 +102,11 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     assert "The L1: at its fastest point" in markdown
 
 
+def measured_points(raw: dict) -> list[dict]:
+    """Every measured point of a results.json: the wrk points and the h2load runs."""
+    return [*raw["points"], *raw["h2load"]]
+
+
 def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(tmp_path, models_dir):
     cluster = Cluster(tmp_path / "run", dict(os.environ))
     env = {**os.environ, "CLUSTER_RUN_DIR": str(cluster.run_dir)}
@@ -129,9 +134,18 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         return result, json.loads((out / "results.json").read_text())
 
+    def others_ran(raw: dict) -> bool:
+        return any(m["disturbance"]["other_cores"] > m["disturbance"]["threshold_cores"] for m in measured_points(raw))
+
     try:
         cluster.start(1, Ports.auto(DEFAULT_SLOTS))
-        _, quiet = bench("quiet")
+        # The quiet run must be quiet, which nothing here controls on a shared machine (a
+        # neighbour's few seconds of CPU marked it disturbed, rightly): up to three tries.
+        for attempt in range(3):
+            quiet_name = f"quiet-{attempt}"
+            _, quiet = bench(quiet_name)
+            if not others_ran(quiet):
+                break
         # A neighbour: one core kept busy by a process the benchmark knows nothing of.
         burner = subprocess.Popen(
             [sys.executable, "-c", "import time\nend = time.monotonic() + 240\nwhile time.monotonic() < end: pass"]
@@ -143,7 +157,7 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
             burner.wait(timeout=10)
     finally:
         cluster.stop()
-    measured = {name: [*raw["points"], *raw["h2load"]] for name, raw in (("quiet", quiet), ("noisy", noisy))}
+    measured = {name: measured_points(raw) for name, raw in (("quiet", quiet), ("noisy", noisy))}
     print({name: [m["disturbance"] for m in ms] for name, ms in measured.items()})
     # Processes: nothing else ran beside the quiet run. Steal time is the hypervisor's (this
     # shared VM showed up to 0.56 cores of it): a point is disturbed by it, whatever we do.
@@ -157,5 +171,5 @@ def test_a_point_beside_a_cpu_burner_is_marked_disturbed_and_a_quiet_one_is_not(
     assert all(m["disturbance"]["other_cores"] > 0.2 for m in measured["noisy"]), "the burner's share of a core"
     assert "other processes keep" in noisy_run.stderr, "warned before measuring"
     assert "Do not trust this report" in (tmp_path / "noisy" / "report.md").read_text()
-    quiet_report = (tmp_path / "quiet" / "report.md").read_text()
+    quiet_report = (tmp_path / quiet_name / "report.md").read_text()
     assert ("Do not trust" in quiet_report) == any(m["disturbance"]["disturbed"] for m in measured["quiet"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -271,3 +272,13 @@ def test_the_report_never_shows_a_redis_password_whatever_the_topology():
     )
     assert "s3cret" not in _redacted("redis+sentinel://u:s3cret@s1:26379/prediction/0")
     assert _redacted("iris=off,*=auto") == "iris=off,*=auto"
+
+
+def test_mlservers_nginx_drops_idle_connections_before_uvicorn_does():
+    """uvicorn (MLServer keeps its default) closes a connection idle for 5 s; an nginx that
+    kept it longer reused one being closed after a pause between points: a reset, and a 502
+    in MLServer's column that was not MLServer's doing."""
+    from loadtest.peers import NGINX_CONF
+
+    timeout = re.search(r"keepalive_timeout (\d+)s;", NGINX_CONF)
+    assert timeout is not None and int(timeout.group(1)) < 5
