@@ -40,14 +40,14 @@ def _native_thread(target: Callable[[], None]) -> None:
     start(target, ())
 
 
-def _repository(settings: Settings) -> Callable[[], RepositoryStore] | None:
-    """How to reach the shared desired model state, or None when there is none to share
-    (no Redis, or convergence turned off)."""
-    if not settings.cache.redis_url or settings.models.repository_poll_s <= 0:
+def _repository(settings: Settings, redis_url: str) -> Callable[[], RepositoryStore] | None:
+    """How to reach the shared desired model state at `redis_url` (REDIS_URL with its
+    password), or None when there is none to share (no Redis, or convergence turned off)."""
+    if not redis_url or settings.models.repository_poll_s <= 0:
         return None
     timeout_s = max(settings.cache.timeout_ms / 1000, 0.5)  # off the request path: no hurry
-    url, prefix = settings.cache.connection_url(), settings.cache.key_prefix
-    return lambda: RepositoryStore(redis_client(url, timeout_s), prefix)
+    prefix = settings.cache.key_prefix
+    return lambda: RepositoryStore(redis_client(redis_url, timeout_s), prefix)
 
 
 def _desired_now(connect: Callable[[], RepositoryStore] | None) -> Desired | None:
@@ -71,10 +71,15 @@ def _desired_now(connect: Callable[[], RepositoryStore] | None) -> Desired | Non
     return record.desired
 
 
-def _load_then_mark(registry: ModelRegistry, folder: Path, settings: Settings, metrics: Metrics) -> None:
+def _load_then_mark(
+    registry: ModelRegistry,
+    folder: Path,
+    connect: Callable[[], RepositoryStore] | None,
+    settings: Settings,
+    metrics: Metrics,
+) -> None:
     """Load the models (the versions the desired state lists), leave a mark that this
     worker is ready (see _workers_ready), then converge on the desired state for ever."""
-    connect = _repository(settings)
     # A loader that died would leave /readyz saying "still loading" for ever.
     supervise(
         functools.partial(registry.load_until_ready, functools.partial(_desired_now, connect)),
@@ -128,22 +133,26 @@ def create_app(
     app.config.update(MAX_CONTENT_LENGTH=settings.models.max_body_bytes, JSON_SORT_KEYS=False)
 
     metrics = Metrics(settings.server.prometheus_multiproc_dir)
+    redis_url = settings.cache.connection_url()  # REDIS_PASSWORD_FILE read once, for both uses
+    connect_repository = _repository(settings, redis_url)
     if registry is None:
         registry = ModelRegistry(settings.models.models_dir, settings.models.default_model)
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.
             _native_thread(
-                functools.partial(_load_then_mark, registry, settings.server.metrics_path, settings, metrics)
+                functools.partial(
+                    _load_then_mark, registry, settings.server.metrics_path, connect_repository, settings, metrics
+                )
             )
         else:
             registry.load()
             if not registry.ready:
                 # Not ready until every model loads; keep trying beside the requests.
                 _native_thread(registry.retry_until_ready)
-    if cache is None and settings.cache.redis_url:
+    if cache is None and redis_url:
         cache = open_result_cache(
-            settings.cache.connection_url(),
+            redis_url,
             ttl_s=settings.cache.ttl_s,
             timeout_ms=settings.cache.timeout_ms,
             max_connections=settings.redis_pool_size,
@@ -158,7 +167,7 @@ def create_app(
     registry.listeners.append(predictor.forget_all_but)
     registry.listeners.append(policy.forget_all_but)
     app.extensions["prediction"] = ServiceState(
-        settings, registry, predictor, metrics, cache, repository=_repository(settings)
+        settings, registry, predictor, metrics, cache, repository=connect_repository
     )
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
