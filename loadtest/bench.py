@@ -54,8 +54,8 @@ from localcluster.balancer import worker_processes
 from localcluster.cluster import DEFAULT_SLOTS, Status, setting
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
-from service.redis_url import RedisUrlError, parse_redis_url, redact_url
 from service.settings import Settings
+from service.settings.redis_url import RedisUrlError, parse_redis_url, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import load_model
-from service.columns import frame
+from service.inputs.columns import frame
+from service.models.artifacts import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

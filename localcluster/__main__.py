@@ -32,7 +32,7 @@ from typing import Any
 from localcluster.cluster import ROOT, Cluster, Status, setting
 from localcluster.ports import Ports
 from localcluster.processes import ClusterError
-from service.packaging import PackagingError, add_model, parse_inputs
+from service.models.packaging import PackagingError, add_model, parse_inputs
 
 
 def print_status(status: Status, models: dict | None = None) -> None:

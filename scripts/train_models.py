@@ -9,7 +9,7 @@ Skips a model whose folder already holds a verified artifact unless --force is g
 iris (linear) and digits (a forest) take plain rows of numbers; churn is a Pipeline fitted on
 a DataFrame of named columns of mixed types (a string among them), from a synthetic table
 drawn with a fixed seed, so that serving named columns is shown and measured. Its model.json
-is written by the same code as `scripts/cluster model add` (service.packaging).
+is written by the same code as `scripts/cluster model add` (service.models.packaging).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from service.artifacts import ModelError, load_model
-from service.packaging import datatypes_of, describe, write_metadata
+from service.models.artifacts import ModelError, load_model
+from service.models.packaging import datatypes_of, describe, write_metadata
 
 SEED = 20261122
 VERSION = "1"

@@ -11,18 +11,18 @@ from pathlib import Path
 
 from flask import Flask
 
-from service import api, http, repository
-from service.cache import ResultCache, open_result_cache
-from service.convergence import Converger, RepositoryStore, supervise
-from service.fastlane import FastLane
-from service.inference import Predictor
-from service.lifecycle import Desired
+from service.cache.client import redis_client
+from service.cache.results import ResultCache, open_result_cache
+from service.dataplane.predictor import Predictor
+from service.dataplane.state import ServiceState
 from service.metrics import Metrics
-from service.models import ModelRegistry
-from service.redis_client import redis_client
-from service.serving import ServingPolicy
+from service.models.convergence import Converger, RepositoryStore, supervise
+from service.models.lifecycle import Desired
+from service.models.registry import ModelRegistry
+from service.models.serving import ServingPolicy
 from service.settings import Settings
-from service.state import ServiceState
+from service.web import http, operator, views
+from service.web.fastlane import FastLane
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def create_app(
     if load_in_background:
         app.extensions["prediction"].peers_ready = functools.partial(_workers_ready, settings.server.metrics_path)
     http.install(app)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(repository.bp)
-    # The prediction routes without Flask's per-request machinery (service/fastlane.py).
+    app.register_blueprint(views.bp)
+    app.register_blueprint(operator.bp)
+    # The prediction routes without Flask's per-request machinery (service/web/fastlane.py).
     app.wsgi_app = FastLane(app.wsgi_app, app.extensions["prediction"])  # type: ignore[method-assign]
     return app

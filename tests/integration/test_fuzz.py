@@ -24,7 +24,7 @@ import requests
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from service.routes import ROUTES
+from service.web.routes import ROUTES
 from tests.support import start_redis, start_replica
 
 pytestmark = pytest.mark.integration

@@ -93,7 +93,7 @@ def test_requests_that_differ_in_anything_that_matters_never_share_an_answer(clu
     assert versioned.headers.get("X-L1-Cache") in ("MISS", "BYPASS"), versioned.headers
     assert versioned.content == fresh(cluster, "/v2/models/iris/versions/1/infer", v2_body).content
     # A path of no prediction route does not go through the L1 at all (the route table's
-    # prediction routes are the L1 location's, service/routes.py): the replica's JSON 404.
+    # prediction routes are the L1 location's, service/web/routes.py): the replica's JSON 404.
     nowhere = post(cluster, "/v1/models/iris/versions/1:predict", body)
     assert nowhere.status_code == 404 and "X-L1-Cache" not in nowhere.headers, nowhere.headers
     assert nowhere.json() == {"error": "not found: no such route"}
@@ -290,7 +290,7 @@ def test_a_split_that_begins_after_an_answer_was_kept_reaches_its_hot_keys(start
     for the replica's stale-while-revalidate, not for as long as it stays hot."""
     import shutil
 
-    from service.dataplane import L1_STALE_S
+    from service.dataplane.handlers import L1_STALE_S
 
     models = tmp_path / "models"
     shutil.copytree(models_dir / "iris", models / "iris")

@@ -176,7 +176,7 @@ def test_model_add_refuses_what_it_cannot_serve_and_writes_nothing(cluster, mode
 
 
 def churn_columns():
-    from service.columns import Column
+    from service.inputs.columns import Column
 
     meta = json.loads((ROOT / "models" / "churn" / "1" / "model.json").read_text())
     return [Column(c["name"], c["datatype"]) for c in meta["inputs"]["columns"]]

@@ -20,7 +20,7 @@ import requests
 from redis.crc import key_slot
 
 from localcluster import redis_topology
-from service.cache import row_keys
+from service.cache.results import row_keys
 from tests.support import PacedLoad, wait_until
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ import requests
 from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
-from service.artifacts import sha256_of
+from service.models.artifacts import sha256_of
 from tests.support import (
     PacedLoad,
     copy_model_version,

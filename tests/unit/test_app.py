@@ -214,7 +214,7 @@ def test_a_replica_answers_503_at_once_while_its_models_load(models_dir, monkeyp
     import threading
     import time
 
-    from service.models import ModelRegistry
+    from service.models.registry import ModelRegistry
 
     gate, real_load = threading.Event(), ModelRegistry.load
 
@@ -296,7 +296,7 @@ def test_the_model_repository_routes_answer_json_and_need_redis_to_change_anythi
 
 
 def test_an_answer_drawn_from_a_split_tells_the_balancer_not_to_reuse_it(client):
-    from service.lifecycle import Desired, ModelPlan
+    from service.models.lifecycle import Desired, ModelPlan
 
     registry = client.application.extensions["prediction"].registry
     plain = client.post("/v1/models/iris:predict", json={"instances": [SETOSA]})
@@ -314,7 +314,7 @@ def test_an_answer_drawn_from_a_split_tells_the_balancer_not_to_reuse_it(client)
 def test_an_unchanged_answer_is_revalidated_with_a_304_without_reading_the_body(client):
     """The L1 revalidates an expired answer with If-None-Match: the ETag names the model
     version's bytes, so while they are the same the replica answers 304 and predicts nothing."""
-    from service.lifecycle import Desired, ModelPlan
+    from service.models.lifecycle import Desired, ModelPlan
 
     current = client.application.extensions["prediction"]
     routes = {

@@ -6,10 +6,10 @@ import gevent
 import numpy as np
 import pytest
 
-from service.batching import Batcher
-from service.inference import BYPASS, OFF, Predictor
+from service.dataplane.batching import Batcher
+from service.dataplane.predictor import BYPASS, OFF, Predictor
 from service.metrics import Metrics
-from service.serving import ModelServing, ServingPolicy
+from service.models.serving import ModelServing, ServingPolicy
 
 
 class CountingModel:
@@ -107,7 +107,7 @@ class FakeCache:
 
 @pytest.mark.parametrize(("round_trip_ms", "expected"), [(0.0001, True), (1000.0, False), (None, None)])
 def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_trip_ms, expected):
-    from service.models import ModelRegistry
+    from service.models.registry import ModelRegistry
 
     registry = ModelRegistry(models_dir, "iris")
     registry.load()
@@ -128,7 +128,7 @@ def test_auto_policy_caches_only_what_costs_more_than_a_miss(models_dir, round_t
 def test_auto_policy_weighs_what_a_hit_saves_a_busy_replica(models_dir, batching, expected):
     """iris costs about as much for 8 rows as for one: with batching, a hit saves a busy
     replica almost nothing, and a round trip that a lone predict would repay does not pay."""
-    from service.models import ModelRegistry
+    from service.models.registry import ModelRegistry
 
     registry = ModelRegistry(models_dir, "iris")
     registry.load()
@@ -149,7 +149,7 @@ class HalfCache:
         self.written: list[str] = []
 
     def get_many(self, keys):
-        from service.cache import UNAVAILABLE
+        from service.cache.results import UNAVAILABLE
 
         return [self.found, UNAVAILABLE, None]
 
@@ -163,8 +163,8 @@ class HalfCache:
 def test_rows_on_a_failing_node_are_computed_not_written_and_the_request_says_bypass(models_dir):
     import orjson
 
-    from service.cache import row_keys
-    from service.models import ModelRegistry
+    from service.cache.results import row_keys
+    from service.models.registry import ModelRegistry
 
     registry = ModelRegistry(models_dir, "iris")
     registry.load()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.breaker import CircuitBreaker
+from service.cache.breaker import CircuitBreaker
 
 
 class FakeClock:
@@ -64,7 +64,7 @@ def test_it_tells_when_it_opens_and_closes_only():
     "url", ["redis+cluster://127.0.0.1:9,127.0.0.1:10", "redis+sentinel://127.0.0.1:9/name/0", "redis://127.0.0.1:9/0"]
 )
 def test_an_unreachable_redis_of_any_topology_is_bypassed_never_raised(url):
-    from service.cache import open_result_cache
+    from service.cache.results import open_result_cache
 
     changes = []
     cache = open_result_cache(

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from service.cache import row_keys
+from service.cache.results import row_keys
 from tests.support import ROOT
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]
@@ -15,7 +15,7 @@ SHA, OTHER_SHA = "a" * 64, "b" * 64
 def test_same_row_same_key_in_another_process():
     here = row_keys("pred", "iris", "1", SHA, np.array(ROW))
     code = (
-        "import numpy as np; from service.cache import row_keys; "
+        "import numpy as np; from service.cache.results import row_keys; "
         f"print(row_keys('pred', 'iris', '1', {SHA!r}, np.array({ROW!r}))[0])"
     )
     there = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -9,10 +9,10 @@ import struct
 import numpy as np
 import pytest
 
-from service.cache import row_keys
-from service.columns import Column, columns_from_json, frame
-from service.protocols import shortcut, v1, v2
-from service.validation import InputError
+from service.cache.results import row_keys
+from service.dataplane.protocols import shortcut, v1, v2
+from service.errors import InputError
+from service.inputs.columns import Column, columns_from_json, frame
 
 COLUMNS = (
     Column("plan", "BYTES", ("basic", "pro", "team")),

@@ -6,9 +6,9 @@ import sys
 import textwrap
 import time
 
-from service.breaker import CircuitBreaker
-from service.cache import ClusterResultCache
-from service.fanout import in_parallel
+from service.cache.breaker import CircuitBreaker
+from service.cache.fanout import in_parallel
+from service.cache.results import ClusterResultCache
 from tests.support import ROOT
 
 
@@ -23,7 +23,7 @@ def test_greenlets_give_up_and_kill_a_call_past_the_budget():
         """
         from gevent import monkey; monkey.patch_all()
         import time, gevent
-        from service.fanout import in_parallel
+        from service.cache.fanout import in_parallel
         state = {}
         def stalls():
             try:

@@ -145,7 +145,7 @@ def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path
 def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_cluster_redis(tmp_path):
     import os
 
-    from service.redis_url import parse_redis_url
+    from service.settings.redis_url import parse_redis_url
 
     base = ROOT / "deploy" / "kubernetes"
     (tmp_path / "kustomization.yaml").write_text(

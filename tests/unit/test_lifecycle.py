@@ -4,8 +4,8 @@ import collections
 
 import pytest
 
-from service.convergence import Converger, supervise
-from service.lifecycle import (
+from service.models.convergence import Converger, supervise
+from service.models.lifecycle import (
     RECORD_MALFORMED,
     RECORD_MISSING,
     RECORD_OK,

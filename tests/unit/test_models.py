@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from service.models import ModelRegistry, UnknownModel
+from service.models.registry import ModelRegistry, UnknownModel
 
 
 @pytest.fixture
@@ -117,16 +117,16 @@ def test_a_model_json_that_is_not_an_object_is_that_versions_error(model_copy, t
 
 
 def test_an_unforeseen_error_loading_one_folder_stays_with_that_folder(model_copy, monkeypatch):
-    import service.models
+    import service.models.registry
 
-    real = service.models.load_model
+    real = service.models.registry.load_model
 
     def load(folder):
         if folder.name == "2":
             raise AttributeError("'NoneType' object has no attribute 'get'")
         return real(folder)
 
-    monkeypatch.setattr(service.models, "load_model", load)
+    monkeypatch.setattr(service.models.registry, "load_model", load)
     shutil.copytree(model_copy / "iris" / "1", model_copy / "iris" / "2")
     registry = ModelRegistry(model_copy, "iris")
     registry.load()

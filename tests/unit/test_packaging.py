@@ -1,4 +1,4 @@
-"""What `model add` reads from a fitted estimator (service.packaging.describe), and what it
+"""What `model add` reads from a fitted estimator (service.models.packaging.describe), and what it
 refuses, before anything is written."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
-from service.packaging import PackagingError, describe, parse_inputs
+from service.models.packaging import PackagingError, describe, parse_inputs
 
 TABLE = pd.DataFrame(
     {
@@ -93,8 +93,8 @@ def test_what_is_not_a_servable_model_is_refused(estimator, message):
 def test_the_example_is_a_row_the_model_takes_and_the_replica_tries_it(tmp_path):
     from sklearn.preprocessing import FunctionTransformer
 
-    from service.artifacts import load_model
-    from service.packaging import write_metadata
+    from service.models.artifacts import load_model
+    from service.models.packaging import write_metadata
 
     x, y = load_iris(return_X_y=True)
     logs = Pipeline([("log", FunctionTransformer(np.log)), ("fit", LogisticRegression(max_iter=500))]).fit(x, y)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.http._utils import _get_inference_request
 
-from service.protocols import body, shortcut, v1, v2
-from service.validation import InputError
+from service.dataplane.protocols import body, shortcut, v1, v2
+from service.errors import InputError
 
 OUTPUTS = ("predict", "predict_proba")
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from service.redis_url import RedisUrlError, parse_redis_url, redact_url, with_password
 from service.settings import Settings, SettingsError
+from service.settings.redis_url import RedisUrlError, parse_redis_url, redact_url, with_password
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def test_bad_values_fail_fast_naming_the_variable(env, message):
 
 
 def serving(env: dict[str, str], model: str, from_model_json: dict | None = None):
-    from service.serving import ServingOptions, settle
+    from service.models.serving import ServingOptions, settle
 
     return settle(Settings.from_env(env), model, ServingOptions.from_json(from_model_json or {}))
 
@@ -73,8 +73,8 @@ def test_model_json_sits_between_the_settings_default_and_a_per_model_setting():
 
 
 def test_a_bad_serving_block_in_model_json_refuses_the_model(tmp_path):
-    from service.artifacts import ModelError, load_model
-    from service.serving import ServingError, ServingOptions
+    from service.models.artifacts import ModelError, load_model
+    from service.models.serving import ServingError, ServingOptions
 
     options = ServingOptions.from_json({"batching": "off", "batch_max_rows": 4})
     assert options.to_json() == {"batching": "off", "batch_max_rows": 4}

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from service.protocols import shortcut, v1, v2
-from service.validation import InputError, parse_json
+from service.dataplane.protocols import shortcut, v1, v2
+from service.errors import InputError
+from service.inputs.parsing import parse_json
 
 WIDTH, MAX_ROWS = 4, 8
 OUTPUTS = ("predict", "predict_proba")

@@ -1,0 +1,11 @@
+"""The data plane: one prediction, with no transport.
+
+- `contract.py`: what a door hands in (`Call`) and gets back (`Answer`).
+- `handlers.py`: per route: model and version, decode, predict, encode, the L1 headers;
+  V2 model metadata and Triton's model config.
+- `protocols/`: the wire formats (KServe V1, Open Inference Protocol JSON and binary
+  tensors, `/predict`, bodies: content type and gzip).
+- `predictor.py`: the result cache per row, batching, the predict call.
+- `batching.py`: concurrent requests of one worker sharing one predict call.
+- `state.py`: what one app holds (settings, registry, predictor, cache, metrics).
+"""

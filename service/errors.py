@@ -1,0 +1,69 @@
+"""The errors a request can end in, one class per meaning, each with its HTTP status here
+and nowhere else. Raised anywhere below the doors (no Flask, no HTTP); both doors answer
+them as `{"error": message}` with `status` (service/web/envelope.py: `error_answer`).
+
+`InputError` is the base: a request that cannot be answered as asked. Code that adds
+context to an error (a column, a row) catches `InputError` and raises a `BadRequest`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class InputError(ValueError):
+    """The request cannot be answered as asked; `status` is the HTTP status to answer with."""
+
+    status: ClassVar[int] = 400
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers or {}  # e.g. WWW-Authenticate with a 401
+
+
+class BadRequest(InputError):
+    """The body, a parameter or a header is malformed or out of bounds."""
+
+    status = 400
+
+
+class Unauthorized(InputError):
+    """An operator route without the right token (`headers` carry WWW-Authenticate)."""
+
+    status = 401
+
+
+class NotFound(InputError):
+    """No such model, version or model folder."""
+
+    status = 404
+
+
+class Conflict(InputError):
+    """A change the model repository's rules refuse in its present state."""
+
+    status = 409
+
+
+class TooLarge(InputError):
+    """A body over its limit, as sent or once decompressed."""
+
+    status = 413
+
+
+class UnsupportedMedia(InputError):
+    """A Content-Type or Content-Encoding no protocol reads."""
+
+    status = 415
+
+
+class Refused(InputError):
+    """A model version that fails its checks (sha256, model.json, loading) is not served."""
+
+    status = 422
+
+
+class Unavailable(InputError):
+    """This replica cannot answer now (closing, not ready, Redis down): retry elsewhere or later."""
+
+    status = 503
