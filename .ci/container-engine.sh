@@ -1,5 +1,5 @@
 # Sourced by .ci/run: make a container engine answer for the compose end-to-end tests
-# (tests/integration/test_compose_stack.py) and export what they need. With Docker
+# (tests/integration/compose/) and export what they need. With Docker
 # present, nothing to do. Without it (our CI machines have no Docker engine and no image
 # registry), ../shared/compose-lab sets up rootful podman + Docker Compose v2 + local
 # stand-ins of the base images; its override file and healthcheck driver cover podman's

@@ -25,7 +25,7 @@ import numpy as np
 import tritonclient.http as triton
 
 from localcluster import Cluster, Ports
-from localcluster.cluster import DEFAULT_SLOTS
+from localcluster.settings import DEFAULT_SLOTS
 
 
 def _rate(url: str, rows: np.ndarray, binary: bool, seconds: float, concurrency: int) -> float:

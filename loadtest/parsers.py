@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from loadtest.results import AccessLog, WrkNumbers
+
 H2LOAD_REQUESTS = re.compile(
     r"requests: (?P<total>\d+) total, (?P<started>\d+) started, (?P<done>\d+) done, "
     r"(?P<succeeded>\d+) succeeded, (?P<failed>\d+) failed, (?P<errored>\d+) errored, (?P<timeout>\d+) timeout"
@@ -71,7 +73,7 @@ def comma_floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
 
 
-def parse_wrk(output: str) -> dict[str, Any]:
+def parse_wrk(output: str) -> WrkNumbers:
     """The JSON line loadtest/wrk_mix.lua prints, with latencies in ms and requests/s."""
     for line in output.splitlines():
         if line.startswith("WRKJSON "):
@@ -128,7 +130,7 @@ def _float(value: str) -> float | None:
         return None
 
 
-def summarize_access_log(lines: Iterable[str]) -> dict[str, Any]:
+def summarize_access_log(lines: Iterable[str]) -> AccessLog:
     """Client time vs upstream time (ms), statuses, X-Cache and replicas from the JSON access log."""
     request_ms: list[float] = []
     upstream_ms: list[float] = []

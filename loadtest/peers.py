@@ -26,7 +26,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from balancer.render import BalancerSettings, scheduling_argv
+from balancer.render import scheduling_argv
+from balancer.settings import BalancerSettings
 from loadtest.generators import pool_bodies, v2_path
 from loadtest.payloads import Mix
 from localcluster.balancer import default_worker_processes

@@ -30,13 +30,14 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from loadtest.generators import write_wrk_payloads, wrk_argv
 from loadtest.parsers import parse_wrk
 from loadtest.payloads import Mix
 from localcluster import Cluster, Ports, free_port
-from localcluster.cluster import DEFAULT_SLOTS
 from localcluster.processes import children, wait_until
+from localcluster.settings import DEFAULT_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -91,7 +92,7 @@ def py_spy() -> str:
 
 def measure(
     url: str, worker: int, args: argparse.Namespace, out: Path, tag: str, profile: bool = False
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One wrk run against `url`: req/s and the worker's CPU ms per request."""
     mix = Mix(pool_size=1000, hit_ratio=args.hit_ratio, skew="zipf")
     nonce = random.SystemRandom().randint(10**5, 10**6)

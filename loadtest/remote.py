@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import random
 import re
-import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -37,10 +33,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest.generators import write_wrk_payloads, wrk_argv
-from loadtest.parsers import comma_floats, comma_ints, parse_wrk
+from loadtest import results as results_file
+from loadtest.parsers import comma_floats, comma_ints
 from loadtest.payloads import Mix
-from loadtest.warmup import warm_caches
+from loadtest.report.remote import build
+from loadtest.results import RemotePoint, RemoteResults
+from loadtest.sweep import run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 # A replica's CPU, and the prediction requests it answered (a model named: not /metrics itself).
@@ -119,29 +117,33 @@ def wait_until_spread(url: str, replicas: int, timeout: float = 120) -> set[str]
     raise RemoteError(f"after scaling, {len(seen)} replica(s) answered through the balancer, not {replicas}")
 
 
+class _ReplicaMetrics:
+    """Around one point's wrk run: each replica's CPU seconds and requests from /metrics
+    on the internal listener, before and after (None when it does not answer)."""
+
+    def __init__(self, internal_url: str | None) -> None:
+        self.internal_url = internal_url
+        self.before: dict[str, dict[str, float]] | None = None
+        self.after: dict[str, dict[str, float]] | None = None
+
+    def __enter__(self) -> _ReplicaMetrics:
+        self.before = replica_metrics(self.internal_url) if self.internal_url else None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.after = replica_metrics(self.internal_url) if self.internal_url else None
+
+
 def measure(
     plan: RemotePlan, out: Path, replicas: int | None, concurrency: int, hit: float, model: str, round_no: int
-) -> dict[str, Any]:
-    """One point: wrk from here, and the replicas' metrics around it when we can read them."""
+) -> RemotePoint:
+    """One point: wrk from here as the local sweep runs it (sweep.run_wrk), and the
+    replicas' metrics around it when we can read them."""
     mix = Mix(pool_size=plan.pool_size, hit_ratio=hit, skew=plan.skew)
-    if hit > 0:
-        warm_caches(plan.url, model, mix)
     tag = f"r{replicas or 'x'}-c{concurrency}-h{int(hit * 100)}-{model}-round{round_no + 1}"
-    nonce = random.SystemRandom().randint(10**5, 10**6 - 1)  # as the local sweep draws it
-    payloads = write_wrk_payloads(out / "raw" / f"{tag}.lua", model, mix, nonce)
-    argv = wrk_argv(plan.url, concurrency, plan.seconds)
-    before = replica_metrics(plan.internal_url) if plan.internal_url else None
-    result = subprocess.run(
-        argv,
-        env={**os.environ, "WRK_PAYLOADS": str(payloads)},
-        capture_output=True,
-        text=True,
-        timeout=plan.seconds + 60,
-    )
-    after = replica_metrics(plan.internal_url) if plan.internal_url else None
-    (out / "raw" / f"{tag}.wrk.txt").write_text(result.stdout + result.stderr)
-    payloads.unlink()
-    parsed = parse_wrk(result.stdout)
+    around = _ReplicaMetrics(plan.internal_url)
+    parsed, command = run_wrk(plan.url, model, mix, concurrency, plan.seconds, out / "raw", tag, around=around)
+    before, after = around.before, around.after
     per_replica = None
     if before is not None and after is not None:
         seconds = parsed["seconds"] or plan.seconds
@@ -161,17 +163,17 @@ def measure(
         "round": round_no,
         **parsed,
         "replica_metrics": per_replica,
-        "command": f"WRK_PAYLOADS=raw/{tag}.lua " + shlex.join(argv),
+        "command": command,
     }
 
 
-def run(plan: RemotePlan, out: Path) -> dict[str, Any]:
+def run(plan: RemotePlan, out: Path) -> RemoteResults:
     """Every point, every round; the scale command first for each replica count."""
     (out / "raw").mkdir(parents=True, exist_ok=True)
     status, _, body = _get(f"{plan.url}/v2/health/ready")
     if status != 200:
         raise RemoteError(f"{plan.url}/v2/health/ready answered {status}: {body[:200]!r}; is the deployment up?")
-    points: list[dict[str, Any]] = []
+    points: list[RemotePoint] = []
     scaled: list[dict[str, Any]] = []
     counts: list[int | None] = list(plan.replicas) or [None]
     total = plan.rounds * len(counts) * len(plan.models) * len(plan.hit_ratios) * len(plan.concurrency)
@@ -202,169 +204,6 @@ def run(plan: RemotePlan, out: Path) -> dict[str, Any]:
         "scaled": scaled,
         "points": points,
     }
-
-
-# --- the report -----------------------------------------------------------------------------
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
-def _grouped(points: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for point in points:
-        groups.setdefault(tuple(point[k] for k in keys), []).append(point)
-    return groups
-
-
-def _shares(counts: dict[str, int]) -> str:
-    """`name share %, ...`; a share under 1 % shows as such, not as 0 %."""
-    total = sum(counts.values()) or 1
-    shares = ((name, 100 * n / total) for name, n in sorted(counts.items()))
-    return ", ".join(f"{name} {share:.0f} %" if share >= 1 else f"{name} <1 %" for name, share in shares)
-
-
-def _order(item: tuple[tuple, Any]) -> tuple:
-    """Sort groups by their key, numbers as numbers, `as found` (None) first."""
-    return tuple((-1 if value is None else value) for value in item[0])
-
-
-def blocks(results: dict[str, Any], folder: Path) -> list[tuple[Any, ...]]:
-    """The report of a remote run, in report.py's blocks (so the same writers render it)."""
-    from loadtest.report import _figure, _fmt, failed_requests
-
-    plan, points = results["plan"], results["points"]
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
-    out: list[tuple[Any, ...]] = [
-        ("h1", "Throughput report: a running deployment"),
-        (
-            "p",
-            f"Measured from outside, at {plan['url']} (wrk, one thread, {plan['seconds']:g} s a point, "
-            f"{plan['rounds']} round(s); medians over rounds). The benchmark did not start, stop or reconfigure the "
-            + (
-                "deployment."
-                if not plan["scale_command"]
-                else f"deployment except by the scale command you gave: {plan['scale_command']}."
-            ),
-        ),
-    ]
-    rows = []
-    for (replicas, model, hit, conc), group in sorted(
-        _grouped(points, "replicas", "model", "hit_ratio", "concurrency").items(), key=_order
-    ):
-        cache: dict[str, int] = {}
-        for point in group:  # answers of every round together
-            for state, n in point["cache"].items():
-                cache[state] = cache.get(state, 0) + n
-        rows.append(
-            [
-                str(replicas or "as found"),
-                model,
-                f"{hit:.0%}",
-                str(conc),
-                _fmt(_median([p["rps"] for p in group])),
-                _fmt(_median([p["p50_ms"] for p in group]), 2),
-                _fmt(_median([p["p99_ms"] for p in group]), 2),
-                _shares(cache),
-                str(sum(failed_requests(p) for p in group)),
-            ]
-        )
-    out += [
-        ("h2", "Every point"),
-        (
-            "p",
-            "Answers: L1 = the balancer's micro-cache answered (no replica took part); HIT/MISS = the replicas' "
-            "Redis result cache; OFF = not cached by the model's policy; BYPASS = Redis unavailable.",
-        ),
-        ("table", ["replicas", "model", "hits", "c", "req/s", "p50 ms", "p99 ms", "answers", "errors"], rows),
-    ]
-    series = []
-    for (replicas, model, hit), group in sorted(_grouped(points, "replicas", "model", "hit_ratio").items(), key=_order):
-        by_c = _grouped(group, "concurrency")
-        xs = sorted(c for (c,) in by_c)
-        ys = [_median([p["rps"] for p in by_c[(c,)]]) for c in xs]
-        label = f"{model}, hits {hit:.0%}" + (f", {replicas} replicas" if replicas else "")
-        series.append((label, xs, ys, "-", [None] * len(xs)))
-    out += _figure(
-        plots,
-        "throughput.png",
-        "Throughput against concurrency",
-        "connections",
-        "req/s",
-        "Medians over rounds.",
-        series,
-        logx=True,
-    )
-    if plan["replicas"]:
-        top = max(plan["concurrency"])
-        scale_series = []
-        for (model, hit), group in sorted(_grouped(points, "model", "hit_ratio").items(), key=_order):
-            at_top = _grouped([p for p in group if p["concurrency"] == top], "replicas")
-            xs = sorted(r for (r,) in at_top)
-            ys = [_median([p["rps"] for p in at_top[(r,)]]) for r in xs]
-            scale_series.append((f"{model}, hits {hit:.0%}", xs, ys, "-", [None] * len(xs)))
-        out += _figure(
-            plots,
-            "replicas.png",
-            f"Throughput against replicas (c={top})",
-            "replicas",
-            "req/s",
-            "Each replica count set by the scale command, measured once every replica answered.",
-            scale_series,
-        )
-    spread_rows = []
-    for point in points:
-        metrics = point["replica_metrics"] or {}
-        spread_rows.append(
-            [
-                str(point["replicas"] or "as found"),
-                point["model"],
-                f"{point['hit_ratio']:.0%}",
-                str(point["concurrency"]),
-                _shares(point["served_by"]),
-                "; ".join(f"{r} {m['cpu_cores']:.2f} cores" for r, m in metrics.items()) or "not read",
-            ]
-        )
-    out += [
-        ("h2", "The spread over replicas"),
-        (
-            "p",
-            "Share of answers by who gave them (X-Served-By; the L1's answers count as nginx). CPU per replica is "
-            "read from each replica's prediction_worker_cpu_seconds_total on the internal listener"
-            + (" (--internal-url)." if plan["internal_url"] else ": not given, so not read."),
-        ),
-        ("table", ["replicas", "model", "hits", "c", "answers by", "replica CPU"], spread_rows),
-    ]
-    cannot = [
-        "No baseline: the tutorials' single-replica set-up is measured only by the local sweep (make bench).",
-        "No CPU of nginx, Redis or the load generator: their processes are not on this host, or not ours to read.",
-        "No access log: nginx's own times per request (total, upstream) and retries are not visible from outside.",
-        "No disturbance marks: other load on the deployment's machines cannot be seen from here.",
-    ]
-    if not plan["internal_url"]:
-        cannot.append("No per-replica CPU or request counts: no --internal-url was given.")
-    if not plan["replicas"]:
-        cannot.append("No scaling curve: the replica count was left as found (give --scale-command and --replicas).")
-    out += [("h2", "What this report could not see"), *[("p", f"- {line}") for line in cannot]]
-    out += [
-        ("h2", "How it ran"),
-        ("pre", "\n".join(p["command"] for p in points)),
-        ("p", "Raw data: results.json and raw/ beside this report."),
-    ]
-    return out
-
-
-def build(folder: Path) -> dict[str, Path]:
-    """report.md and report.html from folder/results.json."""
-    from loadtest.report import to_html, to_markdown
-
-    content = blocks(json.loads((folder / "results.json").read_text()), folder)
-    md, page = folder / "report.md", folder / "report.html"
-    md.write_text(to_markdown(content, folder))
-    page.write_text(to_html(content))
-    return {"md": md, "html": page}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RemoteError, OSError) as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    results_file.write(results, out)
     paths = build(out)
     print(f"report: {paths['md']}\n        {paths['html']}")
     return 0

@@ -9,8 +9,9 @@ benchmarks, the tests):
     cluster.scale(2); cluster.restart(); cluster.stop()
 """
 
-from localcluster.cluster import Cluster, Status
+from localcluster.cluster import Cluster
 from localcluster.ports import Ports, free_port, port_free
 from localcluster.processes import ClusterError
+from localcluster.state import Status
 
 __all__ = ["Cluster", "ClusterError", "Ports", "Status", "free_port", "port_free"]

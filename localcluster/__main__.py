@@ -29,9 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from localcluster.cluster import ROOT, Cluster, Status, setting
+from localcluster.cluster import ROOT, Cluster
 from localcluster.ports import Ports
 from localcluster.processes import ClusterError
+from localcluster.settings import setting
+from localcluster.state import Status
 from service.models.packaging import PackagingError, add_model, parse_inputs
 
 

@@ -10,7 +10,8 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from balancer.render import BalancerSettings, RenderError, render, scheduling_argv
+from balancer.render import render, scheduling_argv
+from balancer.settings import BalancerSettings, RenderError
 from localcluster.processes import ClusterError, children, wait_until
 from localcluster.state import State
 

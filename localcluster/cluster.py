@@ -12,7 +12,6 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,90 +29,10 @@ from localcluster.processes import (
     wait_until,
     write_private,
 )
-from localcluster.state import Component, State, StateFile
+from localcluster.settings import REPLICA_PREFIXES, setting, settings_of
+from localcluster.state import Component, ComponentStatus, State, StateFile, Status
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SLOTS = 8
-
-# The runner's own settings (environment variables), with their defaults; docs/settings.md
-# is generated from this table.
-SETTINGS: dict[str, tuple[str, str]] = {
-    "CLUSTER_RUN_DIR": ("./run", "Where state (cluster.json), logs and the rendered nginx.conf live."),
-    "CLUSTER_UPSTREAM_SLOTS": (
-        str(DEFAULT_SLOTS),
-        "Replica ports nginx lists whether or not a replica runs there: scaling within them needs no reload.",
-    ),
-    "CLUSTER_REDIS_TOPOLOGY": (
-        "single",
-        "The result cache's Redis: single (one server), cluster (a Redis Cluster of 3 primaries) or sentinel "
-        "(a primary, a replica and 3 sentinels); `up --redis` says the same.",
-    ),
-    "CLUSTER_REDIS_MAXMEMORY": (
-        "256mb",
-        "Redis `maxmemory` (per server); least recently used results are evicted beyond it.",
-    ),
-    "CLUSTER_REDIS_PASSWORD": ("", "Empty: none; else Redis `requirepass`, and the replicas' REDIS_URL carries it."),
-    "CLUSTER_NGINX_BIN": ("", "nginx to run instead of the one on PATH (or /usr/sbin)."),
-    "CLUSTER_REDIS_BIN": ("", "redis-server to run instead of the one on PATH."),
-}
-
-
-SETTINGS_PREFIXES = ("SERVICE_", "REDIS_", "BALANCER_", "CLUSTER_")
-REPLICA_PREFIXES = ("SERVICE_", "REDIS_")
-
-
-def setting(environ: Mapping[str, str], name: str) -> str:
-    """A CLUSTER_* setting from `environ`, or its default."""
-    return environ.get(name, SETTINGS[name][0])
-
-
-def settings_of(environ: Mapping[str, str], prefixes: tuple[str, ...] = SETTINGS_PREFIXES) -> dict[str, str]:
-    """The variables of `environ` that configure the cluster (the run directory aside)."""
-    return {k: v for k, v in environ.items() if k.startswith(prefixes) and k != "CLUSTER_RUN_DIR"}
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    """One component as `status` sees it."""
-
-    name: str
-    kind: str
-    port: int
-    pid: int
-    log: str
-    running: bool
-    healthy: bool
-    health: str  # where health is checked
-
-
-@dataclass(frozen=True)
-class Status:
-    """The whole cluster as `status` sees it."""
-
-    run_dir: str
-    logs: str
-    balancer: str | None  # the public listener's URL
-    internal: str | None  # the internal listener's URL (load generators, /metrics)
-    replicas: int
-    components: list[ComponentStatus]
-    redis_topology: str = "single"
-    redis_url: str = ""  # what the replicas use, without the password
-
-    @property
-    def healthy(self) -> bool:
-        """Something runs and every component is healthy."""
-        return bool(self.components) and all(c.healthy for c in self.components)
-
-    def component(self, name: str) -> ComponentStatus:
-        """One component by name (KeyError if absent)."""
-        found = next((c for c in self.components if c.name == name), None)
-        if found is None:
-            raise KeyError(name)
-        return found
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (`status --json`)."""
-        return asdict(self)
 
 
 class Cluster:

@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localcluster.ports import Ports
 from localcluster.processes import alive
@@ -93,3 +94,47 @@ class StateFile:
         with (self.run_dir / "cluster.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    """One component as `status` sees it."""
+
+    name: str
+    kind: str
+    port: int
+    pid: int
+    log: str
+    running: bool
+    healthy: bool
+    health: str  # where health is checked
+
+
+@dataclass(frozen=True)
+class Status:
+    """The whole cluster as `status` sees it."""
+
+    run_dir: str
+    logs: str
+    balancer: str | None  # the public listener's URL
+    internal: str | None  # the internal listener's URL (load generators, /metrics)
+    replicas: int
+    components: list[ComponentStatus]
+    redis_topology: str = "single"
+    redis_url: str = ""  # what the replicas use, without the password
+
+    @property
+    def healthy(self) -> bool:
+        """Something runs and every component is healthy."""
+        return bool(self.components) and all(c.healthy for c in self.components)
+
+    def component(self, name: str) -> ComponentStatus:
+        """One component by name (KeyError if absent)."""
+        found = next((c for c in self.components if c.name == name), None)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (`status --json`)."""
+        return asdict(self)

@@ -3,7 +3,7 @@
 
     python scripts/settings_doc.py [--check]
 
-The replica's settings (service/settings/__init__.py), the balancer's (balancer/render.py) and the
+The replica's settings (service/settings/__init__.py), the balancer's (balancer/settings.py) and the
 local runner's (localcluster/cluster.py) each declare their variables with a default and
 a meaning; this page is made from them, so it cannot drift. A test runs --check.
 """
@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from balancer.render import CONTAINER_DEFAULTS, env_name
-from balancer.render import settings_table as balancer_table
-from localcluster.cluster import SETTINGS as CLUSTER_SETTINGS
+from balancer.settings import CONTAINER_DEFAULTS, env_name
+from balancer.settings import settings_table as balancer_table
+from localcluster.settings import SETTINGS as CLUSTER_SETTINGS
 from service.settings import settings_table as service_table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
@@ -49,7 +49,7 @@ from `.env` (see `.env.example`).
 
 {service_table()}
 
-## The balancer (`balancer/render.py`)
+## The balancer (`balancer/settings.py`)
 
 `make up`/`scripts/cluster up` render the template with these and set the listeners, the
 upstream and the file paths itself. The balancer image renders it with the same defaults

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, Server
+from tests.support import ROOT
+from tests.support.servers import Server
 
 MODELS_DIR = ROOT / "models"
 

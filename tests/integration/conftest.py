@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import Cluster, ClusterError, Ports
-from localcluster.cluster import DEFAULT_SLOTS
+from localcluster.settings import DEFAULT_SLOTS
 
 # The tests follow iris rows through the replicas' cache, so it is on whatever `auto`
 # would decide; and they send the same body again and again to see the replicas answer

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from localcluster import Cluster, Ports
-from localcluster.cluster import DEFAULT_SLOTS
+from localcluster.settings import DEFAULT_SLOTS
 from tests.support import ROOT
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ import requests
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 
-from tests.support import start_redis, start_replica
+from tests.support.servers import start_redis, start_replica
 
 pytestmark = pytest.mark.integration
 

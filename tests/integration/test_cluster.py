@@ -14,20 +14,15 @@ import pytest
 import requests
 from requests.adapters import HTTPAdapter
 
-from balancer.render import BalancerSettings, size_bytes
+from balancer.render import size_bytes
+from balancer.settings import BalancerSettings
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
 from localcluster import free_port, port_free
 from localcluster.processes import children
-from tests.support import (
-    ACCESS_LOG_SETTLE_S,
-    ROOT,
-    VENV_BIN,
-    SourceAddressAdapter,
-    access_log,
-    dropped_by,
-    wait_until,
-)
+from tests.support import ROOT, VENV_BIN, wait_until
+from tests.support.access_log import ACCESS_LOG_SETTLE_S, access_log, dropped_by
+from tests.support.load import SourceAddressAdapter
 
 pytestmark = pytest.mark.integration
 

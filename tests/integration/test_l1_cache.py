@@ -13,8 +13,11 @@ import time
 import pytest
 import requests
 
-from balancer.render import BalancerSettings
-from tests.support import SourceAddressAdapter, access_log, repository_call, repository_status, wait_until
+from balancer.settings import BalancerSettings
+from tests.support import wait_until
+from tests.support.access_log import access_log
+from tests.support.load import SourceAddressAdapter
+from tests.support.repository import repository_call, repository_status
 
 pytestmark = pytest.mark.integration
 

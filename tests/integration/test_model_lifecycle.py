@@ -13,14 +13,8 @@ import time
 import pytest
 import requests
 
-from tests.support import (
-    PacedLoad,
-    SourceAddressAdapter,
-    copy_model_version,
-    repository_call,
-    repository_status,
-    wait_converged,
-)
+from tests.support.load import PacedLoad, SourceAddressAdapter
+from tests.support.repository import copy_model_version, repository_call, repository_status, wait_converged
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from scripts.train_models import churn_table
-from tests.support import ROOT, PacedLoad
+from tests.support import ROOT
+from tests.support.load import PacedLoad
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,8 @@ from redis.crc import key_slot
 
 from localcluster import redis_topology
 from service.cache.results import row_keys
-from tests.support import PacedLoad, wait_until
+from tests.support import wait_until
+from tests.support.load import PacedLoad
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ import requests
 
 from localcluster.processes import children
 from service.settings import Settings
-from tests.support import ROOT, VENV_BIN, start_redis, start_replica, wait_until
+from tests.support import ROOT, VENV_BIN, wait_until
+from tests.support.servers import start_redis, start_replica
 
 pytestmark = pytest.mark.integration
 

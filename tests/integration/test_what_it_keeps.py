@@ -24,14 +24,9 @@ from sklearn.dummy import DummyClassifier
 
 from localcluster.processes import children
 from service.models.artifacts import sha256_of
-from tests.support import (
-    PacedLoad,
-    copy_model_version,
-    repository_call,
-    repository_status,
-    wait_converged,
-    wait_until,
-)
+from tests.support import wait_until
+from tests.support.load import PacedLoad
+from tests.support.repository import copy_model_version, repository_call, repository_status, wait_converged
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

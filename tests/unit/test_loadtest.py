@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import bench, report
+from loadtest import report
+from loadtest import results as shape
+from loadtest import targets as judged
 from loadtest.generators import pool_bodies, write_wrk_payloads
 from loadtest.parsers import (
     parse_h2load,
@@ -22,6 +24,7 @@ from loadtest.parsers import (
     summarize_access_log,
 )
 from loadtest.payloads import FRESH, Mix, fresh_row, pool_row
+from loadtest.report import plots
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -96,7 +99,7 @@ def test_the_report_puts_each_peer_beside_the_cluster_round_by_round(tmp_path):
     raw = json.loads((FIXTURES / "results.json").read_text())
     template = raw["points"][0]
     for round_no, (ours, theirs) in enumerate(((2000.0, 900.0), (1800.0, 1000.0))):
-        raw["points"].append({**template, "kind": report.CLUSTER_V2, "rps": ours, "round": round_no, "concurrency": 32})
+        raw["points"].append({**template, "kind": shape.CLUSTER_V2, "rps": ours, "round": round_no, "concurrency": 32})
         raw["points"].append(
             {**template, "kind": "MLServer", "rps": theirs, "round": round_no, "concurrency": 32,
              "peer": "mlserver", "setup": "2 × MLServer 1.7.1 behind nginx"}
@@ -186,13 +189,13 @@ def test_disturbed_points_are_marked_and_their_targets_unsure(tmp_path):
     every_point = markdown.split("## Every point")[1].split("##")[0]
     assert every_point.split("\n\n")[1].count("⚠") == 1 and "0.93 ⚠" in every_point
     target = {"target": "t", "measured": 2.0, "goal": 1.8, "at_least": True, "met": True}
-    assert report.verdict(target) == "MET" and report.verdict({**target, "disturbed": True}) == "UNSURE"
-    assert bench.print_targets([{**target, "disturbed": True}]).startswith("UNSURE")
+    assert judged.verdict(target) == "MET" and judged.verdict({**target, "disturbed": True}) == "UNSURE"
+    assert judged.print_targets([{**target, "disturbed": True}]).startswith("UNSURE")
 
 
 def test_a_plot_of_one_x_value_is_a_table(tmp_path):
     point = {"rps": 1234.0, "disturbance": {"disturbed": False}}
-    blocks = report._figure(
+    blocks = plots._figure(
         tmp_path,
         "x.png",
         "Throughput vs replicas",
@@ -225,17 +228,17 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
         points += [point("cluster", "iris", 0.0, ours, round_no), point("baseline", "iris", 0.0, 1000.0, round_no)]
     for round_no, (ours, theirs) in enumerate(((2000.0, 900.0), (1800.0, 1000.0), (2100.0, 1000.0))):
         points += [
-            point(report.CLUSTER_V2, "iris", 0.0, ours, round_no),
+            point(shape.CLUSTER_V2, "iris", 0.0, ours, round_no),
             point("MLServer", "iris", 0.0, theirs, round_no),
         ]
-    kinds = (("cluster", 30000.0), ("baseline", 1000.0), (bench.NGINX_FIXED_REPLY, 75000.0))
+    kinds = (("cluster", 30000.0), ("baseline", 1000.0), (shape.NGINX_FIXED_REPLY, 75000.0))
     h2load = [{"kind": k, "rps": rps, "round": r} for r in range(3) for k, rps in kinds]
     cpu = [
         {"kind": kind, "cpu_ms": ms, "round": r, "disturbance": {"disturbed": False}}
         for r, (ours, minimal) in enumerate(((0.9, 2.0), (0.8, 2.0), (1.4, 2.0)))
         for kind, ms in (("replica", ours), ("minimal Flask + predict", minimal))
     ]
-    targets = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32, cpu)}
+    targets = {t["target"]: t for t in judged.evaluate_targets(points, h2load, 32, cpu)}
     misses = targets["iris, all misses: req/s vs baseline"]
     assert (misses["measured"], misses["min"], misses["max"], misses["runs"]) == (2.1, 1.5, 2.4, 3)
     assert misses["met"] and not misses["disturbed"]
@@ -247,24 +250,24 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     share = targets["iris, all misses: replica worker CPU vs a minimal Flask app"]
     assert (share["measured"], share["min"], share["max"]) == pytest.approx((0.45, 0.4, 0.7)) and share["met"]
     points[0]["disturbance"]["disturbed"] = True
-    shaken = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
-    assert report.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
-    assert "[1.50–2.40, 3 runs]" in bench.print_targets(list(targets.values()))
+    shaken = {t["target"]: t for t in judged.evaluate_targets(points, h2load, 32)}
+    assert judged.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
+    assert "[1.50–2.40, 3 runs]" in judged.print_targets(list(targets.values()))
     # A point with requests that got no 2xx (nginx's 500s once hid in a new-rows point's
     # req/s) makes its targets ERRORS, whatever their ratio; h2load's failures count too.
     points[0]["disturbance"]["disturbed"] = False
     points[2]["statuses"] = {"200": 47210, "500": 4}
     h2load[0].update({"statuses": {"200": 9}, "errored": 2})
-    failing = {t["target"]: t for t in bench.evaluate_targets(points, h2load, 32)}
+    failing = {t["target"]: t for t in judged.evaluate_targets(points, h2load, 32)}
     assert failing["iris, all misses: req/s vs baseline"]["failed_requests"] == 4
-    assert report.verdict(failing["iris, all misses: req/s vs baseline"]) == "ERRORS"
-    assert report.verdict(failing["hot iris row through the L1 (h2load): req/s vs baseline"]) == "ERRORS"
-    assert report.verdict(failing["iris, new rows (V2): req/s vs MLServer"]) == "MET"
-    assert "(4 requests in its points got no 2xx answer)" in bench.print_targets(list(failing.values()))
+    assert judged.verdict(failing["iris, all misses: req/s vs baseline"]) == "ERRORS"
+    assert judged.verdict(failing["hot iris row through the L1 (h2load): req/s vs baseline"]) == "ERRORS"
+    assert judged.verdict(failing["iris, new rows (V2): req/s vs MLServer"]) == "MET"
+    assert "(4 requests in its points got no 2xx answer)" in judged.print_targets(list(failing.values()))
 
 
 def test_the_report_never_shows_a_redis_password_whatever_the_topology():
-    from loadtest.bench import _redacted
+    from loadtest.environment import _redacted
 
     assert _redacted("redis://:s3cret@127.0.0.1:6390/0") == "redis://:***@127.0.0.1:6390/0"
     assert (
@@ -282,3 +285,15 @@ def test_mlservers_nginx_drops_idle_connections_before_uvicorn_does():
 
     timeout = re.search(r"keepalive_timeout (\d+)s;", NGINX_CONF)
     assert timeout is not None and int(timeout.group(1)) < 5
+
+
+def test_results_carry_their_format_and_a_newer_one_is_refused_not_misread(tmp_path):
+    raw = json.loads((FIXTURES / "results.json").read_text())  # format 1: no "format" key
+    assert shape.read(FIXTURES)["points"] == raw["points"]
+    shape.write(raw, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["format"] == shape.FORMAT
+    (tmp_path / "results.json").write_text(json.dumps({**raw, "format": shape.FORMAT + 1}))
+    with pytest.raises(shape.FormatError, match=f"results format {shape.FORMAT + 1}; this version reads"):
+        report.build(tmp_path)
+    with pytest.raises(shape.FormatError, match="not a running deployment's results"):
+        shape.read_remote(FIXTURES)

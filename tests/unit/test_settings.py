@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from balancer.render import settings_table as balancer_table
+from balancer.settings import settings_table as balancer_table
 from service.settings import Settings, SettingsError, settings_table
-from tests.support import copy_model_version
+from tests.support.repository import copy_model_version
 
 
 def test_defaults_and_overrides():
