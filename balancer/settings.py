@@ -6,10 +6,11 @@ the same declarations (`settings_table`).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
+
+from service.settings.declare import Group, from_env, setting, table
 
 # A buffer always with a flush time: without one, lines would wait for the buffer to fill.
 ACCESS_LOG_BUFFER_PATTERN = r"buffer=\d+[km]? flush=(\d+)(ms|s|m)?"
@@ -69,152 +70,283 @@ KINDS: dict[str, Kind] = {
 }
 
 
-def _setting(default: str, kind: str, doc: str) -> str:
-    return field(default=default, metadata={"doc": doc, "kind": kind})  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
-class BalancerSettings:
+class BalancerSettings(Group):
     """Every BALANCER_* setting; the field name upper-cased with the prefix is its variable."""
 
-    listen: str = _setting("8080", "listen", "Public listener (port or address:port): rate limited, no /metrics.")
-    internal_listen: str = _setting(
-        "8082",
-        "listen",
-        "Internal listener for load generators and scrapers: not rate limited, serves /metrics. Never publish it.",
+    listen: str = setting(
+        "BALANCER_LISTEN",
+        "8080",
+        "Public listener (port or address:port): rate limited, no /metrics.",
+        kind="listen",
     )
-    status_listen: str = _setting("127.0.0.1:8081", "listen", "stub_status listener; keep it on loopback.")
-    worker_processes: str = _setting("auto", "processes", "nginx worker processes (one per core).")
-    worker_connections: str = _setting("4096", "count", "Connections per nginx worker (client + upstream).")
-    scheduling: str = _setting(
+    internal_listen: str = setting(
+        "BALANCER_INTERNAL_LISTEN",
+        "8082",
+        "Internal listener for load generators and scrapers: not rate limited, serves /metrics. Never publish it.",
+        kind="listen",
+    )
+    status_listen: str = setting(
+        "BALANCER_STATUS_LISTEN",
+        "127.0.0.1:8081",
+        "stub_status listener; keep it on loopback.",
+        kind="listen",
+    )
+    worker_processes: str = setting(
+        "BALANCER_WORKER_PROCESSES",
+        "auto",
+        "nginx worker processes (one per core).",
+        kind="processes",
+    )
+    worker_connections: str = setting(
+        "BALANCER_WORKER_CONNECTIONS",
+        "4096",
+        "Connections per nginx worker (client + upstream).",
+        kind="count",
+    )
+    scheduling: str = setting(
+        "BALANCER_SCHEDULING",
         "batch",
-        "scheduling",
         "Linux scheduling policy of nginx's processes. batch (SCHED_BATCH): nginx does not preempt a replica on "
         "the cores they share at each request it wakes for, and takes up its ready connections at the next tick "
         "(iris new rows +11-16 % with 2 replicas on 2 cores, no change at c=1); normal: as started (the kernel's "
         "default).",
+        kind="scheduling",
     )
-    upstream_keepalive: str = _setting("64", "count", "Idle connections per nginx worker kept to the replicas.")
-    upstream_keepalive_timeout_s: str = _setting(
-        "60", "duration", "Idle upstream connection lifetime; below gunicorn's SERVICE_KEEPALIVE_S (75)."
+    upstream_keepalive: str = setting(
+        "BALANCER_UPSTREAM_KEEPALIVE",
+        "64",
+        "Idle connections per nginx worker kept to the replicas.",
+        kind="count",
     )
-    max_fails: str = _setting("2", "count", "Failures within fail_timeout that take a replica out of rotation.")
-    fail_timeout_s: str = _setting("5", "duration", "How long a failed replica stays out before nginx tries it again.")
-    next_upstream_tries: str = _setting(
+    upstream_keepalive_timeout_s: str = setting(
+        "BALANCER_UPSTREAM_KEEPALIVE_TIMEOUT_S",
+        "60",
+        "Idle upstream connection lifetime; below gunicorn's SERVICE_KEEPALIVE_S (75).",
+        kind="duration",
+    )
+    max_fails: str = setting(
+        "BALANCER_MAX_FAILS",
+        "2",
+        "Failures within fail_timeout that take a replica out of rotation.",
+        kind="count",
+    )
+    fail_timeout_s: str = setting(
+        "BALANCER_FAIL_TIMEOUT_S",
+        "5",
+        "How long a failed replica stays out before nginx tries it again.",
+        kind="duration",
+    )
+    next_upstream_tries: str = setting(
+        "BALANCER_NEXT_UPSTREAM_TRIES",
         "0",
-        "count",
         "Most replicas one request is tried on; 0: as many as answer within BALANCER_NEXT_UPSTREAM_TIMEOUT_S "
         "(several replicas stopping at once each refuse with a 503 while they drain).",
+        kind="count",
     )
-    next_upstream_timeout_s: str = _setting("15", "duration", "Most time spent trying replicas for one request.")
-    proxy_connect_timeout_ms: str = _setting("500", "duration", "Connecting to a replica (loopback/LAN: fast or dead).")
-    proxy_read_timeout_s: str = _setting(
-        "10", "duration", "Longest wait for a replica's answer before trying the next."
+    next_upstream_timeout_s: str = setting(
+        "BALANCER_NEXT_UPSTREAM_TIMEOUT_S",
+        "15",
+        "Most time spent trying replicas for one request.",
+        kind="duration",
     )
-    operator_timeout_s: str = _setting(
+    proxy_connect_timeout_ms: str = setting(
+        "BALANCER_PROXY_CONNECT_TIMEOUT_MS",
+        "500",
+        "Connecting to a replica (loopback/LAN: fast or dead).",
+        kind="duration",
+    )
+    proxy_read_timeout_s: str = setting(
+        "BALANCER_PROXY_READ_TIMEOUT_S",
+        "10",
+        "Longest wait for a replica's answer before trying the next.",
+        kind="duration",
+    )
+    operator_timeout_s: str = setting(
+        "BALANCER_OPERATOR_TIMEOUT_S",
         "120",
-        "duration",
         "Longest wait for a replica's answer to an operator route (a model load); never retried on another replica.",
+        kind="duration",
     )
-    client_keepalive_timeout_s: str = _setting("75", "duration", "Idle client keep-alive.")
-    client_timeout_s: str = _setting("10", "duration", "Client header/body/send timeouts (cuts off slow clients).")
-    max_body_size: str = _setting("1m", "size", "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.")
-    gzip_min_length: str = _setting("1024", "count", "Smallest JSON response that is gzipped.")
-    rate_limit: str = _setting("200r/s", "rate", "Requests per second per client address (nginx rate syntax).")
-    rate_limit_burst: str = _setting("400", "count", "Requests above the rate a client may burst before 429s.")
-    conn_per_client: str = _setting(
+    client_keepalive_timeout_s: str = setting(
+        "BALANCER_CLIENT_KEEPALIVE_TIMEOUT_S",
+        "75",
+        "Idle client keep-alive.",
+        kind="duration",
+    )
+    client_timeout_s: str = setting(
+        "BALANCER_CLIENT_TIMEOUT_S",
+        "10",
+        "Client header/body/send timeouts (cuts off slow clients).",
+        kind="duration",
+    )
+    max_body_size: str = setting(
+        "BALANCER_MAX_BODY_SIZE",
+        "1m",
+        "Largest request body (413 above); match SERVICE_MAX_BODY_BYTES.",
+        kind="size",
+    )
+    gzip_min_length: str = setting(
+        "BALANCER_GZIP_MIN_LENGTH",
+        "1024",
+        "Smallest JSON response that is gzipped.",
+        kind="count",
+    )
+    rate_limit: str = setting(
+        "BALANCER_RATE_LIMIT",
+        "200r/s",
+        "Requests per second per client address (nginx rate syntax).",
+        kind="rate",
+    )
+    rate_limit_burst: str = setting(
+        "BALANCER_RATE_LIMIT_BURST",
+        "400",
+        "Requests above the rate a client may burst before 429s.",
+        kind="count",
+    )
+    conn_per_client: str = setting(
+        "BALANCER_CONN_PER_CLIENT",
         "32",
-        "count",
         "Requests in progress at once per client address on the public listener (429 beyond): bounds what "
         "one address holds open, slow uploads included.",
+        kind="count",
     )
-    rate_limit_exempt: str = _setting(
+    rate_limit_exempt: str = setting(
+        "BALANCER_RATE_LIMIT_EXEMPT",
         "",
-        "networks",
         "Source networks not rate limited on the public listener; empty (the default, in every mode): limit "
         "every client alike.",
+        kind="networks",
     )
-    internal_networks: str = _setting(
+    internal_networks: str = setting(
+        "BALANCER_INTERNAL_NETWORKS",
         "",
-        "networks",
         "Source networks that may read /metrics on the public listener, and only that (never the model "
         "repository, which the internal listener alone serves); empty (the default): nobody.",
+        kind="networks",
     )
-    real_ip_from: str = _setting(
+    real_ip_from: str = setting(
+        "BALANCER_REAL_IP_FROM",
         "",
-        "networks",
         "Trusted proxies or load balancers (addresses or CIDRs) in front of the balancer: the client address "
         "they give in BALANCER_REAL_IP_HEADER is the one rate limited and logged. Empty (the default): the TCP "
         "peer. Set it wherever clients arrive through a proxy (docs/balancer.md says which deployment needs it).",
+        kind="networks",
     )
-    real_ip_header: str = _setting(
+    real_ip_header: str = setting(
+        "BALANCER_REAL_IP_HEADER",
         "X-Forwarded-For",
-        "real_ip_header",
         "Where the trusted proxies put the client's address: X-Forwarded-For (the rightmost untrusted entry), "
         "X-Real-IP, or proxy_protocol (the public listener then expects the PROXY protocol).",
+        kind="real_ip_header",
     )
-    upstream_servers: str = _setting(
-        "127.0.0.1:8001", "servers", "Space-separated replica addresses (host:port); or a DNS name with resolve."
+    upstream_servers: str = setting(
+        "BALANCER_UPSTREAM_SERVERS",
+        "127.0.0.1:8001",
+        "Space-separated replica addresses (host:port); or a DNS name with resolve.",
+        kind="servers",
     )
-    upstream_resolve: str = _setting("off", "switch", "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).")
-    resolver: str = _setting("", "hosts", "DNS server for resolve (Docker: 127.0.0.11); empty: none.")
-    resolver_valid_s: str = _setting(
-        "5", "duration", "How long a resolved address list is trusted; scaling shows within it."
+    upstream_resolve: str = setting(
+        "BALANCER_UPSTREAM_RESOLVE",
+        "off",
+        "on: re-resolve upstream names (compose/k8s, nginx >= 1.27.3).",
+        kind="switch",
     )
-    l1_cache: str = _setting(
+    resolver: str = setting(
+        "BALANCER_RESOLVER",
+        "",
+        "DNS server for resolve (Docker: 127.0.0.11); empty: none.",
+        kind="hosts",
+    )
+    resolver_valid_s: str = setting(
+        "BALANCER_RESOLVER_VALID_S",
+        "5",
+        "How long a resolved address list is trusted; scaling shows within it.",
+        kind="duration",
+    )
+    l1_cache: str = setting(
+        "BALANCER_L1_CACHE",
         "on",
-        "switch",
         "L1 micro-cache: nginx answers a repeated prediction (same route, headers, body) "
         "itself for BALANCER_L1_TTL_S; off: every request reaches a replica.",
+        kind="switch",
     )
-    l1_ttl_s: str = _setting(
+    l1_ttl_s: str = setting(
+        "BALANCER_L1_TTL_S",
         "5",
-        "duration",
         "How long the L1 keeps a 200 answer fresh (an expired one is served while one request refreshes it): a "
         "new model version under an unversioned path shows within it.",
+        kind="duration",
     )
-    l1_max_body_bytes: str = _setting(
+    l1_max_body_bytes: str = setting(
+        "BALANCER_L1_MAX_BODY_BYTES",
         "4096",
-        "count",
         "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through.",
+        kind="count",
     )
-    l1_min_uses: str = _setting(
+    l1_min_uses: str = setting(
+        "BALANCER_L1_MIN_USES",
         "2",
-        "count",
         "Requests for the same key before the L1 stores the answer: 1 stores every "
         "answer (a file write each, even for requests never repeated).",
+        kind="count",
     )
-    l1_size: str = _setting("64m", "size", "Most disk (tmpfs in containers) the L1's answers take.")
-    l1_keys: str = _setting(
+    l1_size: str = setting(
+        "BALANCER_L1_SIZE",
+        "64m",
+        "Most disk (tmpfs in containers) the L1's answers take.",
+        kind="size",
+    )
+    l1_keys: str = setting(
+        "BALANCER_L1_KEYS",
         "16m",
-        "size",
         "Shared memory for the L1's keys, about 8,000 a megabyte. Every request the L1 looks up holds a key for "
         "BALANCER_L1_TTL_S, stored or not: new requests a second times the TTL must fit (16m: 25,000/s at 5 s).",
+        kind="size",
     )
-    l1_lock_timeout_ms: str = _setting(
+    l1_lock_timeout_ms: str = setting(
+        "BALANCER_L1_LOCK_TIMEOUT_MS",
         "50",
-        "duration",
         "Identical concurrent misses wait this long for the first one's answer (nginx looks once, at the end) "
         "before going to a replica themselves.",
+        kind="duration",
     )
-    pid_file: str = _setting("/run/nginx.pid", "path", "nginx pid file.")
-    error_log: str = _setting("stderr", "path", "nginx error log.")
-    access_log: str = _setting("/dev/stdout", "path", "JSON access log.")
-    access_log_buffer: str = _setting(
+    pid_file: str = setting(
+        "BALANCER_PID_FILE",
+        "/run/nginx.pid",
+        "nginx pid file.",
+        kind="path",
+    )
+    error_log: str = setting(
+        "BALANCER_ERROR_LOG",
+        "stderr",
+        "nginx error log.",
+        kind="path",
+    )
+    access_log: str = setting(
+        "BALANCER_ACCESS_LOG",
+        "/dev/stdout",
+        "JSON access log.",
+        kind="path",
+    )
+    access_log_buffer: str = setting(
+        "BALANCER_ACCESS_LOG_BUFFER",
         "buffer=64k flush=100ms",
-        "log_buffer",
         "How nginx buffers the access log: lines reach the file in blocks, at most the flush time late (a "
         "reload or stop writes them out; a killed nginx loses the unwritten ones). Empty: one write per request.",
+        kind="log_buffer",
     )
-    temp_dir: str = _setting("/tmp/nginx", "path", "Folder for nginx's temp files.")
+    temp_dir: str = setting(
+        "BALANCER_TEMP_DIR",
+        "/tmp/nginx",
+        "Folder for nginx's temp files.",
+        kind="path",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: str) -> BalancerSettings:
         """Defaults, then BALANCER_* variables, then explicit overrides."""
-        env = os.environ if environ is None else environ
-        values = {f.name: env[env_name(f.name)] for f in fields(cls) if env_name(f.name) in env}
-        values.update(overrides)
-        return cls(**values)
+        return from_env(cls, environ, **overrides)
 
 
 # What the balancer image changes from the defaults above: a pid file the non-root nginx
@@ -244,16 +376,10 @@ def check_kinds(settings: BalancerSettings) -> None:
 
 
 def env_name(field_name: str) -> str:
-    """BALANCER_<FIELD>."""
+    """BALANCER_<FIELD>: the variable each field declares (tests/unit/test_settings.py holds them equal)."""
     return f"BALANCER_{field_name.upper()}"
 
 
 def settings_table() -> str:
     """Markdown table of every BALANCER_* setting, for docs/settings.md."""
-    rows = ["| variable | default | kind | meaning |", "|---|---|---|---|"]
-    for f in fields(BalancerSettings):
-        default = f"`{f.default}`" if f.default else "(empty)"
-        rows.append(
-            f"| `{env_name(f.name)}` | {default} | {KINDS[f.metadata['kind']].description} | {f.metadata['doc']} |"
-        )
-    return "\n".join(rows)
+    return table(BalancerSettings, kinds=lambda kind: KINDS[kind].description)

@@ -27,13 +27,14 @@ from loadtest.parsers import (
     comma_ints,
 )
 from loadtest.results import BATCHING_OFF, CLUSTER_V2, NAMED_COLUMNS, NGINX_FIXED_REPLY, Point, Results
+from loadtest.settings import BenchSettings
 from loadtest.sweep import QUICK, ROOT, Plan, Sweep
 from loadtest.targets import evaluate_targets, print_targets
 from localcluster import Cluster, Ports
 from localcluster.balancer import worker_processes
 from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
-from localcluster.settings import DEFAULT_SLOTS, setting
+from localcluster.settings import DEFAULT_SLOTS, ClusterSettings
 
 # The model every peer serves (the cluster is measured on it too, in V2 bodies).
 PEER_MODEL = "iris"
@@ -216,6 +217,7 @@ def write_csv(points: list[Point], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
+    settings = BenchSettings.from_env()
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer points, shorter (< 2 min)")
     parser.add_argument("--replicas", type=comma_ints, help="e.g. 1,2,4")
@@ -255,14 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--disturbance-cores",
         type=float,
-        default=float(os.environ.get("BENCH_DISTURBANCE_CORES", "0.1")),
+        default=settings.disturbance_cores,
         help="mark a point disturbed when processes the benchmark does not know, or steal time, use more cores "
         "than this meanwhile (default 0.1, env BENCH_DISTURBANCE_CORES)",
     )
     parser.add_argument(
         "--wait-quiet",
         type=float,
-        default=float(os.environ.get("BENCH_WAIT_QUIET_S", "0")),
+        default=settings.wait_quiet_s,
         metavar="SECONDS",
         help="before measuring, wait up to this long for the machine to be quiet (default 0: only warn; env "
         "BENCH_WAIT_QUIET_S)",
@@ -310,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(plan.redis_topologies) - set(TOPOLOGIES)
     if unknown:
         parser.error(f"--redis: unknown topology {', '.join(sorted(unknown))}; one of {', '.join(TOPOLOGIES)}")
-    cluster = Cluster(ROOT / setting(os.environ, "CLUSTER_RUN_DIR"))
+    cluster = Cluster(ROOT / ClusterSettings.from_env().run_dir)
     reused = cluster.status().healthy
     before = cluster.status().replicas if reused else None
     if not reused:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import re
 import subprocess
 import sys
@@ -34,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from loadtest import results as results_file
+from loadtest.measure import run_wrk
 from loadtest.parsers import comma_floats, comma_ints
 from loadtest.payloads import Mix
 from loadtest.report.remote import build
 from loadtest.results import RemotePoint, RemoteResults
-from loadtest.sweep import run_wrk
+from loadtest.settings import BenchSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 # A replica's CPU, and the prediction requests it answered (a model named: not /metrics itself).
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale_command": args.scale_command,
     }
     plan = replace(plan, **{k: v for k, v in chosen.items() if v is not None})
-    reports = Path(os.environ.get("BENCH_REPORTS_DIR") or ROOT / "reports")
+    reports = Path(BenchSettings.from_env().reports_dir or ROOT / "reports")
     out = (args.out or reports / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")).resolve()
     try:
         results = run(plan, out)

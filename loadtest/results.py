@@ -198,6 +198,14 @@ def disturbed(point: Mapping[str, Any] | None) -> bool:
     return bool(point and point.get("disturbance", {}).get("disturbed"))
 
 
+def verdict(target: Target) -> str:
+    """ERRORS when a point it was judged from had failed requests (its numbers count them
+    as served), UNSURE when one was disturbed, else MET or MISS."""
+    if target.get("failed_requests"):
+        return "ERRORS"
+    return "UNSURE" if target.get("disturbed") else "MET" if target["met"] else "MISS"
+
+
 class FormatError(ValueError):
     """A results.json this version cannot read."""
 

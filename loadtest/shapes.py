@@ -10,23 +10,20 @@ then back, stopping at SHAPE_DURATION_S.
 
 from __future__ import annotations
 
-import os
-
 from locust import LoadTestShape
 
-
-def _number(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+from loadtest.settings import ShapeSettings
 
 
 class StepLoadShape(LoadTestShape):
     """Users rise in equal steps: where does latency start to climb?"""
 
-    abstract = os.environ.get("LOAD_SHAPE", "step") != "step"
+    abstract = ShapeSettings.from_env().shape != "step"
 
     def tick(self) -> tuple[int, float] | None:
         """(users, spawn rate) now, or None to stop."""
-        step_users, step_s, steps = _number("STEP_USERS", 8), _number("STEP_SECONDS", 10), _number("STEPS", 6)
+        s = ShapeSettings.from_env()
+        step_users, step_s, steps = s.step_users, s.step_seconds, s.steps
         step = int(self.get_run_time() // step_s)
         if step >= steps:
             return None
@@ -36,12 +33,13 @@ class StepLoadShape(LoadTestShape):
 class SpikeShape(LoadTestShape):
     """A steady load with one sudden spike: does the cluster recover, and how fast?"""
 
-    abstract = os.environ.get("LOAD_SHAPE") != "spike"
+    abstract = ShapeSettings.from_env().shape != "spike"
 
     def tick(self) -> tuple[int, float] | None:
         """(users, spawn rate) now, or None to stop."""
-        base, peak = int(_number("SPIKE_BASE_USERS", 8)), int(_number("SPIKE_USERS", 128))
-        at, length, duration = _number("SPIKE_AT_S", 10), _number("SPIKE_LENGTH_S", 10), _number("SHAPE_DURATION_S", 40)
+        s = ShapeSettings.from_env()
+        base, peak = int(s.spike_base_users), int(s.spike_users)
+        at, length, duration = s.spike_at_s, s.spike_length_s, s.duration_s
         now = self.get_run_time()
         if now >= duration:
             return None

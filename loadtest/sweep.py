@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import random
 import re
 import resource
 import subprocess
@@ -28,21 +26,18 @@ from loadtest.baseline import Baseline
 from loadtest.generators import (
     h2load_argv,
     predict_path,
-    write_wrk_payloads,
-    wrk_argv,
 )
+from loadtest.measure import run_wrk
 from loadtest.parsers import (
     parse_h2load,
     parse_h2load_log,
     parse_locust_stats,
     parse_stub_status,
-    parse_wrk,
     summarize_access_log,
 )
 from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import busy_cores, memory, snapshot, watching
-from loadtest.results import CpuReference, H2loadPoint, Locust, Point, WrkNumbers
-from loadtest.warmup import warm_caches
+from loadtest.results import CpuReference, H2loadPoint, Locust, Point
 from localcluster import Cluster, free_port
 from localcluster.processes import which
 
@@ -88,32 +83,6 @@ QUICK = Plan(
 
 def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, **kwargs)
-
-
-def run_wrk(
-    url: str,
-    model: str,
-    mix: Mix,
-    concurrency: int,
-    seconds: float,
-    raw: Path,
-    tag: str,
-    protocol: str = "v1",
-    around: contextlib.AbstractContextManager[Any] | None = None,
-) -> tuple[WrkNumbers, str]:
-    """One point's load: the caches warmed for a mix with hits, wrk with the benchmark's
-    payloads (V1 or V2 bodies) for `seconds`, inside `around` (what the caller measures
-    meanwhile); wrk's output kept as raw/<tag>.wrk.txt. What wrk saw, and the command."""
-    if mix.hit_ratio > 0:
-        warm_caches(url, model, mix)
-    nonce = random.SystemRandom().randint(10**5, 10**6 - 1)
-    payloads = write_wrk_payloads(raw / f"{tag}.lua", model, mix, nonce, protocol=protocol)
-    argv = wrk_argv(url, concurrency, seconds)
-    with around or contextlib.nullcontext():
-        result = _run(argv, env={**os.environ, "WRK_PAYLOADS": str(payloads)}, timeout=seconds + 60)
-    (raw / f"{tag}.wrk.txt").write_text(result.stdout + result.stderr)
-    payloads.unlink()
-    return parse_wrk(result.stdout), f"WRK_PAYLOADS=raw/{tag}.lua " + " ".join(argv)
 
 
 class _Accounted:

@@ -32,9 +32,10 @@ from typing import Any
 from localcluster.cluster import ROOT, Cluster
 from localcluster.ports import Ports
 from localcluster.processes import ClusterError
-from localcluster.settings import setting
+from localcluster.settings import ClusterSettings
 from localcluster.state import Status
 from service.models.packaging import PackagingError, add_model, parse_inputs
+from service.settings.declare import SettingsError
 
 
 def print_status(status: Status, models: dict | None = None) -> None:
@@ -64,7 +65,7 @@ def print_status(status: Status, models: dict | None = None) -> None:
 
 def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:
     if args.ports == "auto":
-        return Ports.auto(int(setting(environ, "CLUSTER_UPSTREAM_SLOTS")))
+        return Ports.auto(ClusterSettings.from_env(environ).upstream_slots)
     explicit = {
         "balancer": args.port,
         "status": args.status_port,
@@ -232,7 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     environ = dict(os.environ)
-    cluster = Cluster(ROOT / setting(environ, "CLUSTER_RUN_DIR"), environ)
+    try:
+        settings = ClusterSettings.from_env(environ)
+    except SettingsError as exc:
+        print(f"cluster: {exc}", file=sys.stderr)
+        return 2
+    cluster = Cluster(ROOT / settings.run_dir, environ)
     try:
         if args.command == "model" and args.action == "add":
             return add_model_command(cluster, args)

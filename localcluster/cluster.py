@@ -29,7 +29,7 @@ from localcluster.processes import (
     wait_until,
     write_private,
 )
-from localcluster.settings import REPLICA_PREFIXES, setting, settings_of
+from localcluster.settings import REPLICA_PREFIXES, ClusterSettings, settings_of
 from localcluster.state import Component, ComponentStatus, State, StateFile, Status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ class Cluster:
         `redis` is the cache's topology (default CLUSTER_REDIS_TOPOLOGY)."""
         if replicas < 1:
             raise ClusterError("--replicas must be at least 1")
-        topology = redis or setting(self.caller_environ, "CLUSTER_REDIS_TOPOLOGY")
+        topology = redis or ClusterSettings.from_env(self.caller_environ).redis_topology
         if topology not in redis_topology.TOPOLOGIES:
             raise ClusterError(f"unknown Redis topology {topology!r}: one of {', '.join(redis_topology.TOPOLOGIES)}")
         with self.state_file.locked():
@@ -193,7 +193,7 @@ class Cluster:
     @property
     def redis_password(self) -> str:
         """Redis's requirepass (empty: none)."""
-        return setting(self.environ, "CLUSTER_REDIS_PASSWORD")
+        return ClusterSettings.from_env(self.environ).redis_password
 
     @property
     def url(self) -> str:
@@ -315,7 +315,7 @@ class Cluster:
         topology = self.state.redis_topology
         data_dir = self.run_dir / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
-        maxmemory = setting(self.environ, "CLUSTER_REDIS_MAXMEMORY")
+        maxmemory = ClusterSettings.from_env(self.environ).redis_maxmemory
         servers = redis_topology.servers(topology, self.state.ports.redis, data_dir, maxmemory, self.redis_password)
         running = {s.name for s in servers if (c := self.state.components.get(s.name)) is not None and c.running}
         if len(running) == len(servers):
@@ -410,7 +410,7 @@ class Cluster:
         slot is skipped for fail_timeout. So scaling needs no nginx reload, and a reload
         is what would fail requests: it closes clients' idle keep-alive connections.
         """
-        slots = int(setting(self.environ, "CLUSTER_UPSTREAM_SLOTS"))
+        slots = ClusterSettings.from_env(self.environ).upstream_slots
         self.state.slots = max(self.state.slots, replicas, slots)
         self._save()
         self._ensure_replicas(replicas)

@@ -3,9 +3,11 @@
 
     python scripts/settings_doc.py [--check]
 
-The replica's settings (service/settings/__init__.py), the balancer's (balancer/settings.py) and the
-local runner's (localcluster/cluster.py) each declare their variables with a default and
-a meaning; this page is made from them, so it cannot drift. A test runs --check.
+Every part declares its settings one way (service/settings/declare.py): the replica's
+(service/settings/__init__.py), the balancer's (balancer/settings.py), the local runner's
+(localcluster/settings.py) and the benchmarks' (loadtest/settings.py), each variable with a
+default, a check and a meaning; this page is made from them, so it cannot drift. A test
+runs --check.
 """
 
 from __future__ import annotations
@@ -16,18 +18,12 @@ from pathlib import Path
 
 from balancer.settings import CONTAINER_DEFAULTS, env_name
 from balancer.settings import settings_table as balancer_table
-from localcluster.settings import SETTINGS as CLUSTER_SETTINGS
+from loadtest.settings import BenchSettings, ShapeSettings
+from localcluster.settings import ClusterSettings
 from service.settings import settings_table as service_table
+from service.settings.declare import table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
-
-
-def cluster_table() -> str:
-    """Markdown table of the local runner's CLUSTER_* settings."""
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, (default, meaning) in CLUSTER_SETTINGS.items():
-        rows.append(f"| `{name}` | {f'`{default}`' if default else '(empty)'} | {meaning} |")
-    return "\n".join(rows)
 
 
 def document() -> str:
@@ -60,11 +56,21 @@ variable's name, so no setting can add a directive.
 
 {balancer_table()}
 
-## The local cluster (`localcluster/cluster.py`)
+## The local cluster (`localcluster/settings.py`)
 
 `REPLICAS` and `PORT` are `make`'s (`make up REPLICAS=8 PORT=9000`); these are the runner's:
 
-{cluster_table()}
+{table(ClusterSettings)}
+
+## The benchmarks (`loadtest/settings.py`)
+
+**bench**: {BenchSettings.__doc__}
+
+{table(BenchSettings)}
+
+**shapes**: {ShapeSettings.__doc__}
+
+{table(ShapeSettings)}
 """
 
 

@@ -16,8 +16,7 @@ from loadtest.report.common import Block, Results, _app_cpu_ms, _count, _fmt, _l
 from loadtest.report.findings import _headline, interpretation
 from loadtest.report.plots import plots
 from loadtest.report.sections import cpu_reference, named_columns, peers, topologies
-from loadtest.results import disturbed, failed_requests
-from loadtest.targets import verdict
+from loadtest.results import disturbed, failed_requests, verdict
 
 
 def blocks(results: Results, folder: Path) -> list[Block]:

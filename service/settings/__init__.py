@@ -2,7 +2,8 @@
 
 Settings are grouped by concern (the gunicorn process, the models, the result cache,
 batching). Every field declares its environment variable, default, meaning and check
-next to it; a bad value fails at start-up with a message that names the variable.
+next to it (declare.py, the one way every part of the project declares a setting); a bad
+value fails at start-up with a message that names the variable.
 Units are in the names. Cache policy and batching can differ per model: in these
 settings (`iris=off,*=auto`) or in the model's own `model.json` (service.models.serving settles them).
 """
@@ -12,37 +13,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
+from service.settings.declare import Group, SettingsError, from_env, non_negative, one_of, positive, setting, table
 from service.settings.redis_url import RedisUrlError, parse_redis_url, with_password_file
 
 CACHE_POLICIES = ("on", "off", "auto")
 SWITCH = ("on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-class SettingsError(ValueError):
-    """A setting has a value that cannot be used."""
-
-
-# --- checks, declared beside each field -----------------------------------------------------
-
-
-def positive(value: float) -> str | None:
-    """Above zero."""
-    return None if value > 0 else "must be positive"
-
-
-def non_negative(value: float) -> str | None:
-    """Zero or more."""
-    return None if value >= 0 else "must be >= 0"
-
-
-def one_of(*allowed: str) -> Callable[[str], str | None]:
-    """One of `allowed` (case-insensitive)."""
-    return lambda value: None if value.lower() in allowed else f"must be one of {', '.join(allowed)}"
 
 
 @dataclass(frozen=True)
@@ -88,40 +67,8 @@ def _replica_id(raw: str) -> str:
     return raw.strip() or socket.gethostname()
 
 
-def setting(
-    env: str,
-    default: Any,
-    doc: str,
-    *,
-    check: Callable[[Any], str | None] | None = None,
-    parse: Callable[[str], Any] | None = None,
-    factory: Callable[[], Any] | None = None,
-    secret: bool = False,
-) -> Any:
-    """A settings field: its variable, default (or factory), meaning, check and parser."""
-    metadata = {"env": env, "doc": doc, "check": check, "parse": parse, "secret": secret}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-class _Group:
-    """Runs each field's declared check; a group adds checks between its fields."""
-
-    def __post_init__(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            check = f.metadata.get("check")
-            problem = check(getattr(self, f.name)) if check else None
-            if problem:
-                raise SettingsError(f"{f.metadata['env']} {problem}, got {getattr(self, f.name)!r}")
-        self.check()
-
-    def check(self) -> None:
-        """Checks that involve more than one field."""
-
-
 @dataclass(frozen=True)
-class ServerSettings(_Group):
+class ServerSettings(Group):
     """The gunicorn process of one replica."""
 
     bind: str = setting("SERVICE_BIND", "127.0.0.1:8000", "Address gunicorn listens on (host:port).")
@@ -172,11 +119,13 @@ class ServerSettings(_Group):
         "Id returned in X-Served-By; empty means the host name.",
         parse=_replica_id,
         factory=socket.gethostname,
+        shown="host name",
     )
     metrics_dir: Path | None = setting(
         "SERVICE_METRICS_DIR",
         None,
         "Prometheus multiprocess folder, wiped at start; unset: $TMPDIR/pcluster-metrics-<replica id>.",
+        shown="(unset)",
     )
     prometheus_multiproc_dir: str = setting(
         "PROMETHEUS_MULTIPROC_DIR",
@@ -199,7 +148,7 @@ class ServerSettings(_Group):
 
 
 @dataclass(frozen=True)
-class ModelSettings(_Group):
+class ModelSettings(Group):
     """Where models come from and how much one request may ask of them."""
 
     models_dir: Path = setting("SERVICE_MODELS_DIR", Path("models"), "Folder holding models/<name>/<version>/.")
@@ -234,7 +183,7 @@ class ModelSettings(_Group):
 
 
 @dataclass(frozen=True)
-class CacheSettings(_Group):
+class CacheSettings(Group):
     """The shared result cache in Redis and the breaker in front of it."""
 
     redis_url: str = setting(
@@ -303,7 +252,7 @@ class CacheSettings(_Group):
 
 
 @dataclass(frozen=True)
-class BatchingSettings(_Group):
+class BatchingSettings(Group):
     """Concurrent requests in one worker sharing one predict call."""
 
     enabled: PerModel = setting(
@@ -346,7 +295,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every field from the environment (or `environ`), failing fast on bad values."""
         env = os.environ if environ is None else environ
-        return cls(**{name: _group_from_env(group, env) for name, group in GROUPS.items()})
+        return cls(**{name: from_env(group, env) for name, group in GROUPS.items()})
 
     @property
     def redis_pool_size(self) -> int:
@@ -363,37 +312,8 @@ class Settings:
         return shown
 
 
-def _parse(f: Any, raw: str) -> Any:
-    parser = f.metadata.get("parse")
-    if parser is not None:
-        return parser(raw)
-    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Path": Path}
-    kind = str(f.type).removesuffix(" | None")
-    return converters[kind](raw if kind == "str" else raw.strip())
-
-
-def _group_from_env(group: type[_Group], env: Mapping[str, str]) -> Any:
-    values: dict[str, Any] = {}
-    for f in fields(group):  # type: ignore[arg-type]
-        raw = env.get(f.metadata["env"])
-        if raw is None:
-            continue
-        try:
-            values[f.name] = _parse(f, raw)
-        except (ValueError, TypeError) as exc:
-            raise SettingsError(f"{f.metadata['env']}={raw!r}: {exc}") from None
-    return group(**values)
-
-
 def settings_table() -> str:
     """Markdown tables of every setting, one per group, for docs/settings.md."""
-    out = []
-    for name, group in GROUPS.items():
-        out += [f"**{name}**: {(group.__doc__ or '').strip()}", "", "| variable | default | meaning |", "|---|---|---|"]
-        for f in fields(group):  # type: ignore[arg-type]
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
-            shown = {"replica_id": "host name", "metrics_dir": "(unset)"}.get(f.name, default)
-            text = f"`{shown}`" if shown not in ("", "host name", "(unset)") else shown or "(empty)"
-            out.append(f"| `{f.metadata['env']}` | {text} | {f.metadata['doc']} |")
-        out.append("")
-    return "\n".join(out).rstrip()
+    return "\n\n".join(
+        f"**{name}**: {(group.__doc__ or '').strip()}\n\n{table(group)}" for name, group in GROUPS.items()
+    )

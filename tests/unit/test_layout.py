@@ -119,3 +119,72 @@ def test_no_module_outgrows_one_read():
     assert {path: n for path, n in lengths.items() if n > limit[path]} == {}
     markers = sum(path.read_text().count("# fmt: skip") for path in SERVICE.rglob("*.py"))
     assert markers <= 5, markers
+
+
+PROJECT_PACKAGES = ("service", "balancer", "localcluster", "loadtest")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The project modules `path` imports when it is imported: module-level statements
+    (an import inside a function runs only when called, and TYPE_CHECKING never)."""
+    found: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PROJECT_PACKAGES:
+                for alias in node.names:
+                    candidate = f"{node.module}.{alias.name}"
+                    found.add(candidate if _is_module(candidate) else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.split(".")[0] in PROJECT_PACKAGES)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(ast.parse(path.read_text()).body)
+    return found
+
+
+def _source(module: str) -> Path:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+
+
+def _files_imported(entry_points: list[Path]) -> set[str]:
+    """Every project file that importing `entry_points` loads, parent packages included."""
+    seen: set[Path] = set()
+    todo = list(entry_points)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _top_level_imports(path):
+            parts = module.split(".")
+            todo += [_source(".".join(parts[:i])) for i in range(1, len(parts) + 1)]
+    return {str(path.relative_to(ROOT)) for path in seen}
+
+
+def _copied(dockerfile: Path) -> list[str]:
+    """The repository paths a Dockerfile's final stage COPYs from the build context."""
+    lines = [line.split() for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")]
+    return [parts[-2] for parts in lines if not any(p.startswith("--from") for p in parts)]
+
+
+def test_what_each_image_runs_imports_only_what_it_carries():
+    """The loadtest image runs `python -m loadtest.remote`, Locust's locustfile and shapes; the
+    api image gunicorn with the service (and train_models.py at build). Each imports only
+    files its Dockerfile copies: a new import that reaches further breaks here, not in an image."""
+    images = {
+        ROOT / "loadtest" / "Dockerfile": ["loadtest/remote.py", "loadtest/locustfile.py", "loadtest/shapes.py"],
+        ROOT / "service" / "Dockerfile": ["service/gunicorn.conf.py", "service/wsgi.py", "scripts/train_models.py"],
+    }
+    for dockerfile, entry_points in images.items():
+        copied = _copied(dockerfile)
+        imported = _files_imported([ROOT / entry for entry in entry_points])
+        missing = sorted(path for path in imported if not any(path == c or path.startswith(c) for c in copied))
+        assert missing == [], f"{dockerfile.relative_to(ROOT)} does not copy {missing}"

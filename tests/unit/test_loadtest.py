@@ -189,7 +189,7 @@ def test_disturbed_points_are_marked_and_their_targets_unsure(tmp_path):
     every_point = markdown.split("## Every point")[1].split("##")[0]
     assert every_point.split("\n\n")[1].count("⚠") == 1 and "0.93 ⚠" in every_point
     target = {"target": "t", "measured": 2.0, "goal": 1.8, "at_least": True, "met": True}
-    assert judged.verdict(target) == "MET" and judged.verdict({**target, "disturbed": True}) == "UNSURE"
+    assert shape.verdict(target) == "MET" and shape.verdict({**target, "disturbed": True}) == "UNSURE"
     assert judged.print_targets([{**target, "disturbed": True}]).startswith("UNSURE")
 
 
@@ -251,7 +251,7 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     assert (share["measured"], share["min"], share["max"]) == pytest.approx((0.45, 0.4, 0.7)) and share["met"]
     points[0]["disturbance"]["disturbed"] = True
     shaken = {t["target"]: t for t in judged.evaluate_targets(points, h2load, 32)}
-    assert judged.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
+    assert shape.verdict(shaken["iris, all misses: req/s vs baseline"]) == "UNSURE"
     assert "[1.50–2.40, 3 runs]" in judged.print_targets(list(targets.values()))
     # A point with requests that got no 2xx (nginx's 500s once hid in a new-rows point's
     # req/s) makes its targets ERRORS, whatever their ratio; h2load's failures count too.
@@ -260,9 +260,9 @@ def test_targets_take_the_median_of_rounds_and_show_the_spread():
     h2load[0].update({"statuses": {"200": 9}, "errored": 2})
     failing = {t["target"]: t for t in judged.evaluate_targets(points, h2load, 32)}
     assert failing["iris, all misses: req/s vs baseline"]["failed_requests"] == 4
-    assert judged.verdict(failing["iris, all misses: req/s vs baseline"]) == "ERRORS"
-    assert judged.verdict(failing["hot iris row through the L1 (h2load): req/s vs baseline"]) == "ERRORS"
-    assert judged.verdict(failing["iris, new rows (V2): req/s vs MLServer"]) == "MET"
+    assert shape.verdict(failing["iris, all misses: req/s vs baseline"]) == "ERRORS"
+    assert shape.verdict(failing["hot iris row through the L1 (h2load): req/s vs baseline"]) == "ERRORS"
+    assert shape.verdict(failing["iris, new rows (V2): req/s vs MLServer"]) == "MET"
     assert "(4 requests in its points got no 2xx answer)" in judged.print_targets(list(failing.values()))
 
 

@@ -124,3 +124,50 @@ def test_the_redis_password_comes_from_a_file_read_at_start(tmp_path):
             missing.write_text(content)
         with pytest.raises(SettingsError, match=f"REDIS_PASSWORD_FILE .* {problem}"):
             Settings.from_env({"REDIS_URL": "redis://redis:6379/0", "REDIS_PASSWORD_FILE": str(missing)})
+
+
+def _groups():
+    """Every group of settings in the project, each declared with declare.setting."""
+    from dataclasses import fields
+
+    from balancer.settings import BalancerSettings, env_name
+    from loadtest.settings import BenchSettings, ShapeSettings
+    from localcluster.settings import ClusterSettings
+    from service.settings import GROUPS
+
+    return fields, env_name, [*GROUPS.values(), BalancerSettings, ClusterSettings, BenchSettings, ShapeSettings]
+
+
+def test_every_part_declares_its_settings_one_way_and_the_page_shows_each():
+    from service.settings.declare import Group
+
+    fields, env_name, groups = _groups()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
+    variables = [f.metadata["env"] for group in groups for f in fields(group)]
+    assert all(issubclass(group, Group) for group in groups)
+    assert len(variables) == len(set(variables)), "a variable declared twice"
+    assert [v for v in variables if f"`{v}`" not in page] == []
+    from balancer.settings import BalancerSettings
+
+    assert all(f.metadata["env"] == env_name(f.name) for f in fields(BalancerSettings))
+
+
+def test_the_benchmarks_and_the_local_cluster_check_their_settings_at_start():
+    from loadtest.settings import ShapeSettings
+    from localcluster.settings import ClusterSettings
+
+    with pytest.raises(SettingsError, match="LOAD_SHAPE must be one of step, spike, got 'ramp'"):
+        ShapeSettings.from_env({"LOAD_SHAPE": "ramp"})
+    with pytest.raises(SettingsError, match="CLUSTER_REDIS_TOPOLOGY must be one of single, cluster, sentinel"):
+        ClusterSettings.from_env({"CLUSTER_REDIS_TOPOLOGY": "galaxy"})
+    # As a user meets it: the CLI says which variable, and starts nothing.
+    env = {"PATH": "/usr/bin:/bin", "CLUSTER_UPSTREAM_SLOTS": "eight"}
+    done = subprocess.run(
+        [sys.executable, "-m", "localcluster", "status"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "CLUSTER_UPSTREAM_SLOTS='eight'" in done.stderr, done.stderr
