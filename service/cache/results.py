@@ -182,25 +182,41 @@ class ClusterResultCache:
         self._refresh_after = 0.0
 
     def _topology(self) -> RedisCluster | None:
-        """The cluster client with a usable slot map, or None (cluster unreachable)."""
+        """The cluster client with a usable slot map, or None (cluster unreachable). Making
+        the client, and fetching the slot map again, resolve the nodes' names and ask them
+        (with redis-py's own ways to wait): both are bounded by the fan-out's budget, so a
+        request never waits longer on a cluster that does not answer, or on DNS that is slow
+        to know it (seen with container DNS while the nodes are recreated)."""
         if self._cluster is None:
             if not self.breaker.allow():
                 return None
-            try:
-                self._cluster = self._connect()
-            except REDIS_FAILURES as exc:
-                log.debug("cannot reach the Redis Cluster: %s", exc)
+            cluster = self._bounded(self._connect, "connecting to the Redis Cluster")
+            if cluster is None:
                 self.breaker.record_failure()
                 return None
+            self._cluster = cluster
             self.breaker.record_success()
         elif self._stale and time.monotonic() >= self._refresh_after:
             self._refresh_after = time.monotonic() + self.breaker.backoff_s
-            try:
-                self._cluster.nodes_manager.initialize()
+            cluster = self._cluster
+            if self._bounded(lambda: cluster.nodes_manager.initialize() or cluster, "refreshing the slot map"):
                 self._stale = False
-            except REDIS_FAILURES as exc:
-                log.debug("cannot refresh the Redis Cluster's slot map: %s", exc)
         return self._cluster
+
+    def _bounded(self, work: Callable[[], T], what: str) -> T | None:
+        """work() within the fan-out's budget; None if it failed or ran out of time."""
+
+        def attempt() -> T | None:
+            try:
+                return work()
+            except REDIS_FAILURES as exc:
+                log.debug("%s failed: %s", what, exc)
+                return None
+
+        (result,) = in_parallel([attempt], self._fanout_timeout_s)
+        if result is None:
+            log.debug("%s: no answer within %.2f s", what, self._fanout_timeout_s or 0)
+        return result
 
     def _breaker(self, node: str) -> CircuitBreaker:
         breaker = self._breakers.get(node)

@@ -60,3 +60,29 @@ def test_a_stalled_node_counts_as_failing_and_the_others_answer():
     assert replies == [["answers:6379"], None] and time.monotonic() - started < 1.5
     assert not cache._breaker("stalls:6379").allow() and cache._breaker("answers:6379").allow()
     assert cache._stale, "a stalled node marks the slot map for a refresh"
+
+
+def test_a_cluster_that_is_slow_to_connect_costs_a_request_the_budget_then_the_breaker_bypasses():
+    """Making the cluster client resolves and asks the nodes: when that stalls (container DNS
+    while the nodes are recreated, redis-py's own waits), a request waits the fan-out budget,
+    not the stall, and the next requests bypass the cache at once until the back-off ends."""
+    calls = []
+
+    def connect():
+        calls.append(time.monotonic())
+        time.sleep(2)
+        raise AssertionError("never used: past the budget")
+
+    cache = ClusterResultCache(
+        connect,
+        ttl_s=60,
+        breaker=CircuitBreaker(1.0, 2.0),
+        node_breaker=lambda changed, what: CircuitBreaker(1.0, 2.0, on_change=changed, what=what),
+        fanout_timeout_s=0.2,
+    )
+    started = time.monotonic()
+    assert cache.get_many(["pred:iris:1:a:b"]) is None
+    assert time.monotonic() - started < 1.0
+    again = time.monotonic()
+    assert cache.get_many(["pred:iris:1:a:b"]) is None and time.monotonic() - again < 0.05
+    assert len(calls) == 1, "the open breaker keeps the next request from connecting"
