@@ -145,7 +145,9 @@ def add_model_command(cluster: Cluster, args: argparse.Namespace) -> int:
         print("cluster: model add: --weight routes requests of a running cluster; start it first", file=sys.stderr)
         return 1
     try:
-        added = add_model(args.path, cluster.models_dir, args.name, args.version, parse_inputs(args.input))
+        added = add_model(
+            args.path, cluster.models_dir, args.name, args.version, parse_inputs(args.input), sample=args.sample
+        )
     except PackagingError as exc:
         print(f"cluster: model add: {exc}; nothing written", file=sys.stderr)
         return 1
@@ -154,6 +156,9 @@ def add_model_command(cluster: Cluster, args: argparse.Namespace) -> int:
     if isinstance(inputs, list):
         inputs = ", ".join(f"{c['name']} ({c['datatype']})" for c in inputs)
     print(f"{added.name} version {added.version}: a {meta['estimator']} ({meta['task']}), inputs {inputs}")
+    runtime = meta.get("runtime", {})
+    chosen = "ONNX Runtime" if runtime.get("chosen") == "onnx" else "scikit-learn"
+    print(f"runtime: {chosen}: {runtime.get('reason', 'not compiled')}")
     print(f"written to {added.folder}")
     if not running:
         print("no cluster runs here: the replicas load it when they start (scripts/cluster up)")
@@ -210,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--name", required=True, help="the model's name (in URLs)")
     add.add_argument("--version", help="default: the next free number")
     add.add_argument("--weight", type=int, help="percent of unversioned requests the new version gets (a canary)")
+    add.add_argument(
+        "--sample",
+        type=Path,
+        help="rows of your own (.csv with a header of the inputs, or .jsonl) the ONNX Runtime copy must agree on",
+    )
     add.add_argument(
         "--input",
         action="append",

@@ -15,6 +15,7 @@ is written by the same code as `scripts/cluster model add` (service.models.packa
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from service.models.artifacts import ModelError, load_model
+from service.models.conversion import runtime_block, version_of
 from service.models.packaging import datatypes_of, describe, write_metadata
 
 SEED = 20261122
@@ -93,8 +95,11 @@ def train(builder: Any, out: Path, force: bool) -> Path:
     folder = out / name / VERSION
     if not force and (folder / "model.json").exists():
         try:
-            load_model(folder)
-            print(f"{name}: up to date in {folder}")
+            loaded = load_model(folder)
+            if stale_runtime(json.loads((folder / "model.json").read_text()).get("runtime")):
+                compile_to_onnx(folder)  # an earlier version of this script or of the converter
+                loaded = load_model(folder)
+            print(f"{name}: up to date in {folder} ({loaded.runtime})")
             return folder
         except ModelError as exc:
             print(f"{name}: retraining ({exc})")
@@ -119,7 +124,28 @@ def train(builder: Any, out: Path, force: bool) -> Path:
     }
     write_metadata(folder, name, artifact, fields)
     print(f"{name}: trained, held-out accuracy {accuracy:.3f}, written to {folder}")
+    held_out = x_test[feature_names].to_numpy(dtype=object) if hasattr(x_test, "columns") else np.asarray(x_test, float)
+    compile_to_onnx(folder, held_out)
     return folder
+
+
+def stale_runtime(block: Any) -> bool:
+    """Whether a model.json's runtime block was decided by other converter versions than
+    these (or by none): a newer skl2onnx may convert what an older one could not."""
+    if not isinstance(block, dict):
+        return True
+    return any(block.get(tool) != version_of(tool) for tool in ("skl2onnx", "onnxruntime"))
+
+
+def compile_to_onnx(folder: Path, sample: np.ndarray | None = None) -> None:
+    """model.onnx beside the pickle where it converts and agrees with scikit-learn (on the
+    verification rows and `sample`), as `scripts/cluster model add` does; model.json says
+    which runtime answers and why."""
+    meta = json.loads((folder / "model.json").read_text())
+    model = load_model(folder, runtime="sklearn")
+    meta["runtime"] = runtime_block(model, folder, sample, log=lambda line: print(f"{folder.parent.name}: {line}"))
+    (folder / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    load_model(folder)  # as a replica will, checking model.onnx again
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,7 @@ def create_app(
     redis_url = settings.cache.connection_url()  # REDIS_PASSWORD_FILE read once, for both uses
     connect_repository = _repository(settings, redis_url)
     if registry is None:
-        registry = ModelRegistry(settings.models.models_dir, settings.models.default_model)
+        registry = ModelRegistry(settings.models.models_dir, settings.models.default_model, settings.models.runtime)
         if load_in_background:
             # A replica listens before its models load (gunicorn binds first): answer
             # 503 at once meanwhile, so the balancer tries another replica right away.

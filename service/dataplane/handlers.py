@@ -1,10 +1,10 @@
-"""The data plane: one prediction request, whichever door it came in by.
+"""The handlers of the prediction routes: one request, whichever door it came in by.
 
 Look up the model and version, decode the body with the protocol's codec, predict
 (service.dataplane.predictor: result cache, batching), encode, and say what the balancer's L1 may
 do with the answer (ETag and Cache-Control, or X-Accel-Expires: 0). The fast lane
 (service.web.fastlane) and the Flask views (service.web.views) both call `HANDLERS`; a request
-reaches this module as a `Call` (service.web.envelope). No Flask, no WSGI here.
+reaches this module as a `Call` (service.dataplane.contract). No Flask, no WSGI here.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ def reusable(current: ServiceState, model: LoadedModel, versioned: bool) -> bool
 
 
 def answer_etag(model: LoadedModel) -> str:
-    """What identifies the answers of a model version to a given request: the model's
-    bytes and this code's encoding of them (the same request, the same answer)."""
-    return f'"{model.name}/{model.version}/{model.sha256[:16]}/{__version__}"'
+    """What identifies the answers of a model version to a given request: the bytes of the
+    artifact that computes them (model.onnx's when ONNX Runtime answers) and this code's
+    encoding of them (the same request, the same answer)."""
+    return f'"{model.name}/{model.version}/{model.identity[:16]}/{__version__}"'
 
 
 def _prediction_headers(
@@ -130,7 +131,11 @@ def v2_metadata(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
         "feature_names": model.feature_names,
         "classes": model.classes,
         "sha256": model.sha256,
+        "runtime": model.runtime,
+        "runtime_reason": model.runtime_reason,
     }
+    if model.runtime == "onnx":
+        parameters["onnx_sha256"] = model.identity
     if model.columns is not None:
         parameters["content_type"] = "pd"  # MLServer's marker: one input per DataFrame column
     return {
@@ -172,7 +177,7 @@ def triton_config(current: ServiceState, model: LoadedModel) -> dict[str, Any]:
         "instance_group": [{"name": model.name, "kind": "KIND_CPU", "count": 1}],
         "response_cache": {"enable": current.predictor.caches(model)},
         "model_transaction_policy": {"decoupled": False},
-        "parameters": {"sha256": {"string_value": model.sha256}},
+        "parameters": {"sha256": {"string_value": model.sha256}, "runtime": {"string_value": model.runtime}},
     }
     if serving.batching:
         wait_us = int(serving.batch_max_wait_ms * 1000)

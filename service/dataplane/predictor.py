@@ -1,4 +1,4 @@
-"""The data plane: rows in, predictions out, through the shared result cache and batching.
+"""The predictor: rows in, predictions out, through the shared result cache and batching.
 
 Knows nothing of HTTP. Cache status per request: HIT (every row cached), MISS (none),
 PARTIAL (some), OFF (this model's results do not go through the cache, by policy: `off`,
@@ -105,7 +105,7 @@ class Predictor:
         return result
 
     def _batcher(self, model: LoadedModel) -> Batcher | None:
-        key = (model.name, model.version, model.sha256)
+        key = (model.name, model.version, model.identity)
         if key not in self._batchers:
             serving = self.policy.of(model)
             if not serving.batching:
@@ -179,7 +179,7 @@ class Predictor:
         cached = None
         pays = self._cache_pays(model) if self._cache is not None else False
         if pays and self._cache is not None:
-            keys = row_keys(self._key_prefix, model.name, model.version, model.sha256, rows)
+            keys = row_keys(self._key_prefix, model.name, model.version, model.identity, rows)
             cached = self._cache.get_many(keys)
         if cached is None:
             labels, proba = self._infer(model, rows)

@@ -25,6 +25,7 @@ import numpy as np
 from service.errors import InputError
 from service.inputs.columns import Column, columns_from_json, example_row, frame, typed_rows
 from service.inputs.parsing import type_name
+from service.models.compiled import RUNTIMES, OnnxModel, Verification, verification_rows, verify
 from service.models.serving import ServingError, ServingOptions
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,24 @@ class LoadedModel:
     columns: tuple[Column, ...] | None = None  # named inputs (a DataFrame); None: plain float rows
     regression: bool = False  # predicts numbers, not classes
     example_row: tuple[Any, ...] | None = None  # model.json's inputs.example, in column order
+    compiled: OnnxModel | None = field(default=None, repr=False)  # ONNX Runtime answers, when verified
+    answer_sha256: str = ""  # the artifact that computes the answers: model.onnx's when compiled
+    runtime_reason: str = ""  # why this runtime answers (model.json's word, checked at load)
+
+    @property
+    def runtime(self) -> str:
+        """Which runtime computes the answers: onnx (ONNX Runtime) or sklearn."""
+        return "onnx" if self.compiled is not None else "sklearn"
+
+    @property
+    def identity(self) -> str:
+        """The sha256 of the artifact that computes the answers: what the result cache's keys
+        and the L1's ETag name, so answers of two runtimes never share a key."""
+        return self.answer_sha256 or self.sha256
+
+    def with_compiled(self, compiled: OnnxModel | None, sha256: str, reason: str) -> LoadedModel:
+        """This version answered by `compiled` (None: by scikit-learn)."""
+        return replace(self, compiled=compiled, answer_sha256=sha256 if compiled else "", runtime_reason=reason)
 
     @property
     def has_proba(self) -> bool:
@@ -91,6 +110,8 @@ class LoadedModel:
     def predict(self, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
         """Labels (and probabilities where the model has them), or a regressor's numbers, for
         rows of floats (a 2-D float array) or typed rows of named columns (service.inputs.columns)."""
+        if self.compiled is not None:
+            return self._predict_compiled(rows)
         inputs = frame(rows, self.columns) if self.columns is not None else rows
         if self.has_proba:
             proba = self.estimator.predict_proba(inputs)
@@ -101,6 +122,16 @@ class LoadedModel:
         if self.regression:
             return np.asarray(raw, dtype=np.float64).reshape(len(rows)).tolist(), None
         return raw.tolist(), None
+
+    def _predict_compiled(self, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
+        assert self.compiled is not None
+        outputs = self.compiled.run(rows)
+        if self.regression:
+            return np.asarray(outputs[0], dtype=np.float64).reshape(len(rows)).tolist(), None
+        if self.has_proba:
+            proba = np.asarray(outputs[1], dtype=np.float64)
+            return [self.classes[i] for i in proba.argmax(axis=1).tolist()], proba.tolist()
+        return [str(v) if isinstance(v, str) else v for v in np.asarray(outputs[0]).tolist()], None
 
     def example(self, count: int) -> np.ndarray:
         """`count` rows the model takes: model.json's example, else zeros (or a category
@@ -166,9 +197,11 @@ def _read_meta(meta_path: Path, where: str) -> _Meta:
     return _Meta(raw, where)
 
 
-def load_model(folder: Path) -> LoadedModel:
+def load_model(folder: Path, runtime: str = "auto") -> LoadedModel:
     """Verify and load one `models/<name>/<version>/` folder, or raise ModelError. Messages
-    name the folder as `<name>/<version>`, never an absolute path: they reach /readyz."""
+    name the folder as `<name>/<version>`, never an absolute path: they reach /readyz.
+    `runtime` auto: a model.onnx model.json names answers once it agrees with scikit-learn
+    here; sklearn: scikit-learn answers."""
     label = f"{folder.parent.name}/{folder.name}"
     where = f"{label}/model.json"
     meta = _read_meta(folder / "model.json", where)
@@ -262,6 +295,7 @@ def load_model(folder: Path) -> LoadedModel:
         regression=task == "regression",
         example_row=example,
     )
+    model = _with_runtime(model, meta, folder, label, runtime)
     try:
         return replace(model, predict_ms=_predict_ms(model, 1), batch_row_ms=_predict_ms(model, BUSY_BATCH_ROWS))
     except Exception as exc:  # noqa: BLE001 - a model that cannot predict one row is not served
@@ -269,6 +303,60 @@ def load_model(folder: Path) -> LoadedModel:
         raise ModelError(
             f"{shown}: predict on an example row failed ({type(exc).__name__}; the replica's log has the details)"
         ) from None
+
+
+def verify_compiled(model: LoadedModel, compiled: OnnxModel, rows: np.ndarray) -> Verification:
+    """scikit-learn (`model` as loaded) against `compiled` on `rows`."""
+    return verify(model.predict(rows), model.with_compiled(compiled, "", "").predict(rows), model.regression)
+
+
+def _with_runtime(model: LoadedModel, meta: _Meta, folder: Path, label: str, runtime: str) -> LoadedModel:
+    """`model` answered by the model.onnx model.json's `runtime` block names, when `runtime`
+    allows it and it agrees with scikit-learn on the verification rows here; else as is. A
+    model.onnx whose sha256 differs from model.json's refuses the version, as the pickle's does."""
+    block = meta.get(meta.raw, "runtime", (dict,), "runtime", None)
+    if block is None:
+        return model.with_compiled(None, "", "no compiled artifact (model.json has no runtime block)")
+    chosen = meta.text(block, "chosen", "runtime.chosen")
+    reason = meta.get(block, "reason", (str,), "runtime.reason", "")
+    if chosen not in RUNTIMES:
+        meta.fail(f"runtime.chosen must be one of {', '.join(RUNTIMES)}, not {chosen!r}")
+    if chosen == "sklearn":
+        return model.with_compiled(None, "", reason)
+    onnx = meta.get(block, "onnx", (dict,), "runtime.onnx")
+    artifact_name = meta.text(onnx, "artifact", "runtime.onnx.artifact")
+    expected = meta.text(onnx, "sha256", "runtime.onnx.sha256")
+    if not SHA256_HEX.match(expected):
+        meta.fail("runtime.onnx.sha256 must be 64 hexadecimal digits")
+    path = folder / artifact_name
+    if path.resolve().parent != folder.resolve():
+        meta.fail(f"runtime.onnx.artifact must be a file inside {label}")
+    if runtime == "sklearn":
+        return model.with_compiled(None, "", "SERVICE_RUNTIME says sklearn for this model")
+    shown = f"{label}/{artifact_name}"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{shown}: unreadable artifact ({type(exc).__name__})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise ModelError(
+            f"{shown}: sha256 {actual} does not match model.json ({expected.lower()}); "
+            "refusing to load a file that may have been tampered with"
+        )
+    try:
+        compiled = OnnxModel(data, model.columns)
+        rows = verification_rows(model.estimator, model.width, model.columns, model.example_row)
+        verification = verify_compiled(model, compiled, rows)
+    except Exception as exc:  # noqa: BLE001 - no ONNX Runtime, or a session that fails: scikit-learn answers
+        log.warning("%s: not served by ONNX Runtime (%s: %s); scikit-learn answers", shown, type(exc).__name__, exc)
+        return model.with_compiled(None, "", f"model.onnx could not run here ({type(exc).__name__})")
+    if not verification.passed:
+        log.warning("%s: disagrees with scikit-learn here (%s); scikit-learn answers", shown, verification.describe())
+        return model.with_compiled(None, "", f"model.onnx disagrees with scikit-learn here ({verification.describe()})")
+    return model.with_compiled(
+        compiled, actual, f"ONNX Runtime, equal to scikit-learn here on {verification.describe()}"
+    )
 
 
 def _example(raw: Any, width: int, columns: tuple[Column, ...] | None) -> tuple[Any, ...] | None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from service.inputs.columns import DATATYPES, Column, example_row, frame, typed_rows
 from service.models.artifacts import ModelError, load_model, sha256_of
+from service.models.conversion import read_sample, runtime_block
 from service.models.registry import NAME_PATTERN
 
 SUFFIXES = (".joblib", ".pkl", ".pickle")
@@ -217,9 +218,10 @@ def write_metadata(folder: Path, name: str, artifact: Path, fields: Mapping[str,
     return meta
 
 
-def _child(folder: Path, declared: Mapping[str, str]) -> dict[str, Any]:
-    """In the child: load the staged artifact, describe it, write model.json, then load the
-    folder as a replica would."""
+def _child(folder: Path, declared: Mapping[str, str], sample: Path | None = None) -> dict[str, Any]:
+    """In the child: load the staged artifact, describe it, write model.json, compile it to
+    ONNX where it converts and agrees with scikit-learn (service.models.conversion), then
+    load the folder as a replica would."""
     artifacts = [p for p in folder.iterdir() if p.suffix in SUFFIXES]
     import joblib
 
@@ -229,9 +231,15 @@ def _child(folder: Path, declared: Mapping[str, str]) -> dict[str, Any]:
         raise PackagingError(f"cannot load the file ({type(exc).__name__}: {exc})") from None
     meta = write_metadata(folder, folder.parent.name, artifacts[0], describe(estimator, declared))
     try:
+        model = load_model(folder, runtime="sklearn")
+        rows = read_sample(sample, model) if sample is not None else None
+        meta["runtime"] = runtime_block(model, folder, rows, log=lambda line: print(line, file=sys.stderr))
+        (folder / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         load_model(folder)
     except ModelError as exc:
         raise PackagingError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise PackagingError(f"--sample: {exc}") from None
     return meta
 
 
@@ -262,6 +270,7 @@ def add_model(
     version: str | None = None,
     declared: Mapping[str, str] | None = None,
     timeout_s: float = CHILD_TIMEOUT_S,
+    sample: Path | None = None,
 ) -> Added:
     """Package `source` as models_dir/name/version (the next free version when None);
     PackagingError, with nothing written, if it cannot be served."""
@@ -280,15 +289,16 @@ def add_model(
         folder.mkdir(parents=True)
         suffix = source.suffix if source.suffix in SUFFIXES else ".pkl"
         shutil.copyfile(source, folder / f"model{suffix}")
-        meta = _run_child(folder, dict(declared or {}), timeout_s)
+        meta = _run_child(folder, dict(declared or {}), timeout_s, sample)
         return _move_into_place(folder, models_dir, name, version, meta)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run_child(folder: Path, declared: dict[str, str], timeout_s: float) -> dict[str, Any]:
+def _run_child(folder: Path, declared: dict[str, str], timeout_s: float, sample: Path | None) -> dict[str, Any]:
     argv = [sys.executable, "-m", "service.models.packaging", "describe", str(folder)]
     argv += [f"--input={c}={t}" for c, t in declared.items()]
+    argv += [f"--sample={sample.resolve()}"] if sample is not None else []
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     try:
@@ -351,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     child = sub.add_parser("describe")
     child.add_argument("folder", type=Path)
     child.add_argument("--input", action="append", default=[])
+    child.add_argument("--sample", type=Path)
     args = parser.parse_args(argv)
     try:
-        meta = _child(args.folder, parse_inputs(args.input))
+        meta = _child(args.folder, parse_inputs(args.input), args.sample)
     except PackagingError as exc:
         print(json.dumps({"error": str(exc)}))
         return 1

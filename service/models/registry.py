@@ -21,6 +21,7 @@ from service.models.artifacts import (
     load_model,
 )
 from service.models.lifecycle import Desired, choose_version, primary_version, split_in_effect
+from service.settings import PerModel
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
 
-def _load_guarded(folder: Path) -> LoadedModel:
+def _load_guarded(folder: Path, runtime: str) -> LoadedModel:
     """load_model, with any error it did not foresee made that version's ModelError: one
     folder never stops the loader, the converger or another model."""
     try:
-        return load_model(folder)
+        return load_model(folder, runtime)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug meeting one odd folder must stay with that folder
@@ -58,9 +59,10 @@ class ModelRegistry:
     Readers (requests, in the gevent loop) and the loaders (an OS thread) share it: every
     change builds new dicts and swaps them in, so a reader sees one state or the next."""
 
-    def __init__(self, models_dir: Path, default_model: str) -> None:
+    def __init__(self, models_dir: Path, default_model: str, runtime: PerModel | None = None) -> None:
         self.models_dir = models_dir
         self.default_model = default_model
+        self.runtime = runtime or PerModel("auto")  # SERVICE_RUNTIME: auto or sklearn, per model
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
         self.desired = Desired()
@@ -141,7 +143,7 @@ class ModelRegistry:
         elif expected is not None and declared != expected:
             model = None
         else:
-            model = _load_guarded(folder)
+            model = _load_guarded(folder, self.runtime.explicit(name) or self.runtime.default)
         if model is None or (expected is not None and model.sha256 != expected):
             raise ArtifactMismatch(
                 f"{name}/{version}: holds artifact {declared or 'unreadable'} but the model repository "
@@ -155,10 +157,11 @@ class ModelRegistry:
             for version, model in versions.items():
                 if self._loaded(name, version) is not model:
                     log.info(
-                        "loaded model %s version %s (sha256 %s, predict %.3f ms for one row, %.3f ms per row of %d)",
+                        "loaded model %s version %s (sha256 %s, %s, predict %.3f ms a row, %.3f ms per row of %d)",
                         name,
                         version,
                         model.sha256[:12],
+                        "ONNX Runtime" if model.runtime == "onnx" else "scikit-learn",
                         model.predict_ms,
                         model.batch_row_ms,
                         BUSY_BATCH_ROWS,

@@ -115,7 +115,7 @@ class ServingPolicy:
 
     def of(self, model: LoadedModel) -> ModelServing:
         """How `model` is served."""
-        key = (model.name, model.version, model.sha256)
+        key = (model.name, model.version, model.identity)
         settled = self._settled.get(key)
         if settled is None:
             settled = self._settled[key] = self._settle(model)
@@ -123,11 +123,11 @@ class ServingPolicy:
 
     def cache_decision(self, model: LoadedModel) -> bool | None:
         """Whether this version's results go through the cache (None: auto, not decided yet)."""
-        return self._uses_cache.get((model.name, model.version, model.sha256))
+        return self._uses_cache.get((model.name, model.version, model.identity))
 
     def decide(self, model: LoadedModel, uses_cache: bool) -> None:
         """Remember whether this version's results go through the cache."""
-        self._uses_cache[(model.name, model.version, model.sha256)] = uses_cache
+        self._uses_cache[(model.name, model.version, model.identity)] = uses_cache
 
     def forget_all_but(self, served: set[Identity]) -> None:
         """Drop what was settled for versions no longer served."""

@@ -21,6 +21,7 @@ from service.settings.redis_url import RedisUrlError, parse_redis_url, with_pass
 
 CACHE_POLICIES = ("on", "off", "auto")
 SWITCH = ("on", "off")
+RUNTIME_CHOICES = ("auto", "sklearn")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -174,6 +175,14 @@ class ModelSettings(Group):
         "no operator has listed (a load or unload of one version lists them); 0: only at start and when the "
         "desired model state changes.",
         check=non_negative,
+    )
+    runtime: PerModel = setting(
+        "SERVICE_RUNTIME",
+        None,
+        "Which runtime answers, per model: auto (ONNX Runtime when the version's folder holds a model.onnx that "
+        "agrees with scikit-learn, checked again at load; else scikit-learn) or sklearn, e.g. 'churn=sklearn,*=auto'.",
+        parse=per_model(RUNTIME_CHOICES, "auto"),
+        factory=lambda: PerModel("auto"),
     )
     routing_key_header: str = setting(
         "SERVICE_ROUTING_KEY_HEADER",

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from scripts.train_models import churn_table
+from service.models.compiled import TOLERANCE
 from tests.support import ROOT
 from tests.support.load import PacedLoad
 
@@ -63,6 +64,7 @@ def records(table) -> list[dict]:
 def test_models_added_under_load_answer_as_the_models_themselves(cluster, models, tmp_path):
     from sklearn.compose import ColumnTransformer
     from sklearn.datasets import load_diabetes, load_iris
+    from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import OneHotEncoder
@@ -87,6 +89,11 @@ def test_models_added_under_load_answer_as_the_models_themselves(cluster, models
     plain = LogisticRegression(max_iter=500, C=0.3).fit(iris_x, iris_y)
     with (tmp_path / "model.pkl").open("wb") as stream:  # a plain pickle, as the tutorials write it
         pickle.dump(plain, stream)
+    # Gradient boosting converts to ONNX; skl2onnx 1.20 cannot convert HistGradientBoosting.
+    boosted = GradientBoostingClassifier(n_estimators=40, random_state=0).fit(iris_x, iris_y)
+    joblib.dump(boosted, tmp_path / "boosted.joblib")
+    histogram = HistGradientBoostingClassifier(max_iter=20, random_state=0).fit(iris_x, iris_y)
+    joblib.dump(histogram, tmp_path / "histogram.joblib")
 
     churn_load = PacedLoad(
         cluster.internal_url, rate=40, clients=2, max_seconds=240, path="/v1/models/churn:predict",
@@ -100,14 +107,25 @@ def test_models_added_under_load_answer_as_the_models_themselves(cluster, models
             ),
             model_add(cluster, tmp_path / "diabetes.joblib", "--name", "diabetes"),
             model_add(cluster, tmp_path / "model.pkl", "--name", "iris", "--weight", "30"),
+            model_add(cluster, tmp_path / "boosted.joblib", "--name", "boosted"),
+            model_add(cluster, tmp_path / "histogram.joblib", "--name", "histogram"),
         ]
     for done in added:
         assert done.returncode == 0, done.stderr
         assert "every replica serves" in done.stdout
+    # model add says in one line which runtime answers and why.
+    runtimes = [next(line for line in done.stdout.splitlines() if line.startswith("runtime: ")) for done in added]
+    assert [line.split(":")[1].strip() for line in runtimes] == ["ONNX Runtime"] * 4 + ["scikit-learn"], runtimes
+    assert "equal to scikit-learn on" in runtimes[0] and "TreeEnsembleClassifier" in runtimes[4], runtimes
+    for name, runtime in (("plans", "onnx"), ("diabetes", "onnx"), ("boosted", "onnx"), ("histogram", "sklearn")):
+        metadata = requests.get(f"{cluster.internal_url}/v2/models/{name}", timeout=10).json()["parameters"]
+        assert metadata["runtime"] == runtime, (name, metadata)
     for load in (churn_load, iris_load):
         summary = load.summary("model add under load")
         assert summary["failed"] == {} and summary["succeeded"] > 20, summary
-    assert sorted(p.name for p in models.iterdir()) == ["churn", "diabetes", "digits", "iris", "plans"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "boosted", "churn", "diabetes", "digits", "histogram", "iris", "plans"
+    ]  # fmt: skip
     assert (models / "iris" / "2" / "model.pkl").exists()
 
     # Every replica answers each as the model itself does, by name and in column order.
@@ -130,6 +148,15 @@ def test_models_added_under_load_answer_as_the_models_themselves(cluster, models
     ).json()
     assert v2_answer["outputs"][0]["datatype"] == "FP64" and len(v2_answer["outputs"]) == 1  # no predict_proba
     assert v2_answer["outputs"][0]["data"] == pytest.approx(regressor.predict(sample).tolist(), rel=1e-12)
+
+    # The forest of boosted trees, through ONNX Runtime: labels as the model's, probabilities
+    # within the verified tolerance; the model that did not convert, scikit-learn's exactly.
+    boosted_answer = predict(cluster, "/v1/models/boosted:predict", {"instances": iris_x[::5].tolist()}).json()
+    assert boosted_answer["predictions"] == boosted.predict(iris_x[::5]).tolist()
+    assert np.allclose(boosted_answer["probabilities"], boosted.predict_proba(iris_x[::5]), atol=1e-5, rtol=0)
+    histogram_answer = predict(cluster, "/v1/models/histogram:predict", {"instances": iris_x[::5].tolist()}).json()
+    assert histogram_answer["predictions"] == histogram.predict(iris_x[::5]).tolist()
+    assert histogram_answer["probabilities"] == histogram.predict_proba(iris_x[::5]).tolist()
 
     versioned = predict(
         cluster,
@@ -193,7 +220,9 @@ def test_churn_by_v1_objects_v2_column_tensors_and_tritonclient(cluster, models)
 
     v1 = predict(cluster, "/v1/models/churn:predict", {"instances": records(table)}).json()
     assert v1["predictions"] == expected
-    assert np.allclose(v1["probabilities"], proba, rtol=0, atol=1e-12)
+    assert np.allclose(
+        v1["probabilities"], proba, rtol=0, atol=TOLERANCE
+    )  # the verified tolerance (ONNX Runtime answers)
 
     tensors = [
         {"name": c.name, "datatype": c.datatype, "shape": [len(table), 1], "data": records(table[[c.name]])}
@@ -216,7 +245,9 @@ def test_churn_by_v1_objects_v2_column_tensors_and_tritonclient(cluster, models)
         inputs.append(tensor)
     result = client.infer("churn", inputs)
     assert [label.decode() for label in result.as_numpy("predict").ravel()] == expected
-    assert np.allclose(result.as_numpy("predict_proba"), proba, rtol=0, atol=1e-12)
+    assert np.allclose(
+        result.as_numpy("predict_proba"), proba, rtol=0, atol=TOLERANCE
+    )  # the verified tolerance (ONNX Runtime answers)
 
 
 def test_triton_model_configuration_holds_what_its_tools_read(cluster):

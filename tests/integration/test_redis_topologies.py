@@ -51,9 +51,11 @@ def _primaries(cluster) -> list[int]:
 
 
 def _iris_identity(url: str) -> tuple[str, str]:
-    """The served iris version and its artifact's sha256 (what its cache keys carry)."""
+    """The served iris version and the sha256 of the artifact that computes its answers (what
+    its cache keys carry): model.onnx's when ONNX Runtime answers."""
     meta = requests.get(url + "/v2/models/iris", timeout=5).json()
-    return str(meta["versions"][-1]), str(meta["parameters"]["sha256"])
+    parameters = meta["parameters"]
+    return str(meta["versions"][-1]), str(parameters.get("onnx_sha256", parameters["sha256"]))
 
 
 @pytest.fixture(scope="module")

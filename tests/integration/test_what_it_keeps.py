@@ -60,6 +60,9 @@ def cluster(start_cluster, models):
         SERVICE_MODELS_DIR=str(models),
         SERVICE_REPOSITORY_POLL_S="0.5",
         BALANCER_INTERNAL_NETWORKS="127.0.0.1/32",
+        # The forest's rows are cached (auto would not: through ONNX Runtime a predict costs
+        # less than a Redis round trip), so that what Redis holds is read back.
+        SERVICE_CACHE_POLICY="digits=on,*=auto",
     )
 
 

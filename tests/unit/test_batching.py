@@ -179,7 +179,7 @@ def test_rows_on_a_failing_node_are_computed_not_written_and_the_request_says_by
     assert prediction.cache_status == BYPASS
     assert expected_labels[0] != "virginica"
     assert prediction.labels == ["virginica", *expected_labels[1:]]
-    written = row_keys("t", "iris", model.version, model.sha256, rows)[2]
+    written = row_keys("t", "iris", model.version, model.identity, rows)[2]
     assert cache.written == [written], "only the row whose node answered"
     counted = {s.labels["result"]: s.value for s in metrics.cache_rows.collect()[0].samples if s.name.endswith("total")}
     assert counted == {"hit": 1.0, "bypass": 1.0, "miss": 1.0}

@@ -121,10 +121,10 @@ def test_an_unforeseen_error_loading_one_folder_stays_with_that_folder(model_cop
 
     real = service.models.registry.load_model
 
-    def load(folder):
+    def load(folder, runtime="auto"):
         if folder.name == "2":
             raise AttributeError("'NoneType' object has no attribute 'get'")
-        return real(folder)
+        return real(folder, runtime)
 
     monkeypatch.setattr(service.models.registry, "load_model", load)
     shutil.copytree(model_copy / "iris" / "1", model_copy / "iris" / "2")
