@@ -26,7 +26,15 @@ from loadtest.parsers import (
     comma_floats,
     comma_ints,
 )
-from loadtest.results import BATCHING_OFF, CLUSTER_V2, NAMED_COLUMNS, NGINX_FIXED_REPLY, Point, Results
+from loadtest.results import (
+    BATCHING_OFF,
+    CLUSTER_V2,
+    NAMED_COLUMNS,
+    NGINX_FIXED_REPLY,
+    SKLEARN_RUNTIME,
+    Point,
+    Results,
+)
 from loadtest.settings import BenchSettings
 from loadtest.sweep import QUICK, ROOT, Plan, Sweep
 from loadtest.targets import evaluate_targets, print_targets
@@ -36,8 +44,13 @@ from localcluster.processes import which
 from localcluster.redis_topology import TOPOLOGIES
 from localcluster.settings import DEFAULT_SLOTS, ClusterSettings
 
-# The model every peer serves (the cluster is measured on it too, in V2 bodies).
-PEER_MODEL = "iris"
+# The models every peer serves when the plan has them (the cluster is measured on them
+# too, in V2 bodies): a linear model, and a forest, whose predict dominates.
+PEER_MODELS = ("iris", "digits")
+
+# The runtime comparison: the same cluster with scikit-learn answering every model
+# (SERVICE_RUNTIME=sklearn), new rows, against the default (ONNX Runtime where verified).
+RUNTIME_MODELS = ("iris", "digits", "churn")
 
 # The topology comparison measures the replicas' result cache: cached for every model, and
 # no L1 in front of it (it would answer the repeated hits itself).
@@ -101,27 +114,34 @@ def run_named_columns(sweep: Sweep) -> None:
     sweep.done += 1
 
 
-def start_peers(sweep: Sweep) -> dict[str, peers.MLServerPeer]:
-    """Every peer of the plan, installed if missing and started (the caller stops them)."""
-    started: dict[str, peers.MLServerPeer] = {}
+def peer_models(plan: Plan) -> list[str]:
+    """The models the peers serve in this plan."""
+    return [m for m in PEER_MODELS if m in plan.models]
+
+
+def start_peers(sweep: Sweep) -> dict[tuple[str, str], peers.MLServerPeer]:
+    """Every peer of the plan for each of its models, installed if missing and started (the
+    caller stops them)."""
+    started: dict[tuple[str, str], peers.MLServerPeer] = {}
     try:
         for name in sweep.plan.peers:
-            sweep.progress(f"starting {peers.KNOWN[name]} (loadtest/peers.py)")
-            artifact = ROOT / "models" / PEER_MODEL / "1" / "model.joblib"
-            # In front of it, an nginx run as the cluster's balancer runs: as many workers,
-            # the same scheduling policy (measured: batch neither helps nor hurts MLServer).
-            workers = worker_processes(sweep.cluster.environ)
-            scheduling = BalancerSettings.from_env(sweep.cluster.environ).scheduling
-            nginx = which("nginx") or "nginx"
-            peer = peers.MLServerPeer(
-                sweep.out / f"{name}-run",
-                PEER_MODEL,
-                artifact,
-                nginx,
-                nginx_workers=workers,
-                nginx_scheduling=scheduling,
-            )
-            started[name] = peer.start()
+            for model in peer_models(sweep.plan):
+                sweep.progress(f"starting {peers.KNOWN[name]} for {model} (loadtest/peers.py)")
+                artifact = ROOT / "models" / model / "1" / "model.joblib"
+                # In front of it, an nginx run as the cluster's balancer runs: as many workers,
+                # the same scheduling policy (measured: batch neither helps nor hurts MLServer).
+                workers = worker_processes(sweep.cluster.environ)
+                scheduling = BalancerSettings.from_env(sweep.cluster.environ).scheduling
+                nginx = which("nginx") or "nginx"
+                peer = peers.MLServerPeer(
+                    sweep.out / f"{name}-{model}-run",
+                    model,
+                    artifact,
+                    nginx,
+                    nginx_workers=workers,
+                    nginx_scheduling=scheduling,
+                )
+                started[(name, model)] = peer.start()
     except BaseException:
         for peer in started.values():
             peer.stop()
@@ -129,23 +149,47 @@ def start_peers(sweep: Sweep) -> dict[str, peers.MLServerPeer]:
     return started
 
 
-def run_peers(sweep: Sweep, started: dict[str, peers.MLServerPeer]) -> None:
-    """At each concurrency: the cluster as run_cluster left it (the most replicas), then each
-    peer, iris, new rows, the same V2 bodies: what a dedicated model server gives instead."""
+def run_peers(sweep: Sweep, started: dict[tuple[str, str], peers.MLServerPeer]) -> None:
+    """At each concurrency, for each peer model: the cluster as run_cluster left it (the most
+    replicas), then each peer serving the same artifact, new rows, the same V2 bodies: what a
+    dedicated model server gives instead."""
     replicas = sweep.plan.replicas[-1]
-    for concurrency in sweep.plan.concurrency:
-        sweep.progress(f"cluster, V2: {replicas} replica(s), c={concurrency}, new rows, {PEER_MODEL}")
-        url, pids, access_log, status_url = sweep.cluster_components()
-        point = sweep.measure(
-            CLUSTER_V2, url, pids, access_log, status_url, replicas, concurrency, 0.0, PEER_MODEL, "v2"
-        )
-        sweep.points.append(point)
-        sweep.done += 1
-        for name, peer in started.items():
-            sweep.progress(f"{peer.name}: c={concurrency}, new rows, {PEER_MODEL}")
-            point = sweep.measure(peer.name, peer.url, peer.pids(), None, None, 0, concurrency, 0.0, PEER_MODEL, "v2")
-            sweep.points.append({**point, "peer": name, "setup": peer.describe()})
+    for model in peer_models(sweep.plan) if started else []:
+        for concurrency in sweep.plan.concurrency:
+            sweep.progress(f"cluster, V2: {replicas} replica(s), c={concurrency}, new rows, {model}")
+            url, pids, access_log, status_url = sweep.cluster_components()
+            point = sweep.measure(
+                CLUSTER_V2, url, pids, access_log, status_url, replicas, concurrency, 0.0, model, "v2"
+            )
+            sweep.points.append(point)
             sweep.done += 1
+            for (name, served), peer in started.items():
+                if served != model:
+                    continue
+                sweep.progress(f"{peer.name}: c={concurrency}, new rows, {model}")
+                point = sweep.measure(peer.name, peer.url, peer.pids(), None, None, 0, concurrency, 0.0, model, "v2")
+                sweep.points.append({**point, "peer": name, "setup": peer.describe()})
+                sweep.done += 1
+
+
+def run_runtime_comparison(sweep: Sweep) -> None:
+    """The same cluster with scikit-learn answering every model (SERVICE_RUNTIME=sklearn), in a
+    run directory and on ports of its own: new rows of each model at the headline concurrency,
+    the most replicas, beside the default cluster's points of the same round."""
+    replicas, concurrency = max(sweep.plan.replicas), sweep.plan.headline_concurrency
+    environ = {**sweep.cluster.environ, "SERVICE_RUNTIME": "sklearn"}
+    other = Cluster(sweep.out / f"sklearn-run-{sweep.round + 1}", environ)
+    sweep.progress("starting a cluster where scikit-learn answers every model")
+    other.start(replicas, Ports.auto(DEFAULT_SLOTS))
+    try:
+        url, pids, access_log, status_url = sweep.cluster_components(other)
+        for model in RUNTIME_MODELS:
+            sweep.progress(f"scikit-learn runtime: {replicas} replica(s), c={concurrency}, new rows, {model}")
+            point = sweep.measure(SKLEARN_RUNTIME, url, pids, access_log, status_url, replicas, concurrency, 0.0, model)
+            sweep.points.append(point)
+            sweep.done += 1
+    finally:
+        other.stop()
 
 
 def run_cpu_reference(sweep: Sweep, model: str = "iris") -> None:
@@ -320,13 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start(max(plan.replicas))
     sweep = Sweep(plan, out, cluster, None)
     if args.targets:
-        sweep.total += 2 * plan.rounds  # batching off, and the CPU reference
+        sweep.total += (2 + len(RUNTIME_MODELS)) * plan.rounds  # batching off, the CPU reference, the runtimes
     baseline_argv = None
     locust = None
-    started: dict[str, peers.MLServerPeer] = {}
+    started: dict[tuple[str, str], peers.MLServerPeer] = {}
     try:
         started = start_peers(sweep)
-        peer_pids = {name: pid for peer in started.values() for name, pid in peer.pids().items()}
+        peer_pids = {f"{key}:{name}": pid for key, peer in started.items() for name, pid in peer.pids().items()}
         sweep.wait_until_quiet({**sweep.cluster_components()[1], **peer_pids})
         for round_no in range(plan.rounds):
             sweep.round = round_no
@@ -346,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.targets:
                 run_without_batching(sweep, "digits", 0.0, plan.headline_concurrency, max(plan.replicas))
                 run_cpu_reference(sweep)
+                run_runtime_comparison(sweep)
             if plan.baseline:
                 baseline_argv = sweep.run_baseline()
         if plan.locust_seconds > 0:

@@ -4,9 +4,11 @@ settings and the nginx.conf nginx ran (everything needed to trust or reproduce a
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import sys
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,22 @@ def what_ran(cluster: Cluster, out: Path) -> dict[str, Any]:
         "nginx_directives": [line.strip() for line in conf.splitlines() if line.strip().startswith(directives)]
         + [f"# scheduling policy of nginx's processes: {nginx_scheduling(status)}"],
         "redis_topology": status.redis_topology,
+        "runtimes": model_runtimes(
+            str(status.internal), [p.name for p in sorted(cluster.models_dir.iterdir()) if p.is_dir()]
+        ),
     }
+
+
+def model_runtimes(url: str, models: list[str]) -> dict[str, str]:
+    """Which runtime answers each model, as the cluster's V2 model metadata says."""
+    found = {}
+    for model in models:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/models/{model}", timeout=10) as response:
+                found[model] = json.loads(response.read())["parameters"].get("runtime", "sklearn")
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
 
 
 def nginx_scheduling(status: Status) -> str:

@@ -20,6 +20,7 @@ FORMAT = 2
 CLUSTER_V2 = "cluster, V2"  # the cluster at the peers' points (V2 bodies, new iris rows)
 NAMED_COLUMNS = "cluster, named columns"  # the churn model's point
 BATCHING_OFF = "cluster, batching off"
+SKLEARN_RUNTIME = "cluster, scikit-learn runtime"  # SERVICE_RUNTIME=sklearn: no model compiled
 NGINX_FIXED_REPLY = "nginx's own reply (stub_status)"  # h2load's GETs of stub_status: the L1's ceiling
 
 

@@ -134,7 +134,8 @@ class Sweep:
         if plan.baseline:
             self.total += len(plan.concurrency) * len(plan.models)
         self.total += len(plan.redis_topologies) * len(plan.models) * len(plan.hit_ratios)
-        self.total += len(plan.concurrency) * (1 + len(plan.peers)) if plan.peers else 0
+        peer_models = len([m for m in ("iris", "digits") if m in plan.models])  # bench.PEER_MODELS
+        self.total += len(plan.concurrency) * (1 + len(plan.peers)) * peer_models if plan.peers else 0
         self.total *= plan.rounds
         self.round = 0
         (out / "raw").mkdir(parents=True, exist_ok=True)

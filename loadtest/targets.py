@@ -11,7 +11,9 @@ from loadtest import peers, profile
 from loadtest.results import (
     BATCHING_OFF,
     CLUSTER_V2,
+    NAMED_COLUMNS,
     NGINX_FIXED_REPLY,
+    SKLEARN_RUNTIME,
     CpuReference,
     H2loadPoint,
     Point,
@@ -105,6 +107,23 @@ def evaluate_targets(
         True,
         lambda r: ratio(point(r, CLUSTER_V2, "iris", 0.0), point(r, peers.MLSERVER, "iris", 0.0), "rps"),
     )
+    # A forest, where the model's runtime dominates: MLServer serves the same artifact.
+    add(
+        f"digits, new rows (V2): req/s vs {peers.MLSERVER}",
+        10.0,
+        True,
+        lambda r: ratio(point(r, CLUSTER_V2, "digits", 0.0), point(r, peers.MLSERVER, "digits", 0.0), "rps"),
+    )
+    # The default runtime (ONNX Runtime where a model converts and agrees) against scikit-learn
+    # answering the same models (SERVICE_RUNTIME=sklearn), new rows, in the same round. Iris's
+    # linear model costs little either way: it must not drop (0.9: the rounds' noise).
+    for model, kind, goal in (("iris", "cluster", 0.9), ("digits", "cluster", 4.0), ("churn", NAMED_COLUMNS, 3.0)):
+        add(
+            f"{model}, new rows: req/s, the default runtime vs scikit-learn",
+            goal,
+            True,
+            lambda r, m=model, k=kind: ratio(point(r, k, m, 0.0), point(r, SKLEARN_RUNTIME, m, 0.0), "rps"),
+        )
     add(
         "hot iris row through the L1 (h2load): req/s vs baseline",
         15.0,

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 from loadtest.report.common import Block, Results, _app_cpu_ms, _count, _fmt, _l1_share, _mark, _others, _replica_mib
 from loadtest.report.findings import _headline, interpretation
 from loadtest.report.plots import plots
-from loadtest.report.sections import cpu_reference, named_columns, peers, topologies
+from loadtest.report.sections import cpu_reference, named_columns, peers, runtimes, topologies
 from loadtest.results import disturbed, failed_requests, verdict
 
 
@@ -87,6 +87,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
         )
     out.extend(cpu_reference(results))
     out.extend(named_columns(results))
+    out.extend(runtimes(results))
     out.extend(peers(results))
     for sentence in interpretation(results):
         out.append(("p", sentence))

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from loadtest.report.common import Block, Results, _app_cpu_ms, _count, _fmt, _mark
-from loadtest.results import CLUSTER_V2, NAMED_COLUMNS, disturbed
+from loadtest.results import CLUSTER_V2, NAMED_COLUMNS, SKLEARN_RUNTIME, disturbed
 
 
 def topologies(results: Results) -> list[Block]:
@@ -146,9 +146,9 @@ def peers(results: Results) -> list[Block]:
     if not peer_points:
         return []
     out: list[Block] = [("h2", "Beside a dedicated model server")]
-    for kind in dict.fromkeys(p["kind"] for p in peer_points):
+    for kind, model in dict.fromkeys((p["kind"], p["model"]) for p in peer_points):
         rows, ratios = [], collections.defaultdict(list)
-        for theirs in (p for p in peer_points if p["kind"] == kind):
+        for theirs in (p for p in peer_points if p["kind"] == kind and p["model"] == model):
             ours = results.find(
                 CLUSTER_V2, concurrency=theirs["concurrency"], model=theirs["model"], round=theirs.get("round", 0)
             )
@@ -169,10 +169,10 @@ def peers(results: Results) -> list[Block]:
             finite = sorted(v for v in values if not math.isnan(v))
             if finite:
                 spreads.append(f"c={concurrency}: {statistics.median(finite):.2f}× [{finite[0]:.2f}–{finite[-1]:.2f}]")
-        first = next(p for p in peer_points if p["kind"] == kind)
+        first = next(p for p in peer_points if p["kind"] == kind and p["model"] == model)
         replicas = next(p["replicas"] for p in results.points if p["kind"] == CLUSTER_V2)
         out += [
-            ("h3", kind),
+            ("h3", f"{kind}, {model}"),
             (
                 "table",
                 ["round", "c", "cluster req/s", "p50 ms", "p99 ms", f"{kind} req/s", "p50 ms", "p99 ms", "ratio"],
@@ -185,6 +185,68 @@ def peers(results: Results) -> list[Block]:
                 f"cluster ({_count(replicas, 'replica')}, defaults) against {first.get('setup', kind)}. Cluster "
                 f"req/s over {kind}'s, median [min–max] over the rounds: {'; '.join(spreads)}. New rows are "
                 "the fair comparison: a peer has no cache, and the cluster answers a repeated row from its L1.",
+            ),
+        ]
+    return out
+
+
+def runtimes(results: Results) -> list[Block]:
+    """Each model's runtime in this run, and new rows of each against scikit-learn answering
+    the same model (SERVICE_RUNTIME=sklearn) in the same round."""
+    answered = results.env.get("runtimes") or {}
+    theirs = [p for p in results.points if p["kind"] == SKLEARN_RUNTIME]
+    if not answered and not theirs:
+        return []
+    out: list[Block] = [("h2", "The model's runtime: ONNX Runtime where a model converts and agrees")]
+    if answered:
+        out.append(
+            (
+                "p",
+                "Runtime per model in this run (a model.onnx answers only once it agrees with scikit-learn, checked "
+                "when packaged and again at each load): "
+                + ", ".join(f"{model}: {runtime}" for model, runtime in sorted(answered.items()))
+                + ".",
+            )
+        )
+    rows, ratios = [], collections.defaultdict(list)
+    for sk in theirs:
+        kind = NAMED_COLUMNS if sk["model"] == "churn" else "cluster"
+        ours = results.find(
+            kind, model=sk["model"], hit_ratio=0.0, concurrency=sk["concurrency"], round=sk.get("round", 0)
+        )
+        if ours is None:
+            continue
+        ratio = ours["rps"] / sk["rps"] if sk["rps"] else math.nan
+        ratios[sk["model"]].append(ratio)
+        rows.append(
+            [str(sk.get("round", 0) + 1), sk["model"], _fmt(ours["rps"]) + _mark(ours), _fmt(_app_cpu_ms(ours), 3),
+             _fmt(sk["rps"]) + _mark(sk), _fmt(_app_cpu_ms(sk), 3), f"{ratio:.2f}×"]
+        )  # fmt: skip
+    if rows:
+        spreads = []
+        for model, values in ratios.items():
+            finite = sorted(v for v in values if not math.isnan(v))
+            if finite:
+                spreads.append(f"{model} {statistics.median(finite):.2f}× [{finite[0]:.2f}–{finite[-1]:.2f}]")
+        out += [
+            (
+                "table",
+                [
+                    "round",
+                    "model",
+                    "default req/s",
+                    "replica CPU ms/req",
+                    "scikit-learn req/s",
+                    "replica CPU ms/req",
+                    "ratio",
+                ],
+                rows,
+            ),
+            (
+                "p",
+                f"New rows at {theirs[0]['replicas']} replica(s), c={theirs[0]['concurrency']}: the default cluster "
+                "against one where scikit-learn answers every model, one after the other in each round. Default "
+                f"req/s over scikit-learn's, median [min–max]: {'; '.join(spreads)}.",
             ),
         ]
     return out
