@@ -88,8 +88,11 @@ def run_on_topology(sweep: Sweep, topology: str) -> None:
 
 
 def run_without_batching(sweep: Sweep, model: str, hit_ratio: float, concurrency: int, replicas: int) -> None:
-    """The same cluster with SERVICE_BATCHING=off, in a run directory and on ports of its own."""
-    other = Cluster(sweep.out / f"nobatch-run-{sweep.round + 1}", {**sweep.cluster.environ, "SERVICE_BATCHING": "off"})
+    """The cluster where scikit-learn answers (run_runtime_comparison's) with SERVICE_BATCHING=off,
+    in a run directory and on ports of its own: batching shares a slow predict between the
+    requests of a call; through ONNX Runtime a forest's predict is too cheap for it to pay."""
+    environ = {**sweep.cluster.environ, "SERVICE_BATCHING": "off", "SERVICE_RUNTIME": "sklearn"}
+    other = Cluster(sweep.out / f"nobatch-run-{sweep.round + 1}", environ)
     other.start(replicas, Ports.auto(DEFAULT_SLOTS))
     try:
         sweep.progress(f"cluster without batching: {replicas} replica(s), c={concurrency}, {model}")

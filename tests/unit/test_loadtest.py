@@ -297,3 +297,26 @@ def test_results_carry_their_format_and_a_newer_one_is_refused_not_misread(tmp_p
         report.build(tmp_path)
     with pytest.raises(shape.FormatError, match="not a running deployment's results"):
         shape.read_remote(FIXTURES)
+
+
+def test_the_runtime_targets_compare_each_model_with_scikit_learn_in_the_same_round():
+    def point(kind, model, rps):
+        return {"kind": kind, "model": model, "concurrency": 32, "hit_ratio": 0.0, "rps": rps, "round": 0,
+                "p50_ms": 5.0, "p99_ms": 10.0}  # fmt: skip
+
+    points = [
+        point("cluster", "iris", 5000.0),
+        point("cluster", "digits", 4000.0),
+        point(shape.NAMED_COLUMNS, "churn", 5400.0),
+        point(shape.SKLEARN_RUNTIME, "iris", 5200.0),
+        point(shape.SKLEARN_RUNTIME, "digits", 1000.0),
+        point(shape.SKLEARN_RUNTIME, "churn", 1700.0),
+        point(shape.BATCHING_OFF, "digits", 150.0),
+    ]
+    targets = {t["target"]: t for t in judged.evaluate_targets(points, [], 32)}
+    digits = targets["digits, new rows: req/s, the default runtime vs scikit-learn"]
+    assert (digits["measured"], digits["met"]) == (4.0, True)
+    assert targets["iris, new rows: req/s, the default runtime vs scikit-learn"]["met"]  # 0.96 >= 0.9
+    assert targets["churn, new rows: req/s, the default runtime vs scikit-learn"]["measured"] == 5400 / 1700
+    batching = targets["digits by scikit-learn, all misses: req/s, batching on vs off"]
+    assert (batching["measured"], batching["met"]) == (1000 / 150, True)
