@@ -74,6 +74,9 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No memory arena: a request's tensors are small, and an arena keeps what one large
+        # batch took for as long as the session lives.
+        options.enable_cpu_mem_arena = False
         options.log_severity_level = 3
         self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.columns = columns

@@ -6,6 +6,8 @@ with `model.json` and its artifact. This module knows nothing of HTTP.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import re
 import time
@@ -50,6 +52,17 @@ def _load_guarded(folder: Path, runtime: str) -> LoadedModel:
     except Exception as exc:  # noqa: BLE001 - a bug meeting one odd folder must stay with that folder
         log.error("loading %s/%s failed unexpectedly", folder.parent.name, folder.name, exc_info=exc)
         raise ModelError(f"{folder.parent.name}/{folder.name}: cannot be loaded ({type(exc).__name__})") from None
+
+
+def _give_back_memory() -> None:
+    """After an unload: collect the model's objects and hand the freed heap back to the OS
+    (glibc keeps large freed blocks, an ONNX Runtime session's among them, for reuse, so a
+    worker's memory would look as if every unloaded version were still held)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to ask
 
 
 class ModelRegistry:
@@ -166,15 +179,19 @@ class ModelRegistry:
                         model.batch_row_ms,
                         BUSY_BATCH_ROWS,
                     )
+        unloaded = False
         for name, versions in self._models.items():
             for version in versions:
                 if version not in models.get(name, {}):
                     log.info("unloaded model %s version %s", name, version)
+                    unloaded = True
         self._models = {name: versions for name, versions in models.items() if versions}
         self._latest = {name: versions[max(versions, key=_version_key)] for name, versions in self._models.items()}
         served = {(m.name, m.version, m.sha256) for versions in self._models.values() for m in versions.values()}
         for listener in self.listeners:
             listener(served)
+        if unloaded:
+            _give_back_memory()
 
     def apply(self, desired: Desired) -> list[str]:
         """Converge on `desired` after start (called when it changed, or to look for new
