@@ -124,6 +124,15 @@ def walk(estimator: Any, columns: Any = None) -> Iterator[tuple[Any, Any]]:
             yield from walk(transformer, selected)
 
 
+def input_names(part: Any, selected: Any, names: list[str]) -> list[str]:
+    """The model's named inputs `part` applies to: those it was fitted on, else the columns
+    a ColumnTransformer selected for it (by name or by position in `names`)."""
+    inputs = [str(n) for n in getattr(part, "feature_names_in_", [])]
+    if not inputs and selected is not None:
+        inputs = [names[i] if isinstance(i, (int, np.integer)) else str(i) for i in np.atleast_1d(selected)]
+    return inputs
+
+
 def _trees(part: Any) -> Iterator[Any]:
     """The fitted decision trees of a tree or an ensemble of them."""
     if hasattr(part, "tree_"):
@@ -192,13 +201,17 @@ def verification_rows(
                     row[feature] = threshold + generator.choice((-1.0, 1.0)) * 1e-3 * max(1.0, abs(threshold))
             rows.append(row)
         return np.asarray(rows[:count], dtype=np.float64)
-    return typed_rows([_typed_row(estimator, columns, example, generator, i) for i in range(count)])
+    stats = _column_stats(estimator, columns)
+    return typed_rows([_typed_row(stats, columns, example, generator, i) for i in range(count)])
 
 
 def _typed_row(
-    estimator: Any, columns: tuple[Column, ...], example: tuple[Any, ...] | None, generator: Any, i: int
+    stats: dict[str, tuple[float, float]],
+    columns: tuple[Column, ...],
+    example: tuple[Any, ...] | None,
+    generator: Any,
+    i: int,
 ) -> list[Any]:
-    stats = _column_stats(estimator, columns)
     row = []
     for j, column in enumerate(columns):
         base = example[j] if example is not None else None
@@ -222,10 +235,9 @@ def _column_stats(estimator: Any, columns: tuple[Column, ...]) -> dict[str, tupl
     for part, selected in walk(estimator):
         if not (hasattr(part, "mean_") and hasattr(part, "scale_")) or part.mean_ is None:
             continue
-        inputs = list(getattr(part, "feature_names_in_", []))
-        if not inputs and selected is not None:
-            inputs = [names[i] if isinstance(i, (int, np.integer)) else str(i) for i in np.atleast_1d(selected)]
-        for name, mean, scale in zip(inputs, np.ravel(part.mean_), np.ravel(part.scale_), strict=False):
+        for name, mean, scale in zip(
+            input_names(part, selected, names), np.ravel(part.mean_), np.ravel(part.scale_), strict=False
+        ):
             stats[str(name)] = (float(mean), float(scale) or 1.0)
     return stats
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 
 from service.inputs.columns import DATATYPES, Column, example_row, frame, typed_rows
 from service.models.artifacts import ModelError, load_model, sha256_of
+from service.models.compiled import input_names, walk
 from service.models.conversion import read_sample, runtime_block
 from service.models.registry import NAME_PATTERN
 
@@ -56,17 +57,6 @@ class Added:
 # --- the child: what the estimator needs and gives -----------------------------------------
 
 
-def _walk(estimator: Any, columns: Any = None) -> Iterator[tuple[Any, Any]]:
-    """Every estimator inside `estimator` (Pipelines, ColumnTransformers, ...), with the input
-    columns it is applied to where a ColumnTransformer says."""
-    yield estimator, columns
-    for _, step in getattr(estimator, "steps", []) or []:
-        yield from _walk(step, columns)
-    for _, transformer, selected in getattr(estimator, "transformers_", []) or []:
-        if not isinstance(transformer, str):
-            yield from _walk(transformer, selected)
-
-
 _KINDS = {"b": "BOOL", "i": "INT64", "u": "INT64", "f": "FP64"}  # numpy dtype kinds; anything else: BYTES
 
 
@@ -78,12 +68,10 @@ def _encoded_columns(estimator: Any, names: list[str]) -> dict[str, Column]:
     """The columns an encoder inside the model was fitted on: their datatype from its
     categories, and the categories themselves when it refuses any other value."""
     found: dict[str, Column] = {}
-    for part, selected in _walk(estimator):
+    for part, selected in walk(estimator):
         if type(part).__name__ not in _ENCODERS or not hasattr(part, "categories_"):
             continue
-        inputs = list(getattr(part, "feature_names_in_", []))
-        if not inputs and selected is not None:
-            inputs = [names[i] if isinstance(i, (int, np.integer)) else str(i) for i in np.atleast_1d(selected)]
+        inputs = input_names(part, selected, names)
         strict = getattr(part, "handle_unknown", "error") == "error"
         for column, categories in zip(inputs, part.categories_, strict=False):
             if column not in names:
