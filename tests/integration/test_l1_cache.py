@@ -236,11 +236,13 @@ def test_requests_the_l1_has_no_room_to_count_are_answered_by_a_replica(start_cl
     workers competing for what one frees), nginx fails the lookup with a 500 of its own: a
     stream of new rows faster than its cache manager expires keys once gave a few 500s a
     benchmark point. Such a request goes to a replica instead, uncached. Here: a zone of a
-    few dozen keys, more requests in flight than it holds (digits, whose predict takes
-    milliseconds, keeps the 48 clients' requests in flight: with iris, a busy machine could
-    answer them faster than they piled up, and the zone never filled)."""
+    few dozen keys, more requests in flight than it holds (the digits forest through
+    scikit-learn, whose predict takes milliseconds, keeps the 48 clients' requests in flight:
+    with iris, or the forest through ONNX Runtime at 0.01 ms, a busy machine could answer them
+    faster than they piled up, and the zone never filled)."""
     small = start_cluster(
         2,
+        SERVICE_RUNTIME="digits=sklearn,*=auto",
         BALANCER_L1_CACHE="on",
         BALANCER_L1_KEYS="12k",
         BALANCER_WORKER_PROCESSES="2",
