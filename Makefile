@@ -22,6 +22,9 @@ bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html 
 bench-targets:  ## only the performance targets' points, one line per target (a benchmark, not a test)
 	scripts/bench --targets
 
+bench-overload:  ## open loop below and past capacity, admission control on and off -> reports/overload-<time>/
+	.venv/bin/python -m loadtest.overload
+
 audit:  ## known vulnerabilities in the installed dependencies (needs PyPI's JSON API or OSV)
 	.venv/bin/pip-audit --progress-spinner off
 

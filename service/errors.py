@@ -67,3 +67,33 @@ class Unavailable(InputError):
     """This replica cannot answer now (closing, not ready, Redis down): retry elsewhere or later."""
 
     status = 503
+
+
+class NotAdmitted(InputError):
+    """A prediction refused before any work on it: the replica's queue, the client's deadline."""
+
+    reason: ClassVar[str] = ""
+
+
+class Overloaded(NotAdmitted):
+    """The replica's queue is over its target: refused before the body is read, with
+    Retry-After. 429, not 503: the balancer retries a 503 on other replicas and counts it
+    against the replica (max_fails), which would amplify the refusals it should spread."""
+
+    status = 429
+    reason = "overloaded"
+
+
+class DeadlinePassed(NotAdmitted):
+    """The client's X-Request-Timeout-Ms passed while the request waited: not computed."""
+
+    status = 504
+    reason = "deadline"
+
+
+class ClientGone(NotAdmitted):
+    """The client (the balancer) hung up while the request waited: not computed. 499 as
+    nginx logs it; nobody reads the answer."""
+
+    status = 499
+    reason = "client_gone"

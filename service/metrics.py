@@ -214,6 +214,21 @@ class Metrics:
             "CPU time (user + system) of this replica's workers, counted every FLUSH_S and at each scrape.",
             registry=registry,
         )
+        # Admission (service.dataplane.admission): the wait before a prediction started, and
+        # the predictions refused before any work (shed: the queue; dropped: a deadline
+        # passed or the client hung up).
+        self.queue_wait = Histogram(
+            "prediction_queue_wait_seconds",
+            "Time a prediction waited in the replica's queue (since the balancer's X-Request-Start).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.not_admitted = Counter(
+            "prediction_requests_not_admitted",
+            "Predictions refused before any work: reason overloaded (shed, 429), deadline (504), client_gone.",
+            ["reason"],
+            registry=registry,
+        )
         self._cpu_counted = _cpu_seconds()
         if self._pending is not None:
             self._pending.before_flush = self.count_cpu

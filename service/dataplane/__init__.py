@@ -7,5 +7,7 @@
   tensors, `/predict`, bodies: content type and gzip).
 - `predictor.py`: the result cache per row, batching, the predict call.
 - `batching.py`: concurrent requests of one worker sharing one predict call.
-- `state.py`: what one app holds (settings, registry, predictor, cache, metrics).
+- `admission.py`: the worker's queue discipline: a prediction that waited too long in a
+  standing queue is refused before its body is read; a passed deadline is not computed.
+- `state.py`: what one app holds (settings, registry, predictor, cache, metrics, admission).
 """

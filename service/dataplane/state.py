@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.cache.results import ResultCache
+from service.dataplane.admission import Admission
 from service.dataplane.predictor import Predictor
 from service.metrics import Metrics
 from service.models.convergence import RepositoryStore
@@ -28,6 +29,11 @@ class ServiceState:
     peers_ready: Callable[[], bool] = lambda: True
     # The shared desired model state (None: no Redis, or SERVICE_REPOSITORY_POLL_S=0).
     repository: Callable[[], RepositoryStore] | None = None
+    # This worker's queue discipline (service.dataplane.admission).
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings.server.latency_objective_ms)
 
     def is_ready(self) -> bool:
         """Every model found has loaded (in every worker), and not draining."""

@@ -113,6 +113,14 @@ class ServerSettings(Group):
         "(time for a balancer that reads readiness or DNS to move away).",
         check=non_negative,
     )
+    latency_objective_ms: float = setting(
+        "SERVICE_LATENCY_OBJECTIVE_MS",
+        500.0,
+        "Latency a prediction should be answered within. Past capacity a replica refuses (429, Retry-After), "
+        "before reading the body, a request that would wait over a tenth of it (at least one service time) "
+        "while the waits requests face average over that too. 0: never refuse.",
+        check=non_negative,
+    )
     timeout_s: int = setting("SERVICE_TIMEOUT_S", 30, "Gunicorn kills a worker silent for this long.", check=positive)
     replica_id: str = setting(
         "SERVICE_REPLICA_ID",

@@ -11,15 +11,17 @@ method on these paths, goes to Flask unchanged. No Flask here.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterable
 from re import Pattern
 from typing import Any
 
+from service.dataplane.admission import RETRY_AFTER_S, timeout_s, waited_s
 from service.dataplane.contract import JSON
 from service.dataplane.handlers import HANDLERS, L1_REUSE, Handler, answer_etag, unchanged
 from service.dataplane.state import ServiceState
-from service.errors import BadRequest, TooLarge
+from service.errors import BadRequest, ClientGone, DeadlinePassed, InputError, NotAdmitted, Overloaded, TooLarge
 from service.web import envelope
 from service.web.envelope import StartResponse
 from service.web.routes import PREDICTION_ROUTES, compiled
@@ -46,6 +48,12 @@ class EnvironCall:
         return str(value) if value is not None else None
 
     def raw_body(self, limit: int) -> bytes:
+        body = self._read_body(limit)
+        if peer_closed(self.environ):
+            raise ClientGone("the client hung up while the request waited: not computed")
+        return body
+
+    def _read_body(self, limit: int) -> bytes:
         stream = self.environ["wsgi.input"]
         length = self.environ.get("CONTENT_LENGTH")
         if length:
@@ -60,6 +68,39 @@ class EnvironCall:
         if len(data) > limit:
             raise TooLarge("request body too large")
         return data
+
+
+def peer_closed(environ: dict[str, Any]) -> bool:
+    """Whether the client closed its side of the connection (nginx does when its own client
+    gives up): the whole request has been read, so a peek finds the end of the stream."""
+    raw: Any = environ.get("gunicorn.socket")
+    while hasattr(raw, "_sock"):  # the worker's wrapper, then gevent's socket
+        raw = raw._sock
+    if not isinstance(raw, socket.socket):
+        return False
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing more sent
+    except OSError:
+        return True  # reset
+
+
+def admit(current: ServiceState, environ: dict[str, Any]) -> None:
+    """Refuse, before the body is read, a prediction whose client's deadline has passed or
+    that the replica's queue discipline sheds (service.dataplane.admission)."""
+    stamp = environ.get("HTTP_X_REQUEST_START")
+    wait = waited_s(stamp)
+    if stamp is not None:
+        current.metrics.queue_wait.observe(wait)
+    deadline = timeout_s(environ.get("HTTP_X_REQUEST_TIMEOUT_MS"))
+    if deadline is not None and wait >= deadline:
+        raise DeadlinePassed(
+            f"deadline passed: the request waited {wait * 1000:.0f} ms of the {deadline * 1000:.0f} ms its "
+            "X-Request-Timeout-Ms allowed; not computed"
+        )
+    if current.admission.refuse(wait):
+        raise Overloaded(current.admission.describe(wait), {"Retry-After": str(RETRY_AFTER_S)})
 
 
 class FastLane:
@@ -121,14 +162,21 @@ class FastLane:
         current = self.state
         request_id, started = envelope.enter(current, environ.get("HTTP_X_REQUEST_ID", ""))
         call = EnvironCall(environ, request_id)
+        admitted_at = None
         try:
             envelope.refuse_if_closing(current, environ.get("PATH_INFO", ""))
+            admit(current, environ)
+            admitted_at = current.admission.started()
             body, headers, content_type = handler(current, call, name, version)
             status = 200
         except Exception as exc:  # noqa: BLE001 - a JSON error; an unexpected one logged, a 500
             status, body = envelope.error_answer(exc, "POST", environ.get("PATH_INFO", ""))
-            headers, content_type = {}, JSON
+            headers, content_type = (exc.headers if isinstance(exc, InputError) else {}), JSON
+            if isinstance(exc, NotAdmitted):
+                current.metrics.not_admitted.labels(exc.reason).inc()
         finally:
+            if admitted_at is not None:
+                current.admission.finished(admitted_at)
             envelope.leave(current)
         response_headers = [
             ("Content-Type", content_type),

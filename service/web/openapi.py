@@ -35,12 +35,20 @@ def _errors(*codes: int) -> dict[str, Any]:
         422: "The model version failed verification or loading (nothing changed)",
         413: "Body or batch too large",
         415: "Content-Type is not JSON",
-        429: "Rate limited (from the balancer)",
-        503: "Not ready or overloaded",
+        429: "Rate limited (the balancer), or the replica is overloaded (Retry-After says when to retry)",
+        503: "Not ready, or shutting down",
+        504: "X-Request-Timeout-Ms passed while the request waited (not computed)",
     }
     return {str(c): _json(_ERROR, texts[c]) for c in codes}
 
 
+_TIMEOUT = {
+    "name": "X-Request-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": 3_600_000},
+    "description": "How long the client waits (from the balancer's receipt); past it, not computed (504)",
+}
 _ANY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": _PATTERN}}
 _PARAMETERS = {
     "type": "object",
@@ -101,10 +109,9 @@ def _post(summary: str, request: str, response: str, params: list[Any] | None = 
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
         },
-        "responses": {"200": ok, **_errors(400, 404, 413, 415, 429, 503)},
+        "responses": {"200": ok, **_errors(400, 404, 413, 415, 429, 503, 504)},
     }
-    if params:
-        op["parameters"] = params
+    op["parameters"] = [*(params or []), _TIMEOUT]
     return op
 
 

@@ -243,6 +243,7 @@ def test_requests_the_l1_has_no_room_to_count_are_answered_by_a_replica(start_cl
     small = start_cluster(
         2,
         SERVICE_RUNTIME="digits=sklearn,*=auto",
+        SERVICE_LATENCY_OBJECTIVE_MS="0",  # more than the replicas serve, on purpose: none refused
         BALANCER_L1_CACHE="on",
         BALANCER_L1_KEYS="12k",
         BALANCER_WORKER_PROCESSES="2",

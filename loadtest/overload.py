@@ -1,0 +1,174 @@
+"""The overload benchmark: a local cluster offered open loop below and past its capacity.
+
+    make bench-overload                        # 3 rounds, admission on and off side by side
+    python -m loadtest.overload --rounds 5 --times 0.5,1.5,3 --seconds 10
+    python -m loadtest.overload --url http://127.0.0.1:8082 --model iris   # a running cluster
+
+Each round measures the capacity closed loop (32 clients, new rows: what the cluster
+serves flat out), then offers `--times` × that open loop (loadtest/openloop.py: every send
+time fixed in advance, latency from it) and records, per multiple: useful goodput (2xx
+within the latency objective) as a fraction of capacity, p50/p99 of the 2xx, the refusals
+(429/503) and their p99, other errors, and requests that got no answer (reset, closed or
+given up after 5 s). Without --url it starts two clusters of 4 replicas in the defaults
+but for the model (the digits forest through scikit-learn, one row a call: a user's
+model ONNX Runtime does not run, as in tests/integration/test_overload.py): one with
+admission control (SERVICE_LATENCY_OBJECTIVE_MS's default) and one without (0: what the
+cluster did before). Rounds alternate between them, so both see the same noise; each
+figure is the median of the rounds [min-max]. Writes reports/overload-<time>/overload.md
+and overload.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from loadtest.openloop import capacity, new_rows, open_loop
+from localcluster import Cluster, Ports
+from localcluster.settings import DEFAULT_SLOTS
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPENSIVE = {"SERVICE_RUNTIME": "digits=sklearn,*=auto", "SERVICE_BATCHING": "digits=off,*=on"}
+SETUPS = {"admission": {}, "no admission": {"SERVICE_LATENCY_OBJECTIVE_MS": "0"}}
+
+
+def measure(url: str, model: str, times: list[float], seconds: float, objective_s: float, nonce: int) -> dict:
+    """One round against `url`: the capacity, then each multiple of it open loop."""
+    path = f"/v1/models/{model}:predict"
+    bodies = new_rows(model, 60_000, nonce)
+    capacity(url, path, bodies[:500], clients=32, seconds=1)  # warm up
+    measured = capacity(url, path, bodies[500:5_000], clients=32, seconds=4)
+    points = {}
+    start = 5_000
+    for multiple in times:
+        count = int(multiple * measured * seconds) + 1
+        run = open_loop(url, path, bodies[start : start + count], multiple * measured, seconds, objective_s)
+        start += count
+        summary = run.summary()
+        summary["goodput_x"] = round(summary["goodput_rps"] / measured, 2) if measured else 0.0
+        points[str(multiple)] = summary
+    return {"capacity_rps": round(measured, 1), "points": points}
+
+
+def wait_quiet(limit_s: float = 30.0) -> float:
+    """Until the machine's CPUs are mostly idle (a cluster without admission control goes on
+    computing a backlog long after its clients gave up): the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = _cpu_times()
+        time.sleep(1)
+        after = _cpu_times()
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and busy / total < 0.2:
+            break
+    return time.monotonic() - started
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def spread(values: list[float], digits: int = 1) -> str:
+    """median [min-max]"""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def table(results: dict[str, list[dict]], times: list[float]) -> str:
+    """One markdown row per setup and multiple."""
+    lines = [
+        "| setup | offered | goodput ÷ capacity | 2xx p50 ms | 2xx p99 ms | refused | refused p99 ms "
+        "| other errors | no answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setup, rounds in results.items():
+        for multiple in times:
+            points = [r["points"][str(multiple)] for r in rounds]
+            share = [p["refused"] / max(1, p["requests"]) * 100 for p in points]
+            errors = [sum(p["errors"].values()) for p in points]
+            lost = [sum(p["no_answer"].values()) / max(1, p["requests"]) * 100 for p in points]
+            lines.append(
+                f"| {setup} | {multiple}× | {spread([p['goodput_x'] for p in points], 2)} "
+                f"| {spread([p['ok_p50_ms'] for p in points], 0)} | {spread([p['ok_p99_ms'] for p in points], 0)} "
+                f"| {spread(share, 1)} % | {spread([p['refused_p99_ms'] for p in points], 0)} "
+                f"| {spread(errors, 0)} | {spread(lost, 1)} % |"
+            )
+    return "\n".join(lines)
+
+
+def sentence(rounds: list[dict], times: list[float], objective_ms: float) -> str:
+    """How the cluster behaves past capacity, in one sentence (the largest multiple)."""
+    top = max(times)
+    points = [r["points"][str(top)] for r in rounds]
+    lost = sum(sum(p["no_answer"].values()) for p in points)
+    return (
+        f"Offered {top:g}× its capacity open loop, the cluster answered "
+        f"{statistics.median(p['goodput_x'] for p in points):.2f}× its capacity within the {objective_ms:.0f} ms "
+        f"objective (2xx p99 {statistics.median(p['ok_p99_ms'] for p in points):.0f} ms) and refused the rest "
+        f"with a JSON 429 and Retry-After (p99 {statistics.median(p['refused_p99_ms'] for p in points):.0f} ms); "
+        f"{lost} of {sum(p['requests'] for p in points)} requests got no answer."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running cluster's internal listener (no clusters started)")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--times", default="0.5,1.5,3", help="multiples of the measured capacity")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per multiple")
+    parser.add_argument("--objective-ms", type=float, default=500.0, help="the replicas' SERVICE_LATENCY_OBJECTIVE_MS")
+    args = parser.parse_args()
+    times = [float(t) for t in args.times.split(",")]
+    out = ROOT / "reports" / time.strftime("overload-%Y%m%dT%H%M%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    clusters: dict[str, Cluster] = {}
+    urls = {"running cluster": args.url} if args.url else {}
+    try:
+        if not args.url:
+            workdir = Path(tempfile.mkdtemp(prefix="overload-", dir=out))
+            for name, extra in SETUPS.items():
+                cluster = Cluster(workdir / name.replace(" ", "-"), {**EXPENSIVE, **extra})
+                print(f"starting the cluster with {name}", flush=True)
+                cluster.start(4, Ports.auto(DEFAULT_SLOTS))
+                clusters[name], urls[name] = cluster, cluster.internal_url
+        results: dict[str, list[dict]] = {name: [] for name in urls}
+        for round_ in range(args.rounds):
+            for name, url in urls.items():
+                nonce = (int(time.time()) + round_ * 7 + len(name)) % 100_000  # rows no earlier run sent
+                waited = wait_quiet()
+                result = measure(url, args.model, times, args.seconds, args.objective_ms / 1000, nonce)
+                result["waited_quiet_s"] = round(waited, 1)
+                results[name].append(result)
+                print(f"round {round_ + 1}, {name}: {json.dumps(result)}", flush=True)
+    finally:
+        for cluster in clusters.values():
+            cluster.stop()
+    first = next(iter(results))
+    capacities = {name: spread([r["capacity_rps"] for r in rounds]) for name, rounds in results.items()}
+    markdown = "\n\n".join(
+        [
+            "# Past capacity",
+            sentence(results[first], times, args.objective_ms),
+            f"{args.model}, new rows, {args.rounds} rounds, median [min-max]; capacity (closed loop, 32 clients, "
+            f"req/s): " + ", ".join(f"{k} {v}" for k, v in capacities.items()) + ".",
+            table(results, times),
+        ]
+    )
+    (out / "overload.md").write_text(markdown + "\n")
+    (out / "overload.json").write_text(json.dumps({"times": times, "results": results}, indent=1))
+    print(markdown)
+    print(f"\nwritten: {out / 'overload.md'}")
+
+
+if __name__ == "__main__":
+    main()
