@@ -42,7 +42,10 @@ def test_three_times_capacity_open_loop_is_served_within_the_objective_and_the_r
     print({"capacity_rps": [round(before, 1), round(after, 1)], "half": below, "three_times": past})
     errors = (cluster.run_dir / "logs" / "nginx-error.log").read_text()
     for summary in (below, past):
-        assert summary["late_p99_ms"] < 100, f"the generator fell behind its schedule: {summary}"
+        # The generator shares the saturated cores: it may send late (p99 2-12 ms in most
+        # runs, once 176 ms). Latency counts from the schedule, so lateness only makes the
+        # bounds below harder; past this the load offered was not the load planned.
+        assert summary["late_p99_ms"] < OBJECTIVE_S * 1000, f"the generator fell behind its schedule: {summary}"
         assert summary["no_answer"] == {} and summary["errors"] == {}, summary
     # Below capacity: (next to) nothing refused; a stall of the shared machine may cost one.
     assert below["refused"] <= 0.005 * below["requests"], below
