@@ -117,7 +117,7 @@ class ServerSettings(Group):
         "SERVICE_LATENCY_OBJECTIVE_MS",
         500.0,
         "Latency a prediction should be answered within. Past capacity a replica refuses (429, Retry-After), "
-        "before reading the body, a request that would wait over a tenth of it (at least one service time) "
+        "before reading the body, a request that would wait over a fifth of it (at least one service time) "
         "while the waits requests face average over that too. 0: never refuse.",
         check=non_negative,
     )

@@ -49,14 +49,15 @@ def test_three_times_capacity_open_loop_is_served_within_the_objective_and_the_r
         assert summary["no_answer"] == {} and summary["errors"] == {}, summary
     # Below capacity: (next to) nothing refused; a stall of the shared machine may cost one.
     assert below["refused"] <= 0.005 * below["requests"], below
-    # Past it: the work the cluster can do, done in time, and the rest refused. The 2xx
-    # p99 was 184-300 ms in most runs here, once 500 (the objective): the generator, nginx
-    # and 4 replicas share 2 cores, so the test allows twice the objective; the benchmark
-    # reports the figures.
-    # Goodput was 0.77-1.06x here (refusals cost CPU on the cores the generator shares):
-    # the test asks 0.7x; docs/reliability.md has the benchmark's figures.
-    assert past["goodput_rps"] >= 0.7 * measured, (measured, past)
-    assert past["ok_p99_ms"] <= 2 * OBJECTIVE_S * 1000, past
+    # Past it: the work the cluster can do, done in time, and the rest refused, at once.
+    # Without admission control the 2xx p99 is the clients' 5 s patience and most requests
+    # get no answer; with it, 200-800 ms here (the generator, nginx and 4 replicas share 2
+    # cores, and CI machines are noisier): the test allows three times the objective, and
+    # the benchmark (make bench-overload) reports the figures. Goodput (2xx within the
+    # objective) was 0.75-1.06x of capacity here: refusals cost CPU on the cores the
+    # generator shares; the test asks 0.6x.
+    assert past["goodput_rps"] >= 0.6 * measured, (measured, past)
+    assert past["ok_p99_ms"] <= 3 * OBJECTIVE_S * 1000, past
     assert past["refused"] > 0 and past["refused_without_retry_after"] == 0, past
-    assert past["refused_p99_ms"] <= 2 * OBJECTIVE_S * 1000, past
+    assert past["refused_p99_ms"] <= 3 * OBJECTIVE_S * 1000, past
     assert "worker_connections are not enough" not in errors

@@ -30,20 +30,20 @@ def test_a_deadline_is_whole_milliseconds_or_the_clients_error():
 
 
 def test_a_burst_is_admitted_and_a_standing_queue_is_shed_past_its_target():
-    admission = Admission(objective_ms=500)  # target 50 ms, interval 125 ms (no service time yet)
-    assert (admission.target_s, admission.interval_s) == (0.05, 0.125)
+    admission = Admission(objective_ms=500)  # target 100 ms, interval 125 ms (no service time yet)
+    assert (admission.target_s, admission.interval_s) == (0.1, 0.125)
     t = time.monotonic()
     # A burst: a few waits over the target do not make a standing queue; all are served.
     assert not any(admission.refuse(wait, now=t + i / 100) for i, wait in enumerate([0.001, 0.4, 0.3, 0.2]))
     # Waits over the target, request after request: a standing queue; then a request
     # facing more than the target is refused, and one facing less is served.
-    decisions = [admission.refuse(0.12, now=t + 0.05 + i / 100) for i in range(30)]
+    decisions = [admission.refuse(0.2, now=t + 0.05 + i / 1000) for i in range(40)]
     assert decisions[-1] and not decisions[0], decisions
-    assert not admission.refuse(0.01, now=t + 0.3)
+    assert not admission.refuse(0.01, now=t + 0.1)
     # The queue drained (short waits again): no longer overloaded.
     for i in range(30):
-        admission.refuse(0.005, now=t + 0.31 + i / 1000)
-    assert not admission.refuse(0.3, now=t + 0.35)
+        admission.refuse(0.005, now=t + 0.11 + i / 1000)
+    assert not admission.refuse(0.3, now=t + 0.15)
 
 
 def test_a_request_retried_with_its_first_stamp_is_served():
