@@ -22,6 +22,9 @@ bench:  ## the benchmark sweep -> reports/<timestamp>/report.md and report.html 
 bench-targets:  ## only the performance targets' points, one line per target (a benchmark, not a test)
 	scripts/bench --targets
 
+test-overload:  ## the overload test (open loop at 3x capacity), opt-in: too noisy for a shared CI machine
+	OVERLOAD_E2E=1 .venv/bin/python -m pytest -m overload tests/integration/test_overload.py
+
 bench-overload:  ## open loop below and past capacity, admission control on and off -> reports/overload-<time>/
 	.venv/bin/python -m loadtest.overload
 
