@@ -24,6 +24,9 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from loadtest.parsers import percentile
+from loadtest.payloads import fresh_row
+
 NO_ANSWER = 0  # Outcome.status of a request that got no answer
 
 
@@ -69,28 +72,21 @@ class Run:
             "requests": len(self.outcomes),
             "goodput_rps": round(len(within) / self.seconds, 1),
             "ok": len(ok),
-            "ok_p50_ms": _ms(percentile([o.latency_s for o in ok], 50)),
-            "ok_p99_ms": _ms(percentile([o.latency_s for o in ok], 99)),
+            "ok_p50_ms": _ms_at([o.latency_s for o in ok], 50),
+            "ok_p99_ms": _ms_at([o.latency_s for o in ok], 99),
             "refused": len(refused),
-            "refused_p50_ms": _ms(percentile([o.latency_s for o in refused], 50)),
-            "refused_p99_ms": _ms(percentile([o.latency_s for o in refused], 99)),
+            "refused_p50_ms": _ms_at([o.latency_s for o in refused], 50),
+            "refused_p99_ms": _ms_at([o.latency_s for o in refused], 99),
             "refused_without_retry_after": sum(not o.retry_after or not o.json_body for o in refused),
             "errors": {str(s): sum(o.status == s for o in errors) for s in sorted({o.status for o in errors})},
             "no_answer": failures,
-            "late_p99_ms": _ms(percentile([o.late_s for o in self.outcomes], 99)),
+            "late_p99_ms": _ms_at([o.late_s for o in self.outcomes], 99),
         }
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (nearest rank); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
+def _ms_at(values: Sequence[float], q: float) -> float:
+    """The q-th percentile of `values` (seconds) in ms; 0 for none (JSON has no NaN)."""
+    return round(percentile(values, q) * 1000, 1) if values else 0.0
 
 
 class _Client:
@@ -103,14 +99,12 @@ class _Client:
         host = f"Host: {self.host}:{self.port}\r\n"
         self.head = f"POST {path} HTTP/1.1\r\n{host}Content-Type: application/json\r\n{extra}"
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self.opened = 0
 
     async def send(self, body: bytes) -> tuple[int, dict[str, str]]:
         if self.idle:
             reader, writer = self.idle.pop()
         else:
             reader, writer = await asyncio.open_connection(self.host, self.port)
-            self.opened += 1
         try:
             writer.write(f"{self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -223,8 +217,6 @@ def capacity(url: str, path: str, bodies: Sequence[bytes], clients: int = 32, se
 
 def new_rows(model: str, count: int, nonce: int | None = None) -> list[bytes]:
     """`count` request bodies of one row never sent before each (no cache can answer them)."""
-    from loadtest.payloads import fresh_row
-
     nonce = int(time.time()) % 100_000 if nonce is None else nonce
     return [json.dumps({"instances": [fresh_row(model, nonce, i)]}).encode() for i in range(count)]
 

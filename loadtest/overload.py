@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from loadtest.openloop import capacity, new_rows, open_loop
+from loadtest.procstat import machine_cpu_seconds
 from localcluster import Cluster, Ports
 from localcluster.settings import DEFAULT_SLOTS
 
@@ -57,23 +59,13 @@ def measure(url: str, model: str, times: list[float], seconds: float, objective_
 def wait_quiet(limit_s: float = 30.0) -> float:
     """Until the machine's CPUs are mostly idle (a cluster without admission control goes on
     computing a backlog long after its clients gave up): the seconds waited."""
-    started = time.monotonic()
+    started, cores = time.monotonic(), os.cpu_count() or 1
     while time.monotonic() - started < limit_s:
-        before = _cpu_times()
+        before = machine_cpu_seconds()["busy"]
         time.sleep(1)
-        after = _cpu_times()
-        busy, total = after[0] - before[0], after[1] - before[1]
-        if total and busy / total < 0.2:
+        if (machine_cpu_seconds()["busy"] - before) / cores < 0.2:
             break
     return time.monotonic() - started
-
-
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
 
 
 def spread(values: list[float], digits: int = 1) -> str:

@@ -45,7 +45,6 @@ import time
 
 from service.errors import BadRequest
 
-START_HEADER = "X-Request-Start"
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 # A stamp further away than this is not a wait (a wrong clock, a forged header): ignored.
 PLAUSIBLE_WAIT_S = 300.0

@@ -174,9 +174,11 @@ class ModelRegistry:
         return model
 
     def _swap(self, models: dict[str, dict[str, LoadedModel]]) -> None:
+        loaded = False
         for name, versions in models.items():
             for version, model in versions.items():
                 if self._loaded(name, version) is not model:
+                    loaded = True
                     log.info(
                         "loaded model %s version %s (sha256 %s, %s, predict %.3f ms a row, %.3f ms per row of %d)",
                         name,
@@ -188,11 +190,6 @@ class ModelRegistry:
                         BUSY_BATCH_ROWS,
                     )
         unloaded = False
-        loaded = any(
-            self._loaded(name, version) is not model
-            for name, versions in models.items()
-            for version, model in versions.items()
-        )
         for name, versions in self._models.items():
             for version in versions:
                 if version not in models.get(name, {}):
