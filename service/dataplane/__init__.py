@@ -7,6 +7,8 @@
   tensors, `/predict`, bodies: content type and gzip).
 - `predictor.py`: the result cache per row, batching, the predict call.
 - `batching.py`: concurrent requests of one worker sharing one predict call.
+- `compute.py`: where a predict runs: an expensive one in the worker's compute thread, so
+  the loop goes on reading, refusing and answering requests meanwhile.
 - `admission.py`: the worker's queue discipline: a prediction that waited too long in a
   standing queue is refused before its body is read; a passed deadline is not computed.
 - `state.py`: what one app holds (settings, registry, predictor, cache, metrics, admission).

@@ -21,6 +21,11 @@ is refused. Not CoDel's minimum over an interval: gevent's loop (libev) takes th
 connections of one turn newest first, so fresh requests keep passing under TARGET while
 older ones wait behind them. Nor a bound on single waits when not overloaded: a request
 nginx retried after another replica timed out carries its first stamp, and is served.
+The door reads requests while an expensive prediction computes (service.dataplane.compute):
+a request is judged as it arrives, and a refusal leaves at once rather than after the
+work queued ahead of it. Not a bound on the work admitted ahead whatever the average
+(tried: half or 0.8 of the objective): in a closed loop of 32 clients a moment's noise
+in the service time crossed it, and refused a third of a benchmark's requests.
 A replica that stalled (no request seen or finished for a second: a frozen process)
 serves the backlog it finds, then judges what arrives after. The bound is the wait this
 replica measures, never a count tuned to a machine: a replica with a slow model refuses at
@@ -50,6 +55,12 @@ TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 PLAUSIBLE_WAIT_S = 300.0
 LONGEST_TIMEOUT_MS = 3_600_000
 RETRY_AFTER_S = 1
+# The balancer's first try of a prediction carries `X-Shed-Retry: 1`: a replica that sheds
+# it answers with no body and `X-Accel-Redirect: @shed_retry` (a named location in
+# balancer/nginx.conf.template), and nginx tries it once on the next replica. nginx sets
+# the header on every request it passes and empties it on that retry: a client can neither
+# make a retry loop nor choose where nginx goes (the location is this constant).
+SHED_RETRY_LOCATION = "@shed_retry"
 # No request seen or finished for this long: the worker was stalled, not busy.
 STALL_S = 1.0
 # The weight of each request's wait in the moving average that says "overloaded".

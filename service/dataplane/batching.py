@@ -6,7 +6,9 @@ to the model's batcher and wait; the batcher runs when the loop has nothing else
 ready (every request that has arrived has handed over its rows) or after `max_wait`,
 or at once when `max_rows` rows are waiting, and predicts all of them in one call.
 A forest predicting 32 rows costs about what it costs for one, so throughput grows
-with load while a lone request pays at most the idle check. Knows nothing of HTTP.
+with load while a lone request pays at most the idle check. A batch computed beside the
+loop (service.dataplane.compute) lets the loop go idle while it runs: the next batch then
+waits for it, and takes every row that arrived meanwhile. Knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import gevent
 import numpy as np
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 PredictFn = Callable[[np.ndarray], tuple[list[Any], list[list[float]] | None]]
 Observer = Callable[[int, int], None]
@@ -33,6 +35,9 @@ class Batcher:
         self._waiting: list[tuple[np.ndarray, AsyncResult]] = []
         self._waiting_rows = 0
         self._flusher: gevent.Greenlet | None = None
+        self._computing = 0
+        self._done = Event()  # set while no batch is computing
+        self._done.set()
 
     def predict(self, rows: np.ndarray) -> tuple[list[Any], list[list[float]] | None]:
         """Labels and probabilities for `rows`, computed together with other callers' rows."""
@@ -51,6 +56,7 @@ class Batcher:
         # Wait until every greenlet that can run has run (they may bring rows), or max_wait.
         with gevent.Timeout(self._max_wait_s, False):
             gevent.idle()
+        self._done.wait()  # a batch computing beside the loop: rows arriving meanwhile join the next
         self._flusher = None
         self._flush()
 
@@ -65,6 +71,8 @@ class Batcher:
     def _run(self, batch: list[tuple[np.ndarray, AsyncResult | None]]) -> tuple[list[Any], list[list[float]] | None]:
         rows = batch[0][0] if len(batch) == 1 else np.vstack([r for r, _ in batch])
         self._observe(len(batch), len(rows))
+        self._computing += 1
+        self._done.clear()
         try:
             labels, proba = self._predict(rows)
         except Exception as exc:  # noqa: BLE001 - every waiting caller gets an answer, never a hang
@@ -79,6 +87,10 @@ class Batcher:
                 raise
             result.set_exception(exc)
             return [], None
+        finally:
+            self._computing -= 1
+            if not self._computing:
+                self._done.set()
         start = 0
         for part, result in batch:
             end = start + len(part)

@@ -19,6 +19,7 @@ import orjson
 
 from service.cache.results import UNAVAILABLE, ResultCache, row_keys
 from service.dataplane.batching import Batcher
+from service.dataplane.compute import Compute
 from service.errors import BadRequest
 from service.metrics import Metrics
 from service.models.artifacts import LoadedModel
@@ -86,6 +87,7 @@ class Predictor:
         # the artifact's sha256 (a folder rewritten under the same version is another model).
         self._batchers: dict[tuple[str, str, str], Batcher | None] = {}
         self._deciding = False
+        self._compute = Compute()  # expensive predicts run beside the loop (service.dataplane.compute)
 
     def forget_all_but(self, served: set[tuple[str, str, str]]) -> None:
         """Drop the batchers of model versions no longer served (a batcher holds its model:
@@ -95,7 +97,7 @@ class Predictor:
     def _timed_predict(self, model: LoadedModel, rows: np.ndarray) -> Result:
         started = time.perf_counter()
         try:
-            result = model.predict(rows)
+            result = self._compute.run(model.predict_ms, model.predict, rows)
         except (ValueError, TypeError) as exc:
             # Rows that passed validation but not the model's own checks (a NaN after its
             # log transform, a value its encoder refuses): the caller's input, a 400.

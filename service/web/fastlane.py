@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from re import Pattern
 from typing import Any
 
-from service.dataplane.admission import RETRY_AFTER_S, timeout_s, waited_s
+from service.dataplane.admission import RETRY_AFTER_S, SHED_RETRY_LOCATION, timeout_s, waited_s
 from service.dataplane.contract import JSON
 from service.dataplane.handlers import HANDLERS, L1_REUSE, Handler, answer_etag, unchanged
 from service.dataplane.state import ServiceState
@@ -174,6 +174,11 @@ class FastLane:
             headers, content_type = (exc.headers if isinstance(exc, InputError) else {}), JSON
             if isinstance(exc, NotAdmitted):
                 current.metrics.not_admitted.labels(exc.reason).inc()
+                if isinstance(exc, Overloaded) and environ.get("HTTP_X_SHED_RETRY") == "1":
+                    # Never processed: the balancer tries it once on the next replica. No
+                    # body, so nginx keeps this keep-alive connection (a body it discards
+                    # would close it).
+                    body, headers = b"", {**headers, "X-Accel-Redirect": SHED_RETRY_LOCATION}
         finally:
             if admitted_at is not None:
                 current.admission.finished(admitted_at)

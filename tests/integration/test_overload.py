@@ -67,6 +67,10 @@ def test_three_times_capacity_open_loop_is_served_within_the_objective_and_the_r
     # generator shares; the test asks 0.6x.
     assert past["goodput_rps"] >= 0.6 * measured, (measured, past)
     assert past["ok_p99_ms"] <= 3 * OBJECTIVE_S * 1000, past
+    # Refusals leave at once: the worker reads requests while a prediction computes
+    # (service/dataplane/compute.py), and nginx tries a shed one once more elsewhere; p50
+    # 10-25 ms, p99 100-220 ms here. Before, a refusal waited behind the work ahead of it
+    # (p99 400-650 ms).
     assert past["refused"] > 0 and past["refused_without_retry_after"] == 0, past
-    assert past["refused_p99_ms"] <= 3 * OBJECTIVE_S * 1000, past
+    assert past["refused_p99_ms"] <= OBJECTIVE_S * 1000, past
     assert "worker_connections are not enough" not in errors

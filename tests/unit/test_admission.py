@@ -108,11 +108,19 @@ def test_a_standing_queue_gets_json_429s_with_retry_after_and_health_is_never_sh
     assert {a.status_code for a in answers[:-1]} <= {200}, "served until the queue stood"
     assert shed.status_code == 429 and shed.headers["Retry-After"] == "1", shed.headers
     assert shed.json["error"].startswith("overloaded: this request would wait"), shed.json
+    # The balancer's first try (X-Shed-Retry: 1): no body, and nginx's named location for
+    # one more try on the next replica; the same refusal, counted once more.
+    first_try = client.post(V1, json=ROWS, headers={**stale(), "X-Shed-Retry": "1"})
+    assert first_try.status_code == 429 and first_try.headers["X-Accel-Redirect"] == "@shed_retry"
+    assert first_try.data == b"" and first_try.headers["Content-Length"] == "0"
+    for other in ("", "0", "@elsewhere"):  # nginx's retry empties it; nothing else redirects
+        again = client.post(V1, json=ROWS, headers={**stale(), "X-Shed-Retry": other})
+        assert again.status_code == 429 and "X-Accel-Redirect" not in again.headers and again.json["error"]
     assert client.get("/healthz", headers=stale()).status_code == 200
     assert client.post(V1, json=ROWS).status_code == 200, "no stamp, no wait: admitted"
     metrics = client.get("/metrics").text
-    assert 'prediction_requests_not_admitted_total{reason="overloaded"} 1.0' in metrics
-    assert f"prediction_queue_wait_seconds_count {len(answers)}.0" in metrics
+    assert 'prediction_requests_not_admitted_total{reason="overloaded"} 5.0' in metrics
+    assert f"prediction_queue_wait_seconds_count {len(answers) + 4}.0" in metrics
 
 
 def test_the_target_is_at_least_the_service_time_the_worker_measures():
@@ -127,3 +135,18 @@ def test_the_target_is_at_least_the_service_time_the_worker_measures():
     assert admission.service_s == pytest.approx(0.3, rel=0.01)
     assert admission.target_s == pytest.approx(0.3, rel=0.01)
     assert admission.interval_s == pytest.approx(1.2, rel=0.01)
+
+
+def test_a_burst_arriving_at_once_is_admitted_only_up_to_the_objective():
+    """With the loop free to read requests while a prediction computes (service.dataplane.
+    compute), a burst reaches the door at once: what it faces is the work admitted ahead."""
+    for service_s in (0.002, 0.005, 0.01, 0.02):
+        admission = Admission(objective_ms=500)
+        admission.service_s = service_s
+        t = time.monotonic()
+        admitted = 0
+        for i in range(400):
+            if not admission.refuse(0.0, now=t + i / 100_000):
+                admission.started()
+                admitted += 1
+        assert 0.1 < admitted * service_s < 0.5, (service_s, admitted)
