@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from balancer.settings import BalancerSettings
 from loadtest import environment as ran_with
-from loadtest import peers, profile, report
+from loadtest import overload, peers, profile, report
 from loadtest import results as results_file
 from loadtest.parsers import (
     comma_floats,
@@ -297,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         "the cluster at the most replicas",
     )
     parser.add_argument(
+        "--overload",
+        type=lambda s: tuple(float(t) for t in s.split(",") if t and t != "none"),
+        metavar="MULTIPLES",
+        help="the overload point: open loop at these multiples of the measured capacity, on a cluster of its own "
+        "(default 1.5,3; --quick and --targets: none; none: skip)",
+    )
+    parser.add_argument(
         "--targets",
         action="store_true",
         help="only the performance targets' points, then one line per target (make bench-targets)",
@@ -328,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds=8.0,
             locust_seconds=0.0,
             rounds=3,
+            overload=(),
         )
     chosen = {
         "replicas": args.replicas,
@@ -338,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "redis_topologies": args.redis,
         "peers": args.peers if args.peers is not None else (("mlserver",) if args.targets else None),
+        "overload": args.overload,
     }
     overrides = {k: v for k, v in chosen.items() if v is not None}
     plan = Plan(
@@ -367,10 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start(max(plan.replicas))
     sweep = Sweep(plan, out, cluster, None)
     if args.targets:
-        sweep.total += (2 + len(RUNTIME_MODELS)) * plan.rounds  # batching off, the CPU reference, the runtimes
+        # batching off, the CPU reference, the runtimes; each cluster point's tails open loop
+        sweep.total += (2 + len(RUNTIME_MODELS) + len(plan.models) * len(plan.hit_ratios)) * plan.rounds
     baseline_argv = None
     locust = None
     started: dict[tuple[str, str], peers.MLServerPeer] = {}
+    overload_rounds: list[dict[str, Any]] = []
     try:
         started = start_peers(sweep)
         peer_pids = {f"{key}:{name}": pid for key, peer in started.items() for name, pid in peer.pids().items()}
@@ -378,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_no in range(plan.rounds):
             sweep.round = round_no
             sweep.run_cluster()
+            if args.targets:
+                sweep.run_open_loop_tails()
             run_named_columns(sweep)
             run_peers(sweep, started)
             if round_no == 0:
@@ -396,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_runtime_comparison(sweep)
             if plan.baseline:
                 baseline_argv = sweep.run_baseline()
+            if plan.overload:
+                overload.run_overload(sweep, overload_rounds)
         if plan.locust_seconds > 0:
             sweep.progress("Locust: a realistic mix")
             locust = sweep.run_locust(url)
@@ -414,9 +429,19 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_reference": sweep.cpu_reference,
         "commands": sweep.commands,
     }
+    if overload_rounds:
+        results["overload"] = {
+            "model": "digits",
+            "runtime": overload.EXPENSIVE["SERVICE_RUNTIME"],
+            "replicas": max(plan.replicas),
+            "objective_ms": overload.objective_ms(cluster.environ),
+            "times": list(plan.overload),
+            "rounds": overload_rounds,
+        }
     if args.targets:
+        results["open_loop_tails"] = sweep.tails
         results["targets"] = evaluate_targets(
-            sweep.points, sweep.h2load_results, plan.headline_concurrency, sweep.cpu_reference
+            sweep.points, sweep.h2load_results, plan.headline_concurrency, sweep.cpu_reference, sweep.tails
         )
     results_file.write(results, out)
     write_csv(sweep.points, out / "points.csv")

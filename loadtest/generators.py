@@ -118,6 +118,21 @@ def h2load_argv(url: str, body: Path | None, connections: int, seconds: float, l
     return [*argv, url]
 
 
+def h2load_paced_argv(
+    url: str, body: Path, connections: int, rate: float, seconds: float, log_file: Path, headers: list[str]
+) -> list[str]:
+    """h2load sending `rate` requests/s in all, paced (--rps per connection) whatever the
+    answers: open loop while each answer comes back within its connection's interval (at
+    half the capacity, nearly all); a POST of `body` with `headers`, its per-request log."""
+    per_connection = max(1, round(rate / connections))
+    argv = ["h2load", "--h1", "-c", str(connections), "-m", "1", "--rps", str(per_connection)]
+    argv += ["-D", str(max(1, round(seconds))), "--warm-up-time", "1", "-T", "10", "--log-file", str(log_file)]
+    argv += ["-d", str(body), "-H", "Content-Type: application/json"]
+    for header in headers:
+        argv += ["-H", header]
+    return [*argv, url]
+
+
 def h2load_count_argv(url: str, body: Path | None, requests_total: int, clients: int) -> list[str]:
     """A count-bounded HTTP/1.1 h2load run: `requests_total` requests over `clients` connections."""
     argv = ["h2load", "--h1", "-n", str(requests_total), "-c", str(clients), "-m", "1", "-T", "10"]

@@ -12,7 +12,8 @@ columns, predicted as a DataFrame), MixUser (a realistic mix of all five). Rows 
 pool that is warmed into the cache at start; --hit-ratio of the requests reuse a pool row
 (--skew zipf or uniform), the rest send rows never seen before. Every response is
 checked (status, JSON shape, X-Cache); thresholds (--max-fail-ratio, --max-p95-ms,
---min-rps) set the exit code. Load shapes: loadtest/shapes.py.
+--min-rps) set the exit code. A refusal (429 or 503 with Retry-After) is one failure kind
+per status, and its user waits the Retry-After out. Load shapes: loadtest/shapes.py.
 """
 
 from __future__ import annotations
@@ -147,14 +148,35 @@ def warm_pool(host: str, prepared: Payloads) -> None:
         client.close()
 
 
+def retry_after_s(value: str | None) -> float:
+    """A Retry-After in seconds (a number; a date or nothing: 1 s)."""
+    try:
+        return min(max(float(value or 1), 0.0), 60.0)
+    except ValueError:
+        return 1.0
+
+
 class _PredictUser(FastHttpUser):
     abstract = True
+    # A refusal's Retry-After: this user waits it out before its next request, as a
+    # well-behaved client does (no other wait: each user sends as fast as it is answered).
+    backing_off_s = 0.0
+
+    def wait_time(self) -> float:
+        wait, self.backing_off_s = self.backing_off_s, 0.0
+        return wait
 
     def _post(self, path: str, body: str, name: str, rows: int, v2: bool = False) -> None:
         assert payloads is not None
         with self.client.post(
             path, data=body, headers={"Content-Type": "application/json"}, name=name, catch_response=True
         ) as response:
+            if response.status_code in (429, 503) and response.headers.get("Retry-After"):
+                # Past capacity (or rate limited): one failure kind per status, whatever the
+                # message's numbers, so a step shape shows when refusals start and how many.
+                response.failure(f"refused: {response.status_code} with Retry-After")
+                self.backing_off_s = retry_after_s(response.headers.get("Retry-After"))
+                return
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}: {response.text[:200]}")
                 return

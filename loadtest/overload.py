@@ -23,15 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from loadtest.openloop import capacity, new_rows, open_loop
 from loadtest.procstat import machine_cpu_seconds
+from loadtest.report.past_capacity import sentence, spread, table
 from localcluster import Cluster, Ports
 from localcluster.settings import DEFAULT_SLOTS
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from loadtest.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPENSIVE = {"SERVICE_RUNTIME": "digits=sklearn,*=auto", "SERVICE_BATCHING": "digits=off,*=on"}
@@ -56,6 +62,32 @@ def measure(url: str, model: str, times: list[float], seconds: float, objective_
     return {"capacity_rps": round(measured, 1), "points": points}
 
 
+def run_overload(sweep: Sweep, rounds: list[dict[str, Any]]) -> None:
+    """The overload point: a cluster of the most replicas in the defaults but for the model
+    (the digits forest through scikit-learn, one row a call: EXPENSIVE above,
+    a model the open-loop generator can offer 3× of on 2 cores), its capacity closed loop,
+    then open loop at the plan's multiples of it; appends this round's result to `rounds`."""
+    replicas = max(sweep.plan.replicas)
+    environ = {**sweep.cluster.environ, **EXPENSIVE}
+    other = Cluster(sweep.out / f"overload-run-{sweep.round + 1}", environ)
+    sweep.progress(f"overload: {replicas} replicas, digits through scikit-learn, open loop at "
+                   f"{', '.join(f'{t:g}×' for t in sweep.plan.overload)} capacity")  # fmt: skip
+    other.start(replicas, Ports.auto(DEFAULT_SLOTS))
+    try:
+        nonce = (int(time.time()) + sweep.round * 7) % 100_000
+        objective_s = objective_ms(environ) / 1000
+        times = list(sweep.plan.overload)
+        rounds.append(measure(other.internal_url, "digits", times, 8.0, objective_s, nonce))
+    finally:
+        other.stop()
+    sweep.done += 1
+
+
+def objective_ms(environ: Mapping[str, str]) -> float:
+    """The replicas' latency objective as they run (SERVICE_LATENCY_OBJECTIVE_MS)."""
+    return float(Settings.from_env(dict(environ)).server.latency_objective_ms)
+
+
 def wait_quiet(limit_s: float = 30.0) -> float:
     """Until the machine's CPUs are mostly idle (a cluster without admission control goes on
     computing a backlog long after its clients gave up): the seconds waited."""
@@ -66,49 +98,6 @@ def wait_quiet(limit_s: float = 30.0) -> float:
         if (machine_cpu_seconds()["busy"] - before) / cores < 0.2:
             break
     return time.monotonic() - started
-
-
-def spread(values: list[float], digits: int = 1) -> str:
-    """median [min-max]"""
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
-
-
-def table(results: dict[str, list[dict]], times: list[float]) -> str:
-    """One markdown row per setup and multiple."""
-    lines = [
-        "| setup | offered | goodput ÷ capacity | 2xx p50 ms | 2xx p99 ms | refused | refused p99 ms "
-        "| other errors | no answer |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for setup, rounds in results.items():
-        for multiple in times:
-            points = [r["points"][str(multiple)] for r in rounds]
-            share = [p["refused"] / max(1, p["requests"]) * 100 for p in points]
-            errors = [sum(p["errors"].values()) for p in points]
-            lost = [sum(p["no_answer"].values()) / max(1, p["requests"]) * 100 for p in points]
-            lines.append(
-                f"| {setup} | {multiple}× | {spread([p['goodput_x'] for p in points], 2)} "
-                f"| {spread([p['ok_p50_ms'] for p in points], 0)} | {spread([p['ok_p99_ms'] for p in points], 0)} "
-                f"| {spread(share, 1)} % | {spread([p['refused_p99_ms'] for p in points], 0)} "
-                f"| {spread(errors, 0)} | {spread(lost, 1)} % |"
-            )
-    return "\n".join(lines)
-
-
-def sentence(rounds: list[dict], times: list[float], objective_ms: float) -> str:
-    """How the cluster behaves past capacity, in one sentence (the largest multiple)."""
-    top = max(times)
-    points = [r["points"][str(top)] for r in rounds]
-    lost = sum(sum(p["no_answer"].values()) for p in points)
-    return (
-        f"Offered {top:g}× its capacity open loop, the cluster answered "
-        f"{statistics.median(p['goodput_x'] for p in points):.2f}× its capacity within the {objective_ms:.0f} ms "
-        f"objective (2xx p99 {statistics.median(p['ok_p99_ms'] for p in points):.0f} ms) and refused the rest "
-        f"with a JSON 429 and Retry-After (p99 {statistics.median(p['refused_p99_ms'] for p in points):.0f} ms); "
-        f"{lost} of {sum(p['requests'] for p in points)} requests got no answer."
-    )
 
 
 def main() -> None:

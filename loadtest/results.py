@@ -147,6 +147,35 @@ class Locust(TypedDict):
     command: str
 
 
+class TailsPoint(TypedDict):
+    """A closed-loop point's model and hit ratio offered open loop at half its throughput
+    (Sweep.open_loop_tails): the fair-tails targets judge these."""
+
+    model: str
+    hit_ratio: float
+    concurrency: int
+    offered_rps: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    statuses: dict[str, int]
+    disturbance: dict[str, Any]
+    round: int
+
+
+class Overload(TypedDict):
+    """The sweep's overload point (bench.run_overload, loadtest/overload.py): a cluster of the
+    most replicas serving `model`, its capacity measured closed loop, then offered `times`
+    × that open loop; one `overload.measure` result per round."""
+
+    model: str
+    runtime: str  # how the model was served (SERVICE_RUNTIME)
+    replicas: int
+    objective_ms: float
+    times: list[float]
+    rounds: list[dict[str, Any]]
+
+
 class Results(TypedDict):
     """A local sweep's results.json."""
 
@@ -158,6 +187,8 @@ class Results(TypedDict):
     cpu_reference: NotRequired[list[CpuReference]]
     commands: list[str]
     targets: NotRequired[list[Target]]
+    overload: NotRequired[Overload | None]
+    open_loop_tails: NotRequired[list[TailsPoint]]
 
 
 class RemotePoint(WrkNumbers):

@@ -23,10 +23,7 @@ from typing import Any, cast
 
 from balancer.render import access_log_settle_s
 from loadtest.baseline import Baseline
-from loadtest.generators import (
-    h2load_argv,
-    predict_path,
-)
+from loadtest.generators import h2load_argv, h2load_paced_argv, predict_path
 from loadtest.measure import run_wrk
 from loadtest.parsers import (
     parse_h2load,
@@ -37,7 +34,7 @@ from loadtest.parsers import (
 )
 from loadtest.payloads import Mix, pool_row
 from loadtest.procstat import busy_cores, memory, snapshot, watching
-from loadtest.results import CpuReference, H2loadPoint, Locust, Point
+from loadtest.results import CpuReference, H2loadPoint, Locust, Point, TailsPoint
 from localcluster import Cluster, free_port
 from localcluster.processes import which
 
@@ -69,6 +66,10 @@ class Plan:
     # Dedicated model servers (loadtest.peers) measured beside the cluster in every round:
     # iris, new rows, V2 bodies, at each concurrency, against the cluster at the most replicas.
     peers: tuple[str, ...] = ()
+    # The overload point (bench.run_overload): open loop at these multiples of the measured
+    # capacity, on a cluster of the most replicas serving a model slow enough for the
+    # generator to offer 3× what it serves (loadtest/overload.py). Empty: none.
+    overload: tuple[float, ...] = (1.5, 3.0)
 
     @property
     def headline_concurrency(self) -> int:
@@ -77,7 +78,13 @@ class Plan:
 
 
 QUICK = Plan(
-    replicas=(1, 2), concurrency=(8, 32), hit_ratios=(0.0, 1.0), models=("iris",), seconds=3.0, locust_seconds=5.0
+    replicas=(1, 2),
+    concurrency=(8, 32),
+    hit_ratios=(0.0, 1.0),
+    models=("iris",),
+    seconds=3.0,
+    locust_seconds=5.0,
+    overload=(),
 )
 
 
@@ -129,6 +136,7 @@ class Sweep:
         self.done = 0
         self.h2load_results: list[H2loadPoint] = []
         self.cpu_reference: list[CpuReference] = []  # run_cpu_reference
+        self.tails: list[TailsPoint] = []  # open_loop_tails (bench-targets)
         self.total = len(plan.replicas) * len(plan.concurrency) * len(plan.hit_ratios) * len(plan.models)
         self.total += 1  # run_named_columns
         if plan.baseline:
@@ -136,6 +144,7 @@ class Sweep:
         self.total += len(plan.redis_topologies) * len(plan.models) * len(plan.hit_ratios)
         peer_models = len([m for m in ("iris", "digits") if m in plan.models])  # bench.PEER_MODELS
         self.total += len(plan.concurrency) * (1 + len(plan.peers)) * peer_models if plan.peers else 0
+        self.total += 1 if plan.overload else 0
         self.total *= plan.rounds
         self.round = 0
         (out / "raw").mkdir(parents=True, exist_ok=True)
@@ -353,6 +362,57 @@ class Sweep:
             "command": " ".join(argv),
         }
         return cast(H2loadPoint, point)  # parse_h2load's counts and parse_h2load_log's latencies
+
+    def run_open_loop_tails(self) -> None:
+        """Each of this round's cluster points at the headline concurrency, its tails judged
+        open loop (open_loop_tails), on the cluster as run_cluster left it."""
+        url, pids, _, _ = self.cluster_components()
+        closed = [
+            p
+            for p in self.points
+            if p["kind"] == "cluster"
+            and p.get("round", 0) == self.round
+            and p["concurrency"] == self.plan.headline_concurrency
+        ]
+        for point in closed:
+            self.progress(f"open loop tails: {point['model']}, hits {point['hit_ratio']:.0%}, at half its req/s")
+            self.tails.append(self.open_loop_tails(url, pids, point))
+            self.done += 1
+
+    def open_loop_tails(self, url: str, components: dict[str, int], closed: Point) -> TailsPoint:
+        """The latency tails of a closed-loop point's model and hit ratio, judged open loop:
+        h2load paced at half the throughput that point measured (generators.h2load_paced_argv),
+        the same 32 connections. All hits: one pool row, answered by the L1. No hits: the same
+        row with `Cache-Control: no-cache` (past the L1 to a replica, which computes it:
+        `auto` keeps ONNX Runtime's cheap predicts out of Redis)."""
+        model, hit = closed["model"], closed["hit_ratio"]
+        body = self.out / "raw" / f"tails-body-{model}.json"
+        body.write_text(json.dumps({"instances": [pool_row(model, 0)]}))
+        rate = closed["rps"] / 2
+        name = f"tails-{model}-h{int(hit * 100)}" + (f"-round{self.round + 1}" if self.plan.rounds > 1 else "")
+        log = self.out / "raw" / f"{name}.log"
+        log.unlink(missing_ok=True)  # h2load appends to its log
+        headers = [] if hit >= 1.0 else ["Cache-Control: no-cache"]
+        argv = h2load_paced_argv(
+            f"{url}{predict_path(model)}", body, closed["concurrency"], rate, self.plan.seconds, log, headers
+        )
+        with self.watching(components) as disturbed:
+            result = _run(argv, timeout=self.plan.seconds + 60)
+        (self.out / "raw" / f"{name}.txt").write_text(result.stdout + result.stderr)
+        self.commands.append(" ".join(argv))
+        latency = parse_h2load_log(log.read_text())
+        return {
+            "model": model,
+            "hit_ratio": hit,
+            "concurrency": closed["concurrency"],
+            "offered_rps": round(rate, 1),
+            "rps": parse_h2load(result.stdout)["rps"],
+            "p50_ms": latency["p50_ms"],
+            "p99_ms": latency["p99_ms"],
+            "statuses": latency["statuses"],
+            "disturbance": disturbed,
+            "round": self.round,
+        }
 
     def run_locust(self, url: str) -> Locust:
         """A short realistic mix with Locust (its CSV and HTML go into the report folder)."""

@@ -17,6 +17,7 @@ from loadtest.results import (
     CpuReference,
     H2loadPoint,
     Point,
+    TailsPoint,
     Target,
     failed_requests,
     verdict,
@@ -31,6 +32,7 @@ def evaluate_targets(
     h2load: list[H2loadPoint],
     concurrency: int,
     cpu_reference: list[CpuReference] | None = None,
+    tails: list[TailsPoint] | None = None,
 ) -> list[Target]:
     """The performance targets, each judged by the median over the rounds of its value
     measured within one round (cluster and baseline interleaved), with the min-max spread;
@@ -152,12 +154,17 @@ def evaluate_targets(
     add("digits by scikit-learn, all misses: req/s, batching on vs off", 5.0, True, lambda r: batching(r, "rps"))
     add("digits by scikit-learn, all misses: p99, batching on vs off", 1.0, False, lambda r: batching(r, "p99_ms"))
 
-    def tails(round_no: int, model: str, hit: float) -> Any:
-        found = point(round_no, "cluster", model, hit)
+    # Fair tails, judged open loop at half the measured throughput (Sweep.open_loop_tails): a
+    # closed loop at capacity on 2 shared cores measures the scheduler's slices (at 100 %
+    # hits, 55,000 req/s: p99/p50 about 18). Results without those points: the closed loop's.
+    def fair(round_no: int, model: str, hit: float) -> Any:
+        found = find(tails, round_no, model=model, hit_ratio=hit) if tails else point(round_no, "cluster", model, hit)
         return (found["p99_ms"] / found["p50_ms"], [found]) if found and found["p50_ms"] else None
 
+    how = "open loop at half capacity" if tails else "closed loop"
     for model, hit in sorted({(p["model"], p["hit_ratio"]) for p in points if p["kind"] == "cluster"}):
-        add(f"fair tails, {model} {hit:.0%} hits: p99 / p50", 3.0, False, lambda r, m=model, h=hit: tails(r, m, h))
+        name = f"fair tails, {model} {hit:.0%} hits, {how}: p99 / p50"
+        add(name, 3.0, False, lambda r, m=model, h=hit: fair(r, m, h))
     return targets
 
 

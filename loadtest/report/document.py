@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 
 from loadtest.report.common import Block, Results, _app_cpu_ms, _count, _fmt, _l1_share, _mark, _others, _replica_mib
 from loadtest.report.findings import _headline, interpretation
+from loadtest.report.past_capacity import past_capacity, sentence
 from loadtest.report.plots import plots
 from loadtest.report.sections import cpu_reference, named_columns, peers, runtimes, topologies
 from loadtest.results import disturbed, failed_requests, verdict
@@ -89,8 +90,16 @@ def blocks(results: Results, folder: Path) -> list[Block]:
     out.extend(named_columns(results))
     out.extend(runtimes(results))
     out.extend(peers(results))
-    for sentence in interpretation(results):
-        out.append(("p", sentence))
+    for said in interpretation(results):
+        out.append(("p", said))
+    past = results.raw.get("overload")
+    if past and past["rounds"]:
+        out.append(
+            (
+                "p",
+                "Past capacity: " + sentence(past["rounds"], past["times"], past["objective_ms"]),
+            )
+        )
     if results.raw.get("h2load"):
         out.append(("h2", "Raw throughput (h2load, one iris row, all hits, c=32)"))
         rows = [
@@ -184,6 +193,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
             "steal time); ⚠ above the threshold.",
         )
     )
+    out.extend(past_capacity(results.raw.get("overload")))
     locust = results.raw.get("locust")
     if locust and locust.get("rows"):
         out.append(("h2", f"A realistic mix (Locust, {locust['users']} users, 90 % hits)"))

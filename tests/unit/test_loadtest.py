@@ -158,6 +158,7 @@ def test_report_builds_from_captured_results(tmp_path):
     markdown = paths["md"].read_text()
     raw = json.loads((tmp_path / "results.json").read_text())
     assert "## Summary" in markdown and "throughput ×" in markdown and "Scaling:" in markdown
+    assert "Past capacity" not in markdown, "no overload point measured: no section"
     every_point = markdown.split("## Every point")[1].split("##")[0]
     assert every_point.count("\n| ") - 1 == len(raw["points"])
     for plot in ("throughput_vs_replicas", "cache_effect", "replica_distribution", "latency_vs_concurrency_iris"):
@@ -320,3 +321,40 @@ def test_the_runtime_targets_compare_each_model_with_scikit_learn_in_the_same_ro
     assert targets["churn, new rows: req/s, the default runtime vs scikit-learn"]["measured"] == 5400 / 1700
     batching = targets["digits by scikit-learn, all misses: req/s, batching on vs off"]
     assert (batching["measured"], batching["met"]) == (1000 / 150, True)
+
+
+def test_the_report_says_how_the_cluster_behaves_past_capacity(tmp_path):
+    raw = json.loads((FIXTURES / "results.json").read_text())
+    point = {
+        "offered_rps": 390.0, "requests": 3120, "goodput_rps": 118.0, "ok": 1080, "ok_p50_ms": 118.0,
+        "ok_p99_ms": 455.0, "refused": 2040, "refused_p50_ms": 12.0, "refused_p99_ms": 96.0,
+        "refused_without_retry_after": 0, "errors": {}, "no_answer": {}, "late_p99_ms": 9.0, "goodput_x": 0.91,
+    }  # fmt: skip
+    rounds = [{"capacity_rps": 130.0, "points": {"1.5": {**point, "goodput_x": 0.97}, "3.0": point}}]
+    raw["overload"] = {
+        "model": "digits", "runtime": "digits=sklearn,*=auto", "replicas": 4, "objective_ms": 500.0,
+        "times": [1.5, 3.0], "rounds": rounds,
+    }  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    markdown = report.build(tmp_path)["md"].read_text()
+    section = markdown.split("## Past capacity (open loop)")[1].split("\n## ")[0]
+    assert section.split("\n\n")[1].startswith(
+        "Offered 3× its capacity open loop, the cluster answered 0.91× its capacity within the 500 ms objective "
+        "(2xx p99 455 ms) and refused the rest with a JSON 429 and Retry-After (p99 96 ms); 0 of 3120"
+    ), section
+    assert "| admission | 3× | 0.91 [0.91-0.91] | 118 [118-118] | 455 [455-455] | 65.4 [65.4-65.4] % |" in section
+
+
+def test_fair_tails_are_judged_open_loop_when_the_sweep_measured_them():
+    closed = {"kind": "cluster", "model": "iris", "concurrency": 32, "hit_ratio": 1.0, "rps": 55000.0, "round": 0,
+              "p50_ms": 0.4, "p99_ms": 7.3}  # fmt: skip
+    tails = [{"model": "iris", "hit_ratio": 1.0, "concurrency": 32, "offered_rps": 27500.0, "rps": 27400.0,
+              "p50_ms": 0.5, "p99_ms": 1.2, "statuses": {"200": 160000}, "disturbance": {}, "round": 0}]  # fmt: skip
+    before = {t["target"]: t for t in judged.evaluate_targets([closed], [], 32)}
+    assert before["fair tails, iris 100% hits, closed loop: p99 / p50"]["measured"] == pytest.approx(18.25)
+    after = {t["target"]: t for t in judged.evaluate_targets([closed], [], 32, None, tails)}
+    fair = after["fair tails, iris 100% hits, open loop at half capacity: p99 / p50"]
+    assert fair["measured"] == pytest.approx(2.4) and fair["met"]
+    tails[0]["statuses"] = {"200": 159990, "502": 10}
+    failing = {t["target"]: t for t in judged.evaluate_targets([closed], [], 32, None, tails)}
+    assert shape.verdict(failing["fair tails, iris 100% hits, open loop at half capacity: p99 / p50"]) == "ERRORS"
