@@ -1,5 +1,7 @@
 """The REST layer through Flask's test client (no Redis): routes, protocols, JSON errors."""
 
+import json
+
 import pytest
 from openapi_spec_validator import validate
 
@@ -341,3 +343,18 @@ def test_an_unchanged_answer_is_revalidated_with_a_304_without_reading_the_body(
     assert split.status_code == 200 and "ETag" not in split.headers and split.headers["X-Accel-Expires"] == "0"
     # An unknown model or a bad body with a matching-looking tag: answered in full (404, 400).
     assert client.post("/v1/models/nope:predict", data=b"{}", headers={"If-None-Match": tag}).status_code == 404
+
+
+def test_a_json_body_sent_with_a_forms_content_type_is_read_as_json(client):
+    """`curl -d '{"instances": ...}' URL` without -H sends application/x-www-form-urlencoded:
+    the body is JSON all the same, on every prediction route (never form-decoded)."""
+    form = "application/x-www-form-urlencoded"
+    v1 = client.post("/v1/models/iris:predict", data=json.dumps({"instances": [SETOSA]}), content_type=form)
+    assert v1.status_code == 200 and v1.json["predictions"] == ["setosa"], v1.data
+    legacy = client.post("/predict", data=json.dumps({"features": SETOSA}), content_type=form)
+    assert legacy.status_code == 200 and legacy.json["predictions"] == ["setosa"], legacy.data
+    tensor = {"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": SETOSA}
+    v2 = client.post("/v2/models/iris/infer", data=json.dumps({"inputs": [tensor]}), content_type=form)
+    assert v2.status_code == 200 and v2.json["outputs"][0]["data"] == ["setosa"], v2.data
+    broken = client.post("/v1/models/iris:predict", data="instances=1", content_type=form)
+    assert broken.status_code == 400 and "error" in broken.json

@@ -7,9 +7,11 @@ import zlib
 
 from service.errors import BadRequest, TooLarge, UnsupportedMedia
 
-# No Content-Type (tritonclient.http), JSON, or octet-stream (tritonclient's aio client,
-# and V2 bodies with binary tensors). Nothing is sniffed: anything else is a 415.
-ACCEPTED_TYPES = ("", "application/json", "application/octet-stream")
+# No Content-Type (tritonclient.http), JSON, octet-stream (tritonclient's aio client, and
+# V2 bodies with binary tensors), or a form's type: what `curl -d '{...}' URL` sends
+# without -H; the body is read as JSON all the same (as Triton and KServe's Python server
+# do), never form-decoded. Nothing is sniffed: anything else is a 415.
+ACCEPTED_TYPES = ("", "application/json", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
 def check_content_type(mimetype: str) -> None:
