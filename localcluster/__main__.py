@@ -53,14 +53,25 @@ def print_status(status: Status, models: dict | None = None) -> None:
         workers = models["workers"]
         done = sum(1 for r in workers.values() if r["generation"] == models["generation"])
         errors = sorted({e for r in workers.values() for e in r.get("errors", [])})
-        record = models.get("record", {})
-        # A record Redis lost or holds malformed: the replicas serve on and write it back.
-        untrusted = f"; record in Redis {record['state']} {record.get('problem', '')}".rstrip()
         print(
             f"models: desired generation {models['generation']}, {done}/{len(workers)} workers converged"
-            + (untrusted if record.get("state", "ok") != "ok" else "")
+            + record_reading(models["generation"], models.get("record", {}))
             + (f"; errors: {'; '.join(errors)}" if errors else "")
         )
+
+
+def record_reading(generation: int, record: dict) -> str:
+    """What the desired state's record in Redis says, for `status`: nothing when it is as
+    it should be. A fresh cluster has none and needs none (no operator change yet); a
+    record Redis lost or holds malformed later is read as such: the replicas serve on and
+    write it back."""
+    state = record.get("state", "ok")
+    if state == "ok":
+        return ""
+    if state == "missing" and generation == 0:
+        return "; no operator change yet: every model on disk serves"
+    problem = f" ({record['problem']})" if record.get("problem") else ""
+    return f"; record in Redis {state}{problem}: the replicas serve on and write it back"
 
 
 def _ports(args: argparse.Namespace, environ: dict[str, str]) -> Ports | None:

@@ -171,3 +171,14 @@ def test_the_benchmarks_and_the_local_cluster_check_their_settings_at_start():
         timeout=60,
     )
     assert done.returncode == 2 and "CLUSTER_UPSTREAM_SLOTS='eight'" in done.stderr, done.stderr
+
+
+def test_a_fresh_clusters_status_reads_calm_and_a_lost_record_says_what_happens():
+    from localcluster.__main__ import record_reading
+
+    assert record_reading(3, {"state": "ok"}) == ""
+    assert record_reading(0, {"state": "missing"}) == "; no operator change yet: every model on disk serves"
+    lost = record_reading(4, {"state": "missing"})
+    assert lost == "; record in Redis missing: the replicas serve on and write it back"
+    bad = record_reading(4, {"state": "malformed", "problem": "not JSON"})
+    assert bad == "; record in Redis malformed (not JSON): the replicas serve on and write it back"
