@@ -73,6 +73,11 @@ def comma_floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
 
 
+# Statuses that say "not now, retry later" (with Retry-After): the rate limiter, a replica
+# past capacity, a replica closing.
+REFUSALS = ("429", "503")
+
+
 def parse_wrk(output: str) -> WrkNumbers:
     """The JSON line loadtest/wrk_mix.lua prints, with latencies in ms and requests/s."""
     for line in output.splitlines():
@@ -85,10 +90,15 @@ def parse_wrk(output: str) -> WrkNumbers:
     latency = raw["latency_us"]
     statuses = {str(k): v for k, v in raw["statuses"].items()}
     errors = raw["errors"]
+    answered = sum(v for k, v in statuses.items() if k.startswith("2"))
     return {
         "requests": raw["requests"],
         "seconds": seconds,
-        "rps": raw["requests"] / seconds if seconds else 0.0,
+        # Throughput is what was answered: a refusal (a 429 of the rate limiter, a replica
+        # shedding load) or an error is no work done, however fast it came back.
+        "rps": answered / seconds if seconds else 0.0,
+        "sent_rps": raw["requests"] / seconds if seconds else 0.0,
+        "refused": sum(v for k, v in statuses.items() if k in REFUSALS),
         "p50_ms": latency["p50"] / 1000,
         "p90_ms": latency["p90"] / 1000,
         "p99_ms": latency["p99"] / 1000,

@@ -77,6 +77,21 @@ def _get(url: str, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
         return error.code, dict(error.headers), error.read()
 
 
+def rate_limited_listener(url: str) -> str | None:
+    """A warning when `url` is the balancer's public listener, which rate limits every
+    client (it refuses /metrics, which the internal listener serves); None otherwise."""
+    status, _, body = _get(f"{url}/metrics")
+    if status != 403 or b"internal listener" not in body:
+        return None
+    return (
+        f"{url} is the balancer's public listener: it rate limits every client, loopback too "
+        "(BALANCER_RATE_LIMIT), so unless this load generator is exempt (BALANCER_RATE_LIMIT_EXEMPT) most "
+        "requests will be refused with a 429, and the report counts only 2xx answers as throughput. Benchmark "
+        "the internal listener instead (BALANCER_INTERNAL_LISTEN, port 8082 by default; in compose, from inside "
+        "the network: the loadtest profile's bench service)."
+    )
+
+
 def replica_metrics(internal_url: str, tries: int = 40) -> dict[str, dict[str, float]]:
     """Each replica's CPU seconds and answered requests, from /metrics on the internal
     listener: the balancer sends each scrape to one replica (round robin, `X-Served-By`
@@ -173,6 +188,9 @@ def run(plan: RemotePlan, out: Path) -> RemoteResults:
     status, _, body = _get(f"{plan.url}/v2/health/ready")
     if status != 200:
         raise RemoteError(f"{plan.url}/v2/health/ready answered {status}: {body[:200]!r}; is the deployment up?")
+    warning = rate_limited_listener(plan.url)
+    if warning:
+        sys.stderr.write(f"bench: WARNING: {warning}\n")
     points: list[RemotePoint] = []
     scaled: list[dict[str, Any]] = []
     counts: list[int | None] = list(plan.replicas) or [None]

@@ -29,7 +29,9 @@ class WrkNumbers(TypedDict):
 
     requests: int
     seconds: float
-    rps: float  # every answer, 2xx or not: the report counts only 2xx as throughput
+    rps: float  # 2xx answers per second: throughput counts only the work done
+    sent_rps: NotRequired[float]  # every answer per second, refusals and errors included
+    refused: NotRequired[int]  # 429s and 503s: refusals (rate limited, shed, closing)
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -223,6 +225,35 @@ def failed_requests(point: Mapping[str, Any]) -> int:
     else:
         bad = sum(count for status, count in (point.get("statuses") or {}).items() if not str(status).startswith("2"))
     return bad + sum(int(point.get(field) or 0) for field in ("socket_errors", "errored", "timeout"))
+
+
+def mostly_refused(point: Mapping[str, Any]) -> bool:
+    """Whether most of a point's requests got no 2xx answer (refused or failed): its
+    throughput and latency describe the refusals, not the service."""
+    requests = int(point.get("requests") or 0)
+    return requests > 0 and failed_requests(point) > requests / 2
+
+
+def refusal_advice(points: list[Mapping[str, Any]]) -> str | None:
+    """What happened, and how to fix it, when points were mostly refused (None if none)."""
+    refused = [p for p in points if mostly_refused(p)]
+    if not refused:
+        return None
+    limited = sum(int(p.get("refused") or 0) for p in refused)
+    share = sum(failed_requests(p) for p in refused) / max(1, sum(int(p.get("requests") or 0) for p in refused))
+    if limited >= sum(failed_requests(p) for p in refused) / 2:
+        cause = (
+            "answered 429/503 (refused): the balancer's public listener rate limits every client, loopback too, "
+            "and a replica past capacity sheds load. Benchmark the internal listener (BALANCER_INTERNAL_LISTEN, "
+            "8082 by default; in compose, from inside the network: the loadtest profile), or exempt the load "
+            "generator (BALANCER_RATE_LIMIT_EXEMPT)"
+        )
+    else:
+        cause = "failed (errors or no answer): see the errors column and the raw wrk output in raw/"
+    return (
+        f"⚠ {len(refused)} of {len(points)} points are marked ✗: {share:.0%} of their requests got no 2xx answer, "
+        f"most {cause}. req/s everywhere counts 2xx answers only; their latencies describe the refusals."
+    )
 
 
 def disturbed(point: Mapping[str, Any] | None) -> bool:

@@ -17,7 +17,7 @@ from loadtest.report.findings import _headline, interpretation
 from loadtest.report.past_capacity import past_capacity, sentence
 from loadtest.report.plots import plots
 from loadtest.report.sections import cpu_reference, named_columns, peers, runtimes, topologies
-from loadtest.results import disturbed, failed_requests, verdict
+from loadtest.results import disturbed, failed_requests, mostly_refused, refusal_advice, verdict
 
 
 def blocks(results: Results, folder: Path) -> list[Block]:
@@ -40,7 +40,10 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                 "on a quiet machine (--wait-quiet SECONDS waits for one).",
             )
         )
-    elif any("disturbance" in pt for pt in measured):
+    advice = refusal_advice(list(results.points))
+    if advice:
+        out.append(("p", advice))
+    if not shaken and any("disturbance" in pt for pt in measured):
         out.append(
             (
                 "p",
@@ -140,6 +143,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
         "p90",
         "p99",
         "max",
+        "refused",
         "errors",
         "X-Cache",
         "L1 hits",
@@ -156,7 +160,7 @@ def blocks(results: Results, folder: Path) -> list[Block]:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(p["cpu_cores"].items()) if v >= 0.01)
         rows.append(
             [
-                p["kind"],
+                p["kind"] + (" ✗" if mostly_refused(p) else ""),
                 str(p["replicas"]),
                 str(p["concurrency"]),
                 f"{p['hit_ratio']:.0%}",
@@ -166,7 +170,8 @@ def blocks(results: Results, folder: Path) -> list[Block]:
                 _fmt(p["p90_ms"], 1),
                 _fmt(p["p99_ms"], 1),
                 _fmt(p["max_ms"], 1),
-                str(failed_requests(p)),
+                str(p.get("refused", 0)),
+                str(failed_requests(p) - p.get("refused", 0)),
                 " ".join(f"{k}:{v}" for k, v in sorted(p["cache"].items())),
                 _l1_share(p),
                 " ".join(str(v) for _, v in sorted(p["served_by"].items())),

@@ -12,7 +12,7 @@ from loadtest import results as results_file
 from loadtest.report.common import _fmt
 from loadtest.report.document import to_html, to_markdown
 from loadtest.report.plots import _figure
-from loadtest.results import RemotePoint, RemoteResults, failed_requests
+from loadtest.results import RemotePoint, RemoteResults, failed_requests, mostly_refused, refusal_advice
 
 
 def _median(values: list[float]) -> float:
@@ -56,6 +56,9 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
             ),
         ),
     ]
+    advice = refusal_advice(list(points))
+    if advice:
+        out.append(("p", advice))
     rows = []
     for (replicas, model, hit, conc), group in sorted(
         _grouped(points, "replicas", "model", "hit_ratio", "concurrency").items(), key=_order
@@ -64,9 +67,10 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         for point in group:  # answers of every round together
             for state, n in point["cache"].items():
                 cache[state] = cache.get(state, 0) + n
+        refused = sum(int(p.get("refused") or 0) for p in group)
         rows.append(
             [
-                str(replicas or "as found"),
+                str(replicas or "as found") + (" ✗" if any(mostly_refused(p) for p in group) else ""),
                 model,
                 f"{hit:.0%}",
                 str(conc),
@@ -74,7 +78,8 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
                 _fmt(_median([p["p50_ms"] for p in group]), 2),
                 _fmt(_median([p["p99_ms"] for p in group]), 2),
                 _shares(cache),
-                str(sum(failed_requests(p) for p in group)),
+                str(refused),
+                str(sum(failed_requests(p) for p in group) - refused),
             ]
         )
     out += [
@@ -82,9 +87,15 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         (
             "p",
             "Answers: L1 = the balancer's micro-cache answered (no replica took part); HIT/MISS = the replicas' "
-            "Redis result cache; OFF = not cached by the model's policy; BYPASS = Redis unavailable.",
+            "Redis result cache; OFF = not cached by the model's policy; BYPASS = Redis unavailable. req/s: 2xx "
+            "answers only; refused: 429/503 (rate limited, shed past capacity, closing); ✗: most requests got no "
+            "2xx answer.",
         ),
-        ("table", ["replicas", "model", "hits", "c", "req/s", "p50 ms", "p99 ms", "answers", "errors"], rows),
+        (
+            "table",
+            ["replicas", "model", "hits", "c", "req/s", "p50 ms", "p99 ms", "answers", "refused", "errors"],
+            rows,
+        ),
     ]
     series = []
     for (replicas, model, hit), group in sorted(_grouped(points, "replicas", "model", "hit_ratio").items(), key=_order):
@@ -102,6 +113,42 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         "Medians over rounds.",
         series,
         logx=True,
+    )
+    latency = []
+    for (replicas, model, hit), group in sorted(_grouped(points, "replicas", "model", "hit_ratio").items(), key=_order):
+        by_c = _grouped(group, "concurrency")
+        xs = sorted(c for (c,) in by_c)
+        label = f"{model}, hits {hit:.0%}" + (f", {replicas} replicas" if replicas else "")
+        for field, style in (("p50_ms", "-"), ("p99_ms", "--")):
+            ys = [_median([p[field] for p in by_c[(c,)]]) for c in xs]  # type: ignore[literal-required]
+            latency.append((f"{label}, {field[:3]}", xs, ys, style, [None] * len(xs)))
+    out += _figure(
+        plots,
+        "latency.png",
+        "Latency against concurrency",
+        "connections",
+        "ms",
+        "p50 (solid) and p99 (dashed), client side, every answer (refusals too: see ✗ in the table); medians "
+        "over rounds.",
+        latency,
+        logx=True,
+    )
+    top_c = max(plan["concurrency"])
+    cache_series = []
+    for (replicas, model), group in sorted(_grouped(points, "replicas", "model").items(), key=_order):
+        by_hit = _grouped([p for p in group if p["concurrency"] == top_c], "hit_ratio")
+        xs = sorted(h for (h,) in by_hit)
+        ys = [_median([p["rps"] for p in by_hit[(h,)]]) for h in xs]
+        label = model + (f", {replicas} replicas" if replicas else "")
+        cache_series.append((label, [100 * h for h in xs], ys, "-", [None] * len(xs)))
+    out += _figure(
+        plots,
+        "cache.png",
+        f"Throughput against cache hits (c={top_c})",
+        "hits %",
+        "req/s",
+        "What the caches buy: a hit is answered by the balancer's L1 or a replica's Redis result cache.",
+        cache_series,
     )
     if plan["replicas"]:
         top = max(plan["concurrency"])

@@ -46,7 +46,8 @@ def test_bench_url_measures_a_running_cluster_and_leaves_it_as_it_was(start_clus
     assert all(p["cache"].get("L1", 0) > 0.9 * p["requests"] for p in hits), [p["cache"] for p in hits]
 
     markdown = (out / "report.md").read_text()
-    assert (out / "plots" / "throughput.png").stat().st_size > 5000 and "plots/throughput.png" in markdown
+    for plot in ("throughput", "latency", "cache"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 5000 and f"plots/{plot}.png" in markdown
     spread = markdown.split("## The spread over replicas")[1].split("##")[0]
     assert "replica-1 50 %" in spread and "replica-2 50 %" in spread and "cores" in spread
     cannot = markdown.split("## What this report could not see")[1].split("##")[0]
@@ -77,3 +78,22 @@ def test_bench_url_with_a_scale_command_draws_throughput_against_replicas(start_
 def test_bench_url_says_plainly_when_nothing_answers(tmp_path):
     result = _bench(tmp_path / "report", "--url", "http://127.0.0.1:9", "--quick")
     assert result.returncode == 1 and "bench:" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_bench_url_on_the_public_listener_warns_and_counts_only_answers(start_cluster, tmp_path):
+    """The README's URL is the public listener, which rate limits every client: the
+    benchmark warns before it runs, and its report says in its first lines that most
+    requests were refused, with req/s of 2xx answers only."""
+    cluster = start_cluster(2, defaults=True)
+    out = tmp_path / "report"
+    result = _bench(out, "--url", cluster.url, "--quick", "--seconds", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" in result.stderr and "public listener" in result.stderr and "8082" in result.stderr
+    points = json.loads((out / "results.json").read_text())["points"]
+    refused = [p for p in points if p["refused"] > p["requests"] / 2]
+    assert refused, "the rate limiter refused nothing: the test proved nothing"
+    for point in points:
+        answered = sum(n for status, n in point["statuses"].items() if status.startswith("2"))
+        assert point["rps"] == pytest.approx(answered / point["seconds"]), point
+    top = (out / "report.md").read_text().split("## Every point")[0]
+    assert "points are marked ✗" in top and "rate limits every client" in top and "internal listener" in top
