@@ -26,6 +26,7 @@ from loadtest.parsers import (
     comma_floats,
     comma_ints,
 )
+from loadtest.remote import add_capacity_options
 from loadtest.results import (
     BATCHING_OFF,
     CLUSTER_V2,
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         help="before measuring, wait up to this long for the machine to be quiet (default 0: only warn; env "
         "BENCH_WAIT_QUIET_S)",
     )
+    add_capacity_options(parser)
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else Plan()
@@ -428,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         "locust": locust,
         "cpu_reference": sweep.cpu_reference,
         "commands": sweep.commands,
+        "capacity_target": {"rps": args.target_rps, "p99_ms": args.target_p99_ms},
     }
     if overload_rounds:
         results["overload"] = {

@@ -36,6 +36,7 @@ from loadtest import results as results_file
 from loadtest.measure import run_wrk
 from loadtest.parsers import comma_floats, comma_ints
 from loadtest.payloads import Mix
+from loadtest.report.capacity import DEFAULT_TARGET_P99_MS, DEFAULT_TARGET_RPS
 from loadtest.report.remote import build
 from loadtest.results import RemotePoint, RemoteResults
 from loadtest.settings import BenchSettings
@@ -224,6 +225,22 @@ def run(plan: RemotePlan, out: Path) -> RemoteResults:
     }
 
 
+def add_capacity_options(parser: argparse.ArgumentParser) -> None:
+    """--target-rps and --target-p99-ms: what the report's capacity section plans for."""
+    parser.add_argument(
+        "--target-rps",
+        type=float,
+        default=DEFAULT_TARGET_RPS,
+        help=f"the report's capacity section: replicas and cores for this rate (default {DEFAULT_TARGET_RPS:g})",
+    )
+    parser.add_argument(
+        "--target-p99-ms",
+        type=float,
+        default=DEFAULT_TARGET_P99_MS,
+        help=f"... at this p99 (default {DEFAULT_TARGET_P99_MS:g} ms)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="scripts/bench --url", description=__doc__.split("\n")[0])
@@ -244,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="report folder (default $BENCH_REPORTS_DIR or reports/, then <UTC timestamp>)"
     )
+    add_capacity_options(parser)
     args = parser.parse_args(argv)
     if bool(args.replicas) != bool(args.scale_command):
         parser.error("--replicas and --scale-command go together")
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RemoteError, OSError) as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
+    results["capacity_target"] = {"rps": args.target_rps, "p99_ms": args.target_p99_ms}
     results_file.write(results, out)
     paths = build(out)
     print(f"report: {paths['md']}\n        {paths['html']}")

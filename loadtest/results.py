@@ -165,6 +165,13 @@ class TailsPoint(TypedDict):
     round: int
 
 
+class CapacityTarget(TypedDict):
+    """The rate and p99 the report's capacity section plans for (--target-rps, --target-p99-ms)."""
+
+    rps: float
+    p99_ms: float
+
+
 class Overload(TypedDict):
     """The sweep's overload point (bench.run_overload, loadtest/overload.py): a cluster of the
     most replicas serving `model`, its capacity measured closed loop, then offered `times`
@@ -191,6 +198,7 @@ class Results(TypedDict):
     targets: NotRequired[list[Target]]
     overload: NotRequired[Overload | None]
     open_loop_tails: NotRequired[list[TailsPoint]]
+    capacity_target: NotRequired[CapacityTarget]
 
 
 class RemotePoint(WrkNumbers):
@@ -215,6 +223,7 @@ class RemoteResults(TypedDict):
     wrk: list[str]
     scaled: list[dict[str, Any]]
     points: list[RemotePoint]
+    capacity_target: NotRequired[CapacityTarget]
 
 
 def failed_requests(point: Mapping[str, Any]) -> int:

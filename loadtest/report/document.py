@@ -12,6 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+from loadtest.report.capacity import DEFAULT_TARGET_P99_MS, DEFAULT_TARGET_RPS
+from loadtest.report.capacity import section as capacity_section
 from loadtest.report.common import Block, Results, _app_cpu_ms, _count, _fmt, _l1_share, _mark, _others, _replica_mib
 from loadtest.report.findings import _headline, interpretation
 from loadtest.report.past_capacity import past_capacity, sentence
@@ -198,6 +200,8 @@ def blocks(results: Results, folder: Path) -> list[Block]:
             "steal time); ⚠ above the threshold.",
         )
     )
+    target = results.raw.get("capacity_target") or {"rps": DEFAULT_TARGET_RPS, "p99_ms": DEFAULT_TARGET_P99_MS}
+    out.extend(capacity_section(results.points, env["cores"], results.headline_c, target["rps"], target["p99_ms"]))
     out.extend(past_capacity(results.raw.get("overload")))
     locust = results.raw.get("locust")
     if locust and locust.get("rows"):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from loadtest import results as results_file
+from loadtest.report.capacity import DEFAULT_TARGET_P99_MS, DEFAULT_TARGET_RPS, remote_section
 from loadtest.report.common import _fmt
 from loadtest.report.document import to_html, to_markdown
 from loadtest.report.plots import _figure
@@ -190,6 +191,8 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         ),
         ("table", ["replicas", "model", "hits", "c", "answers by", "replica CPU"], spread_rows),
     ]
+    target = results.get("capacity_target") or {"rps": DEFAULT_TARGET_RPS, "p99_ms": DEFAULT_TARGET_P99_MS}
+    out += remote_section(points, target["rps"], target["p99_ms"])
     cannot = [
         "No baseline: the tutorials' single-replica set-up is measured only by the local sweep (make bench).",
         "No CPU of nginx, Redis or the load generator: their processes are not on this host, or not ours to read.",

@@ -52,6 +52,8 @@ def test_bench_url_measures_a_running_cluster_and_leaves_it_as_it_was(start_clus
     assert "replica-1 50 %" in spread and "replica-2 50 %" in spread and "cores" in spread
     cannot = markdown.split("## What this report could not see")[1].split("##")[0]
     assert "No baseline" in cannot and "No scaling curve" in cannot and "per-replica CPU" not in cannot
+    planned = markdown.split("## Capacity: 10,000 req/s at p99 ≤ 100 ms")[1].split("##")[0]
+    assert "| iris | 0% |" in planned and "| iris | 100% |" in planned, planned
     assert "<table>" in (out / "report.html").read_text()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -358,3 +359,26 @@ def test_fair_tails_are_judged_open_loop_when_the_sweep_measured_them():
     tails[0]["statuses"] = {"200": 159990, "502": 10}
     failing = {t["target"]: t for t in judged.evaluate_targets([closed], [], 32, None, tails)}
     assert shape.verdict(failing["fair tails, iris 100% hits, open loop at half capacity: p99 / p50"]) == "ERRORS"
+
+
+def test_every_report_answers_how_many_replicas_and_checks_it_against_the_sweep(tmp_path):
+    """The captured sweep measured 1 and 2 replicas: the costs it measured predict both
+    within a quarter, and the estimate for the target follows from those costs."""
+    from loadtest.report import capacity
+
+    raw = json.loads((FIXTURES / "results.json").read_text())
+    raw["capacity_target"] = {"rps": 5000.0, "p99_ms": 80.0}
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    markdown = report.build(tmp_path)["md"].read_text()
+    section = markdown.split("## Capacity: 5,000 req/s at p99 ≤ 80 ms")[1].split("\n## ")[0]
+    assert "Measured here" in section and "Extrapolated" in section
+    cost = capacity.costs(raw["points"], "iris", 0.0, 32)
+    assert cost is not None and cost.points == 2
+    replicas = math.ceil(5000 * cost.replica_ms / 1000 / capacity.UTILIZATION)
+    assert f"| iris | 0% | {cost.replica_ms:.3f} / {cost.nginx_ms:.3f} / {cost.redis_ms:.3f} | {replicas} |" in section
+    checked = [line for line in section.splitlines() if line.startswith("| iris |") and line.endswith("% |")]
+    assert {line.split(" | ")[2] for line in checked} == {"1", "2"}, checked
+    for line in checked:
+        assert abs(int(line.split(" | ")[-1].strip(" |%+"))) <= 25, line
+    # p99 within 80 ms: 1 replica at c=32 (70 ms) yes, 2 replicas at c=32 (133 ms) no.
+    assert "up to 32" in section
