@@ -84,9 +84,10 @@ def estimate(cost: Costs, target_rps: float) -> dict[str, float]:
 def predicted_rps(cost: Costs, replicas: int, cores: int) -> float:
     """What `replicas` replicas answer on a machine of `cores` that also runs nginx, Redis
     and the load generator: the replicas' own cores or the machine's, whichever binds."""
-    by_replicas = min(replicas, cores) * 1000 / cost.replica_ms
-    by_machine = cores * 1000 / (cost.replica_ms + cost.nginx_ms + cost.redis_ms + cost.others_ms)
-    return min(by_replicas, by_machine)
+    per_answer = cost.replica_ms + cost.nginx_ms + cost.redis_ms + cost.others_ms
+    by_replicas = min(replicas, cores) * 1000 / cost.replica_ms if cost.replica_ms > 0 else math.inf
+    by_machine = cores * 1000 / per_answer if per_answer > 0 else math.inf
+    return min(by_replicas, by_machine)  # inf: nothing measured costs anything (no CPU read)
 
 
 def within_p99(points: Sequence[Mapping[str, Any]], model: str, hit: float, target_ms: float) -> float | None:
@@ -132,6 +133,8 @@ def section(
             ):
                 continue
             predicted = predicted_rps(cost, point["replicas"], cores)
+            if math.isinf(predicted):
+                continue
             error = (predicted - point["rps"]) / point["rps"] if point["rps"] else math.nan
             checks.append(
                 [model, f"{hit:.0%}", str(point["replicas"]), _fmt(predicted), _fmt(point["rps"]), f"{error:+.0%}"]

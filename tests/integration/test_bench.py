@@ -29,7 +29,19 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
         cluster.start(2, Ports.auto(DEFAULT_SLOTS))
         result = subprocess.run(
             # MLServer beside it: installed into .peers/ on first use (a few minutes, once).
-            [sys.executable, "-m", "loadtest.bench", "--quick", "--peers", "mlserver", "--out", str(out)],
+            # The overload point too (not in --quick by default): open loop at 3x capacity.
+            [
+                sys.executable,
+                "-m",
+                "loadtest.bench",
+                "--quick",
+                "--peers",
+                "mlserver",
+                "--overload",
+                "3",
+                "--out",
+                str(out),
+            ],
             cwd=ROOT,
             env=bench_env,
             capture_output=True,
@@ -100,6 +112,15 @@ def test_quick_bench_writes_a_complete_report_of_what_ran(tmp_path, models_dir):
     who = markdown.split("Who answered (")[1].split("\n\n")[1]
     assert "| nginx L1 | Redis HIT | computed by a replica |" in who
     assert "The L1: at its fastest point" in markdown
+    # Past capacity: a cluster of its own, digits through scikit-learn, open loop at 3x.
+    overload = raw["overload"]
+    assert (overload["model"], overload["replicas"], overload["times"]) == ("digits", 2, [3.0])
+    (round_,) = overload["rounds"]
+    past = round_["points"]["3.0"]
+    assert round_["capacity_rps"] > 0 and past["requests"] > 0 and past["no_answer"] == {}, round_
+    assert "Past capacity: Offered 3× its capacity open loop" in markdown
+    assert "## Past capacity (open loop)" in markdown and "| admission | 3× |" in markdown
+    assert "## Capacity: 10,000 req/s at p99 ≤ 100 ms" in markdown
 
 
 def measured_points(raw: dict) -> list[dict]:

@@ -382,3 +382,19 @@ def test_every_report_answers_how_many_replicas_and_checks_it_against_the_sweep(
         assert abs(int(line.split(" | ")[-1].strip(" |%+"))) <= 25, line
     # p99 within 80 ms: 1 replica at c=32 (70 ms) yes, 2 replicas at c=32 (133 ms) no.
     assert "up to 32" in section
+
+
+def test_the_capacity_of_answers_no_replica_computed_is_not_a_division_by_zero():
+    """All hits, every answer nginx's L1's: the replicas' CPU per answer reads 0."""
+    from loadtest.report import capacity
+
+    cores = {"replica-1": 0.0, "nginx": 0.9, "redis": 0.0, "load generator": 0.4}
+    point = {"kind": "cluster", "model": "iris", "hit_ratio": 1.0, "concurrency": 8, "replicas": 1, "rps": 9000.0,
+             "p99_ms": 3.0, "cpu_cores": cores}  # fmt: skip
+    blocks = capacity.section([point], 2, 8, 10_000.0, 100.0)
+    table = next(b for b in blocks if b[0] == "table")
+    assert table[2][0][3] == "1", "one replica is enough when the L1 answers everything"
+    check = [b for b in blocks if b[0] == "table"][1]
+    assert check[2][0][3] == "13,846"  # the machine's 2 cores over nginx's and the generator's 0.144 ms
+    nothing = {**point, "cpu_cores": {"replica-1": 0.0, "nginx": 0.0, "redis": 0.0, "load generator": 0.0}}
+    assert [b for b in capacity.section([nothing], 2, 8, 10_000.0, 100.0) if b[0] == "table"][1][2] == []
