@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from loadtest.openloop import capacity, new_rows, open_loop
 from loadtest.procstat import machine_cpu_seconds
-from loadtest.report.past_capacity import sentence, spread, table
+from loadtest.report.document import to_markdown
+from loadtest.report.past_capacity import sentence, spread, table_rows
 from localcluster import Cluster, Ports
 from localcluster.settings import DEFAULT_SLOTS
 from service.settings import Settings
@@ -136,16 +137,20 @@ def main() -> None:
             cluster.stop()
     first = next(iter(results))
     capacities = {name: spread([r["capacity_rps"] for r in rounds]) for name, rounds in results.items()}
-    markdown = "\n\n".join(
+    markdown = to_markdown(
         [
-            "# Past capacity",
-            sentence(results[first], times, args.objective_ms),
-            f"{args.model}, new rows, {args.rounds} rounds, median [min-max]; capacity (closed loop, 32 clients, "
-            f"req/s): " + ", ".join(f"{k} {v}" for k, v in capacities.items()) + ".",
-            table(results, times),
-        ]
+            ("h1", "Past capacity"),
+            ("p", sentence(results[first], times, args.objective_ms)),
+            (
+                "p",
+                f"{args.model}, new rows, {args.rounds} rounds, median [min-max]; capacity (closed loop, 32 clients, "
+                f"req/s): " + ", ".join(f"{k} {v}" for k, v in capacities.items()) + ".",
+            ),
+            ("table", *table_rows(results, times)),
+        ],
+        out,
     )
-    (out / "overload.md").write_text(markdown + "\n")
+    (out / "overload.md").write_text(markdown)
     (out / "overload.json").write_text(json.dumps({"times": times, "results": results}, indent=1))
     print(markdown)
     print(f"\nwritten: {out / 'overload.md'}")

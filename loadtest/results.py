@@ -249,8 +249,9 @@ def refusal_advice(points: list[Mapping[str, Any]]) -> str | None:
     if not refused:
         return None
     limited = sum(int(p.get("refused") or 0) for p in refused)
-    share = sum(failed_requests(p) for p in refused) / max(1, sum(int(p.get("requests") or 0) for p in refused))
-    if limited >= sum(failed_requests(p) for p in refused) / 2:
+    failed = sum(failed_requests(p) for p in refused)
+    share = failed / max(1, sum(int(p.get("requests") or 0) for p in refused))
+    if limited >= failed / 2:
         cause = (
             "answered 429/503 (refused): the balancer's public listener rate limits every client, loopback too, "
             "and a replica past capacity sheds load. Benchmark the internal listener (BALANCER_INTERNAL_LISTEN, "

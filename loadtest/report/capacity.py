@@ -70,12 +70,16 @@ def costs(points: Sequence[Mapping[str, Any]], model: str, hit: float, concurren
     return Costs(median("replica"), median("nginx"), median("redis"), median("load generator"), len(chosen))
 
 
+def replicas_for(target_rps: float, replica_ms: float) -> int:
+    """Replicas of one worker (at most one core each, planned at UTILIZATION) for `target_rps`
+    answers of `replica_ms` CPU ms each."""
+    return max(1, math.ceil(target_rps * replica_ms / 1000 / UTILIZATION))
+
+
 def estimate(cost: Costs, target_rps: float) -> dict[str, float]:
     """Replicas (one core each) and cores of nginx and Redis for `target_rps`."""
-    replica_cores = target_rps * cost.replica_ms / 1000
     return {
-        "replicas": max(1, math.ceil(replica_cores / UTILIZATION)),
-        "replica_cores": replica_cores,
+        "replicas": replicas_for(target_rps, cost.replica_ms),
         "nginx_cores": target_rps * cost.nginx_ms / 1000 / UTILIZATION,
         "redis_cores": target_rps * cost.redis_ms / 1000 / UTILIZATION,
     }
@@ -194,7 +198,7 @@ def remote_section(points: Sequence[Mapping[str, Any]], target_rps: float, targe
         if not samples:
             continue
         replica_ms = statistics.median(samples)
-        replicas = max(1, math.ceil(target_rps * replica_ms / 1000 / UTILIZATION))
+        replicas = replicas_for(target_rps, replica_ms)
         known = [f for f in fits if f is not None]
         within = f"up to {max(known):g}" if known else ("yes (replica count as found)" if fits else "none measured")
         rows.append([model, f"{hit:.0%}", f"{replica_ms:.3f}", str(replicas), within])

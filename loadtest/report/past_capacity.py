@@ -47,13 +47,6 @@ def table_rows(results: dict[str, list[dict]], times: list[float]) -> tuple[list
     return header, rows
 
 
-def table(results: dict[str, list[dict]], times: list[float]) -> str:
-    """table_rows as Markdown."""
-    header, rows = table_rows(results, times)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
-
-
 def sentence(rounds: list[dict], times: list[float], objective_ms: float) -> str:
     """How the cluster behaves past capacity, in one sentence (the largest multiple)."""
     top = max(times)

@@ -4,7 +4,7 @@ points in the same blocks as the local sweep's report, written by the same write
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +37,19 @@ def _shares(counts: dict[str, int]) -> str:
 def _order(item: tuple[tuple, Any]) -> tuple:
     """Sort groups by their key, numbers as numbers, `as found` (None) first."""
     return tuple((-1 if value is None else value) for value in item[0])
+
+
+def _rps_against(
+    points: list[RemotePoint], concurrency: int, by: tuple[str, ...], x: str, label: Callable[[tuple], str], scale=1.0
+) -> list[tuple[str, list, list, str, list]]:
+    """Median req/s at `concurrency` against `x` (times `scale`), one series per `by` group."""
+    series = []
+    for key, group in sorted(_grouped(points, *by).items(), key=_order):
+        at = _grouped([p for p in group if p["concurrency"] == concurrency], x)
+        xs = sorted(v for (v,) in at)
+        ys = [_median([p["rps"] for p in at[(v,)]]) for v in xs]
+        series.append((label(key), [scale * v for v in xs], ys, "-", [None] * len(xs)))
+    return series
 
 
 def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
@@ -98,13 +111,15 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
             rows,
         ),
     ]
-    series = []
+    series, latency = [], []
     for (replicas, model, hit), group in sorted(_grouped(points, "replicas", "model", "hit_ratio").items(), key=_order):
         by_c = _grouped(group, "concurrency")
         xs = sorted(c for (c,) in by_c)
-        ys = [_median([p["rps"] for p in by_c[(c,)]]) for c in xs]
         label = f"{model}, hits {hit:.0%}" + (f", {replicas} replicas" if replicas else "")
-        series.append((label, xs, ys, "-", [None] * len(xs)))
+        series.append((label, xs, [_median([p["rps"] for p in by_c[(c,)]]) for c in xs], "-", [None] * len(xs)))
+        for field, style in (("p50_ms", "-"), ("p99_ms", "--")):
+            ys = [_median([p[field] for p in by_c[(c,)]]) for c in xs]  # type: ignore[literal-required]
+            latency.append((f"{label}, {field[:3]}", xs, ys, style, [None] * len(xs)))
     out += _figure(
         plots,
         "throughput.png",
@@ -115,14 +130,6 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         series,
         logx=True,
     )
-    latency = []
-    for (replicas, model, hit), group in sorted(_grouped(points, "replicas", "model", "hit_ratio").items(), key=_order):
-        by_c = _grouped(group, "concurrency")
-        xs = sorted(c for (c,) in by_c)
-        label = f"{model}, hits {hit:.0%}" + (f", {replicas} replicas" if replicas else "")
-        for field, style in (("p50_ms", "-"), ("p99_ms", "--")):
-            ys = [_median([p[field] for p in by_c[(c,)]]) for c in xs]  # type: ignore[literal-required]
-            latency.append((f"{label}, {field[:3]}", xs, ys, style, [None] * len(xs)))
     out += _figure(
         plots,
         "latency.png",
@@ -134,31 +141,27 @@ def blocks(results: RemoteResults, folder: Path) -> list[tuple[Any, ...]]:
         latency,
         logx=True,
     )
-    top_c = max(plan["concurrency"])
-    cache_series = []
-    for (replicas, model), group in sorted(_grouped(points, "replicas", "model").items(), key=_order):
-        by_hit = _grouped([p for p in group if p["concurrency"] == top_c], "hit_ratio")
-        xs = sorted(h for (h,) in by_hit)
-        ys = [_median([p["rps"] for p in by_hit[(h,)]]) for h in xs]
-        label = model + (f", {replicas} replicas" if replicas else "")
-        cache_series.append((label, [100 * h for h in xs], ys, "-", [None] * len(xs)))
+    top = max(plan["concurrency"])
     out += _figure(
         plots,
         "cache.png",
-        f"Throughput against cache hits (c={top_c})",
+        f"Throughput against cache hits (c={top})",
         "hits %",
         "req/s",
         "What the caches buy: a hit is answered by the balancer's L1 or a replica's Redis result cache.",
-        cache_series,
+        _rps_against(
+            points,
+            top,
+            ("replicas", "model"),
+            "hit_ratio",
+            lambda k: k[1] + (f", {k[0]} replicas" if k[0] else ""),
+            100,
+        ),
     )
     if plan["replicas"]:
-        top = max(plan["concurrency"])
-        scale_series = []
-        for (model, hit), group in sorted(_grouped(points, "model", "hit_ratio").items(), key=_order):
-            at_top = _grouped([p for p in group if p["concurrency"] == top], "replicas")
-            xs = sorted(r for (r,) in at_top)
-            ys = [_median([p["rps"] for p in at_top[(r,)]]) for r in xs]
-            scale_series.append((f"{model}, hits {hit:.0%}", xs, ys, "-", [None] * len(xs)))
+        scale_series = _rps_against(
+            points, top, ("model", "hit_ratio"), "replicas", lambda k: f"{k[0]}, hits {k[1]:.0%}"
+        )
         out += _figure(
             plots,
             "replicas.png",
