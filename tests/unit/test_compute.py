@@ -3,6 +3,7 @@ the gevent loop, which goes on serving meanwhile; a cheap one stays on the loop.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.dataplane.batching import Batcher
-from service.dataplane.compute import OFFLOAD_MS, Compute
+from service.dataplane.compute import OFFLOAD_MS, SWITCH_S, Compute
 
 
 def slow_predict(rows: np.ndarray, seconds: float = 0.3):
@@ -38,6 +39,8 @@ def test_an_expensive_predict_leaves_the_loop_free_to_serve_others():
         compute.close()
     assert labels == [1.0, 2.0]
     assert len([t for t in ticks if started <= t < done]) >= 5, "the loop ran while the model computed"
+    # A model whose Python holds the GIL hands it to the loop every SWITCH_S, not every 5 ms.
+    assert sys.getswitchinterval() <= SWITCH_S
 
 
 def test_a_cheap_predict_runs_on_the_loop_and_errors_reach_the_caller_either_way():
