@@ -86,8 +86,14 @@ if [ "$BALANCER_INTERNAL_PORT" = "${BALANCER_LISTEN##*:}" ]; then
     exit 1
 fi
 if [ "$BALANCER_UPSTREAM_RESOLVE" = "on" ] && [ -z "$BALANCER_RESOLVER" ]; then
-    echo "15-balancer-settings.envsh: BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER" >&2
-    exit 1
+    # The container's own nameservers (render.py's local_resolvers).
+    BALANCER_RESOLVER=$(awk '$1 == "nameserver" && NF > 1 && $2 !~ /%/ {
+        printf "%s%s", sep, ($2 ~ /:/ ? "[" $2 "]" : $2); sep = " " }' /etc/resolv.conf 2>/dev/null || true)
+    if [ -z "$BALANCER_RESOLVER" ]; then
+        echo "15-balancer-settings.envsh: BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER" \\
+            "(/etc/resolv.conf names no nameserver)" >&2
+        exit 1
+    fi
 fi
 # The integers 0..$1 as a regex (render.py's at_most_regex).
 balancer_at_most() {

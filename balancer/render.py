@@ -99,13 +99,36 @@ def _networks(value: str, what: str) -> list[str]:
     return networks
 
 
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def local_resolvers(resolv_conf: Path | None = None) -> str:
+    """The nameservers this host or container uses (its resolv.conf), as nginx's `resolver`
+    takes them: IPv6 in brackets; link-local ones with a zone (`%eth0`) left out."""
+    try:
+        lines = (resolv_conf or RESOLV_CONF).read_text().splitlines()
+    except OSError:
+        return ""
+    servers = [line.split()[1] for line in lines if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+    return " ".join(f"[{s}]" if ":" in s else s for s in servers if "%" not in s)
+
+
+def resolver(settings: BalancerSettings) -> str:
+    """BALANCER_RESOLVER, or with `resolve` on and none set, the local resolvers: on
+    Kubernetes the pod's DNS (kube-dns, NodeLocal DNSCache's 169.254.20.10, GKE's
+    169.254.169.254), under Docker its embedded DNS, under podman the network's."""
+    if settings.resolver or settings.upstream_resolve.lower() != "on":
+        return settings.resolver
+    return local_resolvers()
+
+
 def _upstream_lines(settings: BalancerSettings) -> str:
     servers = settings.upstream_servers.split()
     if not servers:
         raise RenderError("BALANCER_UPSTREAM_SERVERS: at least one replica is needed")
     resolve = settings.upstream_resolve.lower() == "on"
-    if resolve and not settings.resolver:
-        raise RenderError("BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER")
+    if resolve and not resolver(settings):
+        raise RenderError("BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER (/etc/resolv.conf names no nameserver)")
     lines = []
     for server in servers:
         if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:\d+", server):
@@ -145,9 +168,8 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     )
     proxy_protocol = trusted and settings.real_ip_header == "proxy_protocol"
     values["BALANCER_PUBLIC_LISTEN_OPTIONS"] = " proxy_protocol" if proxy_protocol else ""
-    values["BALANCER_RESOLVER"] = (
-        f"resolver {settings.resolver} valid={settings.resolver_valid_s}s ipv6=off;" if settings.resolver else ""
-    )
+    servers = resolver(settings)
+    values["BALANCER_RESOLVER"] = f"resolver {servers} valid={settings.resolver_valid_s}s ipv6=off;" if servers else ""
     if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
         raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
     if not settings.conn_per_client.isdigit() or int(settings.conn_per_client) < 1:

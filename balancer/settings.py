@@ -255,7 +255,8 @@ class BalancerSettings(Group):
     resolver: str = setting(
         "BALANCER_RESOLVER",
         "",
-        "DNS server for resolve (Docker: 127.0.0.11); empty: none.",
+        "DNS servers for resolve (Docker: 127.0.0.11); empty: with BALANCER_UPSTREAM_RESOLVE=on the nameservers "
+        "of /etc/resolv.conf (a Kubernetes pod's own DNS, NodeLocal DNSCache included), else none.",
         kind="hosts",
     )
     resolver_valid_s: str = setting(
@@ -281,7 +282,7 @@ class BalancerSettings(Group):
     l1_max_body_bytes: str = setting(
         "BALANCER_L1_MAX_BODY_BYTES",
         "4096",
-        "Largest request body the L1 caches (at most 12288); larger ones, and chunked ones, pass through.",
+        "Largest request body the L1 caches (at most 12288), sent chunked or not; larger ones pass through.",
         kind="count",
     )
     l1_min_uses: str = setting(

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Named h2load scenarios for raw throughput, HTTP/1.1 by default.
-#   loadtest/h2load.sh SCENARIO [--url http://127.0.0.1:8080] [-c 32] [-n 20000 | -D 10] [--h2] [--out DIR]
+#   loadtest/h2load.sh SCENARIO [--url http://127.0.0.1:8082] [-c 32] [-n 20000 | -D 10] [--h2] [--out DIR]
 # Scenarios: iris-single, iris-batch32, v2-iris, digits-single, healthz.
 # Writes DIR/h2load.txt (h2load's output) and DIR/requests.log (one line per request:
 # start µs, status, duration µs) and prints p50/p90/p99/max computed from that log
 # (h2load itself prints no percentiles). Every request of a scenario sends the same body,
 # so after the first one every prediction is a cache hit: for controlled hit ratios use
-# Locust (loadtest/locustfile.py) or `make bench`.
+# Locust (loadtest/locustfile.py) or `make bench`. The default URL is the internal listener:
+# the public one (8080) rate limits every client, loopback too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 scenario=$1; shift
-url=http://127.0.0.1:8080 connections=32 amount=(-n 20000) protocol=--h1 out=""
+url=http://127.0.0.1:8082 connections=32 amount=(-n 20000) protocol=--h1 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --url) url=$2; shift 2 ;;

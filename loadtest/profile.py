@@ -9,7 +9,7 @@ with the benchmark's payloads (each request a pool row with probability --hit-ra
 a row never sent before); the replica is a real local cluster of one replica with its
 Redis. CPU per request is the worker's CPU time (from /proc) over the requests wrk
 completed, in a run without the profiler; the profile is a separate run under py-spy
-(`pip install py-spy`; root, or ptrace allowed). Prints a table and the functions with
+(`make up` installs it; root, or ptrace allowed). Prints a table and the functions with
 the most samples; writes the raw stacks (flamegraph.pl or speedscope read them).
 """
 

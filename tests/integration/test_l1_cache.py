@@ -117,6 +117,26 @@ def test_bodies_up_to_the_limit_are_cached_and_larger_ones_pass_through(cluster)
     assert answers[0].content == answers[2].content != answers[1].content == answers[3].content
 
 
+def test_a_chunked_body_is_judged_by_its_length_once_nginx_has_read_it(cluster):
+    """nginx reads a chunked body whole before it proxies (and then knows its length): a
+    small one is cached like any other, a larger one passes through."""
+
+    def chunked(body: bytes) -> requests.Response:
+        pieces = iter([body[:10], body[10:]])  # a generator: requests sends it chunked
+        answer = requests.post(
+            f"{cluster.url}{V1}", data=pieces, headers={"Content-Type": "application/json"}, timeout=30
+        )
+        assert answer.request.headers.get("Transfer-Encoding") == "chunked"
+        return answer
+
+    small = rows_body([4.3, 2.9, 1.4, 0.2])
+    assert [chunked(small).headers["X-L1-Cache"] for _ in range(3)] == ["MISS", "MISS", "HIT"]
+    # The same bytes with a Content-Length: the same key.
+    assert post(cluster, V1, small).headers["X-L1-Cache"] == "HIT"
+    over = rows_body([4.3, 2.9, 1.4, 0.2], pad_to=MAX_BODY + 1)
+    assert [chunked(over).headers["X-L1-Cache"] for _ in range(3)] == ["BYPASS"] * 3
+
+
 def test_errors_are_never_cached(cluster):
     wrong_width = rows_body([1.0, 2.0, 3.0])
     answers = [post(cluster, V1, wrong_width) for _ in range(3)]

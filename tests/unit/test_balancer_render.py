@@ -52,6 +52,26 @@ def test_resolve_variant_for_compose(tmp_path):
     assert "resolver 127.0.0.11 valid=5s ipv6=off;" in text
 
 
+def test_resolve_without_a_resolver_asks_the_nameservers_the_container_uses(tmp_path, monkeypatch):
+    """A Kubernetes pod's DNS may be kube-dns, NodeLocal DNSCache (169.254.20.10) or GKE's
+    Cloud DNS (169.254.169.254): the pod's resolv.conf says which, a fixed name cannot."""
+    import balancer.render
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("search prediction.svc.cluster.local\nnameserver 169.254.20.10\nnameserver fd00::a\n")
+    monkeypatch.setattr(balancer.render, "RESOLV_CONF", resolv)
+    text = render(local(tmp_path, upstream_servers="api:8000", upstream_resolve="on"))
+    assert "resolver 169.254.20.10 [fd00::a] valid=5s ipv6=off;" in text
+    # Set, it wins; without `resolve` there is no resolver.
+    assert "resolver 10.0.0.10 valid=5s" in render(
+        local(tmp_path, upstream_servers="api:8000", upstream_resolve="on", resolver="10.0.0.10")
+    )
+    assert "resolver " not in render(local(tmp_path))
+    resolv.write_text("search nowhere\n")
+    with pytest.raises(RenderError, match="needs BALANCER_RESOLVER"):
+        render(local(tmp_path, upstream_servers="api:8000", upstream_resolve="on"))
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -59,7 +79,6 @@ def test_resolve_variant_for_compose(tmp_path):
         ({"upstream_servers": "no-port"}, "not host:port"),
         ({"rate_limit_exempt": "10.0.0.0/33"}, "not an address"),
         ({"rate_limit": "fast"}, "not like 200r/s"),
-        ({"upstream_resolve": "on"}, "needs BALANCER_RESOLVER"),
         ({"access_log_buffer": "buffer=64k"}, "not like buffer=64k flush=100ms"),
         ({"access_log_buffer": "64k"}, "not like buffer=64k flush=100ms"),
         ({"scheduling": "fifo"}, "not batch or normal"),

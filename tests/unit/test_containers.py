@@ -180,6 +180,11 @@ SETTINGS = {
         "BALANCER_RATE_LIMIT": "200r/s",
     },
     "static": {"BALANCER_UPSTREAM_SERVERS": "10.0.0.1:8000 10.0.0.2:8000", "BALANCER_RATE_LIMIT_EXEMPT": "10.1.0.0/16"},
+    # Kubernetes: no resolver set, the pod's own nameservers (here the host's resolv.conf).
+    "kubernetes": {
+        "BALANCER_UPSTREAM_SERVERS": "api-headless.prediction.svc.cluster.local:8000",
+        "BALANCER_UPSTREAM_RESOLVE": "on",
+    },
     "behind proxies": {"BALANCER_REAL_IP_FROM": "10.0.0.0/8 fd00::/8", "BALANCER_REAL_IP_HEADER": "proxy_protocol"},
 }
 
