@@ -2,7 +2,7 @@
 REPLICAS ?= 4
 PORT ?= 8080
 
-.PHONY: up down status scale bench bench-targets audit setup models test lint replica clean
+.PHONY: up down status scale bench bench-targets audit setup models test k8s-check lint replica clean
 
 up:  ## install what is missing, start Redis + REPLICAS replicas + nginx on PORT
 	scripts/cluster up --replicas $(REPLICAS) --port $(PORT)
@@ -39,6 +39,9 @@ models:  ## train the demo models if absent
 
 test:  ## the whole suite (what CI runs)
 	scripts/test
+
+k8s-check:  ## the Kubernetes manifests: schemas, nginx -t, policies and first-apply rules (no cluster)
+	.venv/bin/python -m pytest -q tests/unit/test_kubernetes.py tests/unit/test_kubernetes_first_apply.py
 
 lint:
 	.venv/bin/ruff check service balancer localcluster loadtest tests scripts

