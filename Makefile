@@ -40,7 +40,8 @@ models:  ## train the demo models if absent
 test:  ## the whole suite (what CI runs)
 	scripts/test
 
-k8s-check:  ## the Kubernetes manifests: schemas, nginx -t, policies and first-apply rules (no cluster)
+k8s-check:  ## the Kubernetes manifests: schemas, nginx -t, policies, first-apply rules, checkov (no cluster)
+	scripts/bootstrap --tools
 	.venv/bin/python -m pytest -q tests/unit/test_kubernetes.py tests/unit/test_kubernetes_first_apply.py
 
 lint:

@@ -146,7 +146,7 @@ def test_balancer_config_with_kubernetes_values_passes_nginx_t(overlay, tmp_path
 def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_cluster_redis(tmp_path):
     import os
 
-    from service.settings.redis_url import parse_redis_url
+    from service.settings.redis_url import parse_redis_url, with_password_file
 
     base = ROOT / "deploy" / "kubernetes"
     (tmp_path / "kustomization.yaml").write_text(
@@ -158,11 +158,12 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     (tmp_path / "rendered.yaml").write_text(rendered.stdout)
     objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
     assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the in-cluster Redis is gone"
-    variables = one(objects, "Deployment", "api")["spec"]["template"]["spec"]["containers"][0]["env"]
-    env = [e["name"] for e in variables]
-    url = next(e["value"] for e in variables if e["name"] == "REDIS_URL")
-    assert env.index("REDIS_PASSWORD") < env.index("REDIS_URL"), "$(REDIS_PASSWORD) must be defined first"
-    target = parse_redis_url(url.replace("$(REDIS_PASSWORD)", "secret"))
+    env = container_env(one(objects, "Deployment", "api"), "api")
+    # The password from the Secret's file, as the replica reads it at start.
+    secret = tmp_path / "password"
+    secret.write_text("secret\n")
+    assert env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis-auth/password" and "REDIS_PASSWORD" not in env
+    target = parse_redis_url(with_password_file(env["REDIS_URL"], str(secret)))
     assert (target.topology, target.tls, target.password) == ("cluster", True, "secret")
     api, endpoint = pod(objects, "prediction", "api"), address("10.1.2.3")
     # Redis, Memorystore's TLS port and Redis Cluster's node ports; nothing else.

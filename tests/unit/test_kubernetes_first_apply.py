@@ -8,9 +8,12 @@ from __future__ import annotations
 import copy
 import math
 import re
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import yaml
 
 from balancer.settings import BalancerSettings
 from service.settings import ServerSettings
@@ -165,6 +168,23 @@ def replicas_scraped_one_by_one(objects: list[dict], namespace: str) -> list[str
     return problems
 
 
+def no_secret_in_arguments_or_environment(objects: list[dict], namespace: str) -> list[str]:
+    """A password on a command line or in an environment variable is readable by anything
+    that can list processes (`ps`, /proc/<pid>/cmdline and environ) and is copied into
+    crash reports; a Secret mounted as a file is not (compose does the same)."""
+    problems = []
+    for d in deployments(objects):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            where = f"{d['metadata']['name']}/{c['name']}"
+            for variable in c.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef", {})
+                if ref.get("name", "").startswith("redis-auth"):
+                    problems.append(f"{where}: the Redis password in ${variable['name']}")
+            if any("$(REDIS_PASSWORD)" in str(part) for part in [*c.get("command", []), *c.get("args", [])]):
+                problems.append(f"{where}: the Redis password on the command line")
+    return problems
+
+
 def one_container(deployment: dict, name: str) -> dict:
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
@@ -178,6 +198,7 @@ RULES: list[Callable[[list[dict], str], list[str]]] = [
     no_service_links,
     budgets_for_what_serves,
     replicas_scraped_one_by_one,
+    no_secret_in_arguments_or_environment,
 ]
 
 
@@ -225,6 +246,13 @@ def _api_closed_to_scrapers(objects):
     policy["spec"]["ingress"] = policy["spec"]["ingress"][:1]
 
 
+def _password_in_environment(objects):
+    api = one_container(one(objects, "Deployment", "api"), "api")
+    api["env"].insert(
+        0, {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}}
+    )
+
+
 BROKEN = {
     dns_from_every_pod: _dns_only_kube_dns,
     no_replicas_beside_an_hpa: _replicas_2,
@@ -234,6 +262,7 @@ BROKEN = {
     no_service_links: _service_links,
     budgets_for_what_serves: _no_balancer_budget,
     replicas_scraped_one_by_one: _api_closed_to_scrapers,
+    no_secret_in_arguments_or_environment: _password_in_environment,
 }
 
 
@@ -262,10 +291,6 @@ def test_the_bench_job_reaches_the_internal_listener_and_nothing_else():
     """docs/kubernetes.md's load test: a Job beside the cluster, not a port-forward (which
     would measure the tunnel). It must validate, and the policies must let it reach
     balancer-internal:8082 and the DNS, not the replicas or the internet."""
-    import subprocess
-
-    import yaml
-
     from tests.support import VENV_BIN
 
     path = ROOT / "deploy" / "kubernetes" / "jobs" / "bench.yaml"
@@ -288,3 +313,62 @@ def test_the_bench_job_reaches_the_internal_listener_and_nothing_else():
     assert reachable(objects, namespace, bench, address(NODE_LOCAL_DNS), 53, "UDP")
     assert not reachable(objects, namespace, bench, pod(objects, namespace, "api"), 8000)
     assert not reachable(objects, namespace, bench, address("203.0.113.7"), 443)
+
+
+CHECKOV = ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
+
+
+def checkov(folder) -> subprocess.CompletedProcess:
+    assert CHECKOV.exists(), "checkov is missing: scripts/bootstrap --tools (make test runs it)"
+    config = ROOT / "deploy" / "kubernetes" / ".checkov.yaml"
+    return subprocess.run(
+        [str(CHECKOV), "--config-file", str(config), "-d", str(folder)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_checkov_passes_the_overlays_and_the_bench_job_and_catches_a_privileged_pod(tmp_path):
+    """checkov's Kubernetes policies (about 300 a run: privileges, capabilities, probes,
+    limits, secrets as files, ...) over what `apply` would send; the checks skipped, and
+    why, are in deploy/kubernetes/.checkov.yaml and in annotations on the objects."""
+    for overlay in OVERLAYS:
+        (tmp_path / f"{overlay}.yaml").write_text(rendered(overlay))
+    (tmp_path / "bench.yaml").write_text((ROOT / "deploy" / "kubernetes" / "jobs" / "bench.yaml").read_text())
+    result = checkov(tmp_path)
+    assert result.returncode == 0 and "Failed checks: 0" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
+    broken = objects_of(rendered("prod"))
+    one_container(one(broken, "Deployment", "api"), "api")["securityContext"]["allowPrivilegeEscalation"] = True
+    for path in tmp_path.iterdir():
+        path.unlink()
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump_all(broken))
+    caught = checkov(tmp_path)
+    assert caught.returncode != 0 and "CKV_K8S_20" in caught.stdout, caught.stdout[-4000:]
+
+
+def test_the_demo_redis_takes_its_password_from_the_secret_file_and_the_probe_needs_none(tmp_path):
+    """The Redis container's script, run as the kubelet would run it (`$$` unescaped), with a
+    real redis-server: the password from the mounted file works, the probe's user PINGs
+    without one, and the password is in no argument of the running process."""
+    import redis as redis_client
+
+    from localcluster.ports import free_port
+    from tests.support import system_tool, wait_until
+
+    container = one_container(one(objects_of(rendered("prod")), "Deployment", "redis"), "redis")
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-from-the-secret\n")
+    port = free_port()
+    script = container["args"][0].replace("$$", "$").replace("/run/secrets/redis-auth/password", str(secret))
+    script = script.replace("redis-server -", f"{system_tool('redis-server')} - --port {port} --bind 127.0.0.1", 1)
+    server = subprocess.Popen([*container["command"], script], cwd=tmp_path)
+    try:
+        client = redis_client.Redis(port=port, password="s3cret-from-the-secret")
+        wait_until(client.ping, what="redis-server answering")
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis(port=port).set("x", "1")
+        probe = container["readinessProbe"]["exec"]["command"]
+        answer = subprocess.run([system_tool("redis-cli"), "-p", str(port), *probe[1:]], capture_output=True, text=True)
+        assert answer.stdout.strip() == "PONG", answer
+        assert "s3cret" not in Path(f"/proc/{server.pid}/cmdline").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
