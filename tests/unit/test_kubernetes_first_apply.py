@@ -18,7 +18,18 @@ import yaml
 from balancer.settings import BalancerSettings
 from service.settings import ServerSettings
 from tests.support import ROOT
-from tests.support.kubernetes import address, container_env, objects_of, one, outsider, pod, reachable, rendered
+from tests.support.kubernetes import (
+    address,
+    container_env,
+    objects_of,
+    one,
+    one_container,
+    outsider,
+    pod,
+    reachable,
+    rendered,
+    validate,
+)
 
 OVERLAYS = {"dev": "prediction-dev", "prod": "prediction"}
 # Where a pod's resolv.conf may send DNS: the kube-dns pods, NodeLocal DNSCache's address,
@@ -71,23 +82,21 @@ def drain_outlasts_dns(objects: list[dict], namespace: str) -> list[str]:
     """A pod leaves the headless Service's DNS at once, but DNS caches keep answering with
     it for their TTL, and nginx keeps each answer `valid` seconds: a pod that stops before
     both have passed gets requests it cannot answer (502s at every rollout)."""
-    valid_s = int(
-        container_env(one(objects, "Deployment", "balancer"), "balancer").get("BALANCER_RESOLVER_VALID_S") or 5
-    )
+    balancer_env = container_env(one(objects, "Deployment", "balancer"), "balancer")
+    valid_s = int(balancer_env.get("BALANCER_RESOLVER_VALID_S") or BalancerSettings().resolver_valid_s)
     api = one(objects, "Deployment", "api")
     ttl = api["spec"]["template"]["metadata"].get("annotations", {}).get("prediction-cluster/dns-ttl-seconds")
     if ttl is None:
         return ["the api pods do not say the DNS TTL their drain waits for (prediction-cluster/dns-ttl-seconds)"]
-    container = one_container(api, "api")
-    graceful_s = int(container_env(api, "api").get("SERVICE_GRACEFUL_TIMEOUT_S") or SERVICE.graceful_timeout_s)
-    drain_s = float(container_env(api, "api").get("SERVICE_DRAIN_DELAY_S") or 0)
+    env = container_env(api, "api")
+    graceful_s = int(env.get("SERVICE_GRACEFUL_TIMEOUT_S") or SERVICE.graceful_timeout_s)
+    drain_s = float(env.get("SERVICE_DRAIN_DELAY_S") or SERVICE.drain_delay_s)
+    pause_s = pre_stop_s(one_container(api, "api"))
     problems = []
-    if pre_stop_s(container) + drain_s < int(ttl) + valid_s:
-        problems.append(
-            f"api preStop {pre_stop_s(container)} s + drain {drain_s} s < DNS TTL {ttl} s + valid {valid_s} s"
-        )
+    if pause_s + drain_s < int(ttl) + valid_s:
+        problems.append(f"api preStop {pause_s} s + drain {drain_s} s < DNS TTL {ttl} s + valid {valid_s} s")
     grace = api["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-    if grace < pre_stop_s(container) + drain_s + graceful_s:
+    if grace < pause_s + drain_s + graceful_s:
         problems.append(
             f"api grace {grace} s < preStop + drain + gunicorn's graceful {graceful_s} s: killed mid-request"
         )
@@ -183,10 +192,6 @@ def no_secret_in_arguments_or_environment(objects: list[dict], namespace: str) -
             if any("$(REDIS_PASSWORD)" in str(part) for part in [*c.get("command", []), *c.get("args", [])]):
                 problems.append(f"{where}: the Redis password on the command line")
     return problems
-
-
-def one_container(deployment: dict, name: str) -> dict:
-    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
 
 RULES: list[Callable[[list[dict], str], list[str]]] = [
@@ -291,22 +296,12 @@ def test_the_bench_job_reaches_the_internal_listener_and_nothing_else():
     """docs/kubernetes.md's load test: a Job beside the cluster, not a port-forward (which
     would measure the tunnel). It must validate, and the policies must let it reach
     balancer-internal:8082 and the DNS, not the replicas or the internet."""
-    from tests.support import VENV_BIN
-
     path = ROOT / "deploy" / "kubernetes" / "jobs" / "bench.yaml"
-    check = subprocess.run(
-        [str(VENV_BIN / "kubernetes-validate"), "-k", "1.30.0", "--strict", "--quiet", str(path)],
-        capture_output=True,
-        text=True,
-    )
+    check = validate(path)
     assert check.returncode == 0, check.stdout + check.stderr
     job = yaml.safe_load(path.read_text())
     objects, namespace = objects_of(rendered("prod")), OVERLAYS["prod"]
-    bench = {
-        "labels": job["spec"]["template"]["metadata"]["labels"],
-        "namespace": namespace,
-        "namespace_labels": {"kubernetes.io/metadata.name": namespace},
-    }
+    bench = outsider(namespace, **job["spec"]["template"]["metadata"]["labels"])
     command = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
     assert "--url http://balancer-internal:8082" in command
     assert reachable(objects, namespace, bench, pod(objects, namespace, "balancer"), 8082)
